@@ -1,0 +1,3 @@
+from diffusion_lit.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""The command line: `python -m diffusion_lit fit --config configs/mnist.yaml` (LightningCLI)."""
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.errors import UserError
+from diffusion_lit.module import DiffusionModule
+
+# Runs live in runs/<name>/ (no version_N folders), checkpoints in runs/<name>/checkpoints/,
+# so `--ckpt_path last` finds the run's latest checkpoint and TensorBoard curves continue in place.
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default", "version": ""},
+    },
+}
+# last.ckpt plus one checkpoint every N steps, all kept; configurable as --checkpoint.every_n_train_steps N.
+CHECKPOINT_DEFAULTS = {
+    "checkpoint.filename": "step{step:08d}",
+    "checkpoint.auto_insert_metric_name": False,
+    "checkpoint.every_n_train_steps": 5000,
+    "checkpoint.save_top_k": -1,
+    "checkpoint.save_last": True,
+    "checkpoint.enable_version_counter": False,
+}
+
+
+class DiffusionCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        """Refuse to resume from nothing, and to start a fresh run on top of an earlier run's checkpoints."""
+        ckpt_path = self.config.fit.ckpt_path
+        ckpt_dir = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
+        found = sorted(ckpt_dir.glob("*.ckpt"))
+        if ckpt_path is None and found:
+            raise UserError(
+                f"{ckpt_dir} already holds checkpoints of an earlier run ({found[-1].name}, ...). "
+                "Resume it with --ckpt_path last, or start a new run under another name with "
+                "--trainer.logger.init_args.name NAME"
+            )
+        if ckpt_path == "last" and not any(p.name.startswith("last") for p in found):
+            raise UserError(
+                f"--ckpt_path last: no last.ckpt in {ckpt_dir}, so there is nothing to resume. "
+                "Check the run's name (--trainer.logger.init_args.name), give a checkpoint file with --ckpt_path, "
+                "or leave --ckpt_path out to start a new run"
+            )
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
+            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point; a user's mistake ends with one message and exit status 2 (DIFFUSION_LIT_DEBUG=1 shows the traceback)."""
+    try:
+        DiffusionCLI(
+            DiffusionModule,
+            DiffusionDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except UserError as err:
+        if os.environ.get("DIFFUSION_LIT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,118 @@
+"""DiffusionModule: the UNet, its EMA copy and the noise schedule, trained with the DDPM objective."""
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from diffusion_lit.errors import UserError
+from diffusion_lit.schedule import NoiseSchedule, ScheduleKind
+from diffusion_lit.unet import UNet
+
+NetFactory = Callable[[int, int], nn.Module]
+
+
+def ema_update(max_decay: float, warmup: bool, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor):
+    """ema <- decay * ema + (1 - decay) * param, with decay = min(max_decay, (1 + n) / (10 + n)) when warming up."""
+    n = int(num_averaged)
+    decay = min(max_decay, (1 + n) / (10 + n)) if warmup else max_decay
+    for ema, param in zip(ema_params, params):
+        ema.lerp_(param, 1 - decay)
+
+
+class DiffusionModule(LightningModule):
+    """Epsilon-prediction DDPM with an EMA of the denoiser's weights.
+
+    Args:
+        net: builds the denoiser from (in_channels, image_size); a class path and its other arguments in YAML.
+        image_size: image height and width (linked from the data).
+        channels: image channels (linked from the data).
+        schedule: noise schedule, ``linear`` or ``cosine``.
+        timesteps: number of diffusion steps T.
+        ema_decay: the EMA's decay once warmed up (0.9999 in DDPM).
+        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates.
+        optimizer: the optimizer class and its arguments (learning rate, weight decay, ...).
+        warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+    """
+
+    def __init__(
+        self,
+        net: NetFactory = UNet,
+        image_size: int = 32,
+        channels: int = 3,
+        schedule: ScheduleKind = "linear",
+        timesteps: int = 1000,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= ema_decay <= 1.0:
+            raise UserError(f"ema_decay must lie in [0, 1], got {ema_decay}")
+        if warmup_steps < 0:
+            raise UserError(f"warmup_steps must not be negative, got {warmup_steps}")
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        self.net = net(channels, image_size)
+        self.ema = AveragedModel(self.net, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup), use_buffers=False)
+        self.ema.requires_grad_(False)
+        self.schedule = NoiseSchedule(schedule, timesteps)
+        self.optimizer = optimizer
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The EMA denoiser's eps prediction, the one sampling uses."""
+        return self.ema.module(x_t, t)
+
+    def diffusion_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """DDPM's simple loss: MSE between the drawn noise and the net's prediction of it at a uniform t."""
+        t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return F.mse_loss(net(self.schedule.q_sample(x0, t, eps), t), eps)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        loss = self.diffusion_loss(self.net, batch[0])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        # Fixed t and noise per batch, so val/loss moves only when the EMA weights do.
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        loss = self.diffusion_loss(self.ema.module, batch[0], generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.net.parameters())
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dropout, t and eps draw from the global generator: keep its state so a resumed run continues identically.
+        checkpoint["rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])
+        if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
+
+    def on_train_start(self) -> None:
+        # seed_everything gives every rank the same seed; give each rank its own noise.
+        if self.trainer.world_size > 1:
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)

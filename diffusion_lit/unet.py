@@ -1,0 +1,185 @@
+"""The DDPM UNet (Ho et al. 2020): eps = unet(x_t, t). It knows nothing about betas or sampling."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_lit.errors import UserError
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of integer timesteps, [B] -> [B, dim] (Transformer positional encoding)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias so the residual branch it ends starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the pixels of a feature map."""
+
+    def __init__(self, ch: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """The epsilon-prediction UNet of DDPM.
+
+    The first two arguments come from the data (linked by the CLI); the rest are the architecture.
+
+    Args:
+        in_channels: image channels (1 for MNIST, 3 for CIFAR-10).
+        image_size: image height and width; must halve evenly at every level but the last.
+        base_channels: channels of the first level; level i has base_channels * channel_mult[i].
+        channel_mult: one multiplier per resolution level.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_resolutions: feature-map sizes (e.g. 16) at which self-attention follows each block.
+        dropout: dropout inside the residual blocks.
+        norm_groups: GroupNorm groups; every level's channel count must be divisible by it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+        if image_size % 2 ** (len(channel_mult) - 1):
+            raise UserError(
+                f"image_size {image_size} cannot be halved {len(channel_mult) - 1} times "
+                f"for channel_mult {list(channel_mult)}: use fewer levels or resize the images"
+            )
+        if missing := set(attention_resolutions) - set(resolutions):
+            raise UserError(
+                f"attention_resolutions {sorted(missing)} are not feature-map sizes of this network ({resolutions})"
+            )
+        if bad := [base_channels * m for m in channel_mult if (base_channels * m) % norm_groups]:
+            raise UserError(f"channel counts {bad} are not divisible by norm_groups={norm_groups}")
+
+        temb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def block(in_ch: int, out_ch: int, res: int) -> nn.ModuleList:
+            layers = [ResBlock(in_ch, out_ch, temb_dim, dropout, norm_groups)]
+            if res in attention_resolutions:
+                layers.append(AttnBlock(out_ch, norm_groups))
+            return nn.ModuleList(layers)
+
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        ch = base_channels
+        for level, (mult, res) in enumerate(zip(channel_mult, resolutions)):
+            for _ in range(num_res_blocks):
+                self.down.append(block(ch, base_channels * mult, res))
+                ch = base_channels * mult
+                skip_channels.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(ch, ch, temb_dim, dropout, norm_groups),
+                AttnBlock(ch, norm_groups),
+                ResBlock(ch, ch, temb_dim, dropout, norm_groups),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(channel_mult))):
+            out_ch = base_channels * channel_mult[level]
+            for _ in range(num_res_blocks + 1):
+                self.up.append(block(ch + skip_channels.pop(), out_ch, resolutions[level]))
+                ch = out_ch
+            if level > 0:
+                self.up.append(nn.ModuleList([Upsample(ch)]))
+
+        self.norm_out = nn.GroupNorm(norm_groups, ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    @staticmethod
+    def _run(layers: nn.ModuleList, h: Tensor, temb: Tensor) -> Tensor:
+        for layer in layers:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.conv_in(x_t)
+        skips = [h]
+        for layers in self.down:
+            h = self._run(layers, h, temb)
+            skips.append(h)
+        h = self._run(self.mid, h, temb)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(layers, h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))

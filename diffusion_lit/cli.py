@@ -2,11 +2,12 @@
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from diffusion_lit.callbacks import Checkpoint
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
@@ -32,7 +33,7 @@ CHECKPOINT_DEFAULTS = {
 
 class DiffusionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
@@ -60,6 +61,8 @@ class DiffusionCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; a user's mistake ends with one message and exit status 2 (DIFFUSION_LIT_DEBUG=1 shows the traceback)."""
+    # ResumableSampler restarts an epoch where the checkpoint left it, which Lightning cannot see.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
         DiffusionCLI(
             DiffusionModule,

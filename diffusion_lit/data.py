@@ -55,6 +55,22 @@ def peek_image(root: Path) -> tuple[int, int]:
         return min(image.size), 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled by seed and epoch alone) whose next epoch can start part-way through.
+
+    A run resumed mid-epoch sets `start` to the samples it already trained on, so it sees the same batches
+    in the same order as a run that was never interrupted.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def __iter__(self):
+        indices, self.start = list(super().__iter__())[self.start :], 0
+        return iter(indices)
+
+
 class DiffusionDataModule(LightningDataModule):
     """Images in [-1, 1] with their labels, split into train and validation sets.
 
@@ -154,9 +170,8 @@ class DiffusionDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         trainer = self.trainer
-        # Shuffling by (seed, epoch) alone, set by Lightning's set_epoch, so a resumed run sees the same order;
-        # the loader's own generator keeps data loading off the global random stream that training draws from.
-        sampler = DistributedSampler(
+        # The loader's own generator keeps data loading off the global random stream that training draws from.
+        sampler = ResumableSampler(
             dataset,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
@@ -177,7 +192,11 @@ class DiffusionDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        loader = self._loader(self.train_set, shuffle=True)
+        if self.trainer is not None:  # on resume, skip what this epoch already trained on
+            done = self.trainer.global_step * self.trainer.accumulate_grad_batches % len(loader)
+            loader.sampler.start = done * self.hparams.batch_size
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []

@@ -1,0 +1,94 @@
+"""The command line, run in subprocesses as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "diffusion_lit", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+
+
+def scalars(run_dir: Path, tag: str) -> list[int]:
+    """Steps at which `tag` was logged, over every event file in the run's folder."""
+    steps = []
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars(tag)]
+    return steps
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config):
+    result = cli("fit", "--config", config, "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "class_path: diffusion_lit.UNet" in result.stdout or "diffusion_lit.unet.UNet" in result.stdout
+
+
+def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):
+    images = write_image_folder(tmp_path / "images", n_per_class=16, size=16)
+    common = [
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.log_every_n_steps", 1,
+        "--checkpoint.every_n_train_steps", 3, "--trainer.val_check_interval", 3,
+    ]
+    first = cli(*common, "--trainer.max_steps", 4)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "runs" / "tiny_cpu"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "step00000003.ckpt").is_file()
+    assert scalars(run_dir, "train/loss") == [0, 1, 2, 3]
+    assert scalars(run_dir, "val/loss")
+
+    again = cli(*common, "--trainer.max_steps", 4)  # a fresh run would bury the earlier one: refused
+    assert again.returncode != 0 and "--ckpt_path last" in again.stderr and "Traceback" not in again.stderr
+
+    resumed = cli(*common, "--trainer.max_steps", 7, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 7
+    assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+    assert scalars(run_dir, "train/loss") == list(range(7))  # the same curve, continued in the same folder
+
+
+def test_resume_without_a_checkpoint_stops_with_a_message(tmp_path):
+    images = write_image_folder(tmp_path / "images")
+    result = cli(
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images,
+        "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--ckpt_path", "last",
+    )
+    assert result.returncode != 0
+    assert "nothing to resume" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_dataset_prints_one_message(tmp_path):
+    result = cli(
+        "fit", "--config", REPO / "configs/mnist.yaml", "--data.root", tmp_path / "nowhere", "--data.download", "false",
+        "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and str(tmp_path / "nowhere") in message[0] and "--data.dataset folder" in message[0]
+
+
+def test_missing_image_folder_prints_one_message(tmp_path):
+    result = cli("fit", "--config", REPO / "configs/mnist.yaml", "--data.dataset", "folder", "--data.root", tmp_path / "x")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "does not exist" in result.stderr

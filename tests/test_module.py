@@ -1,0 +1,99 @@
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+from diffusion_lit.errors import UserError
+from diffusion_lit.module import DiffusionModule
+
+from conftest import tiny_unet
+
+
+def tiny_module(**kwargs) -> DiffusionModule:
+    kwargs = {"net": tiny_unet, "image_size": 8, "channels": 1, **kwargs}
+    return DiffusionModule(**kwargs)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def test_tiny_model_overfits_eight_images():
+    seed_everything(0)
+    x = torch.zeros(8, 1, 8, 8) - 1
+    for i in range(8):  # eight distinct images in [-1, 1]: a bright bar at row i
+        x[i, 0, i] = 1
+    loader = DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=8)
+    model = tiny_module(optimizer=lambda p: torch.optim.Adam(p, lr=2e-3), schedule="cosine")
+    recorder = LossRecorder()
+    trainer = Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(model, loader)
+    first, last = sum(recorder.losses[:10]) / 10, sum(recorder.losses[-10:]) / 10
+    assert last < first / 2, (first, last)
+
+
+def test_ema_follows_the_averaging_formula():
+    model = tiny_module(ema_decay=0.9, ema_warmup=True)
+    param = lambda m: next(m.parameters())  # noqa: E731
+    ema0 = param(model.net).detach().clone()
+    model.ema.update_parameters(model.net)  # first update copies the weights
+    assert torch.equal(param(model.ema.module), ema0)
+
+    expected = ema0.clone()
+    for n in range(1, 100):
+        with torch.no_grad():
+            param(model.net).add_(torch.randn_like(ema0))
+        model.ema.update_parameters(model.net)
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * param(model.net).detach()
+        torch.testing.assert_close(param(model.ema.module), expected)
+    assert (1 + 79) / (10 + 79) < 0.9 <= (1 + 80) / (10 + 80)  # the loop crossed from warm-up to the set decay
+
+
+def test_ema_without_warmup_uses_the_set_decay():
+    model = tiny_module(ema_decay=0.5, ema_warmup=False)
+    model.ema.update_parameters(model.net)
+    before = next(model.ema.module.parameters()).detach().clone()
+    with torch.no_grad():
+        next(model.net.parameters()).add_(1.0)
+    model.ema.update_parameters(model.net)
+    torch.testing.assert_close(next(model.ema.module.parameters()), before + 0.5)
+
+
+def test_schedule_is_neither_checkpointed_nor_averaged():
+    model = tiny_module()
+    keys = model.state_dict().keys()
+    assert not any(k.startswith("schedule.") for k in keys)
+    assert {k.split(".")[0] for k in keys} == {"net", "ema"}
+    # The EMA holds a copy of the network alone: its tensors are the net's parameters plus its counter.
+    ema_keys = {k for k in keys if k.startswith("ema.")}
+    assert ema_keys == {"ema.n_averaged"} | {"ema.module." + k for k, _ in model.net.named_parameters()}
+    betas = model.schedule.betas.clone()
+    for _ in range(3):
+        model.ema.update_parameters(model.net)
+    assert torch.equal(model.schedule.betas, betas)
+    assert not any(p.requires_grad for p in model.ema.parameters())
+
+
+def test_learning_rate_warms_up_linearly():
+    model = tiny_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), warmup_steps=4)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+
+def test_bad_values_are_user_errors():
+    with pytest.raises(UserError, match="warmup_steps"):
+        tiny_module(warmup_steps=-1)
+    with pytest.raises(UserError, match="ema_decay"):
+        tiny_module(ema_decay=1.5)

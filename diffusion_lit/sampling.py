@@ -1,0 +1,124 @@
+"""DDPM ancestral sampling and DDIM: plain functions over (model, schedule, starting noise).
+
+`model(x_t, t)` predicts eps; timesteps are 0-based, t = T-1 the noisiest. All randomness comes from `generator`.
+"""
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffusion_lit.errors import UserError
+from diffusion_lit.schedule import NoiseSchedule, gather
+
+EpsModel = Callable[[Tensor, Tensor], Tensor]
+Variance = Literal["posterior", "beta"]
+
+
+def predict_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor, clip: bool) -> Tensor:
+    """x0 = (x_t - sqrt(1 - ᾱ_t) eps) / sqrt(ᾱ_t), the inverse of q_sample, optionally clipped to [-1, 1]."""
+    x0 = (x_t - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * eps) / gather(
+        schedule.sqrt_alphas_cumprod, t, x_t.ndim
+    )
+    return x0.clamp(-1, 1) if clip else x0
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    generator: torch.Generator | None = None,
+    variance: Variance = "posterior",
+    clip_x0: bool = True,
+    return_intermediates: bool = False,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Ancestral sampling, DDPM Algorithm 2, through all T steps.
+
+    Args:
+        model: the eps predictor.
+        schedule: the noise schedule the model was trained with.
+        x_T: starting noise, [B, C, H, W].
+        generator: source of the noise added at each step.
+        variance: sigma_t² = posterior variance beta-tilde_t (``posterior``) or beta_t (``beta``).
+        clip_x0: clip the predicted x0 to [-1, 1] before forming the mean.
+        return_intermediates: also return the list of states x_T, ..., x_0.
+
+    Returns:
+        x_0, or (x_0, states) with return_intermediates.
+    """
+    variances = schedule.posterior_variance if variance == "posterior" else schedule.betas
+    x = x_T
+    states = [x]
+    for step in reversed(range(schedule.timesteps)):
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        eps = model(x, t)
+        # The mean of q(x_{t-1} | x_t, x0) at the predicted x0 (DDPM Eq. 7); unclipped, it equals Algorithm 2's
+        # 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ᾱ_t) eps).
+        x0 = predict_x0(schedule, x, t, eps, clip_x0)
+        mean = gather(schedule.posterior_mean_coef1, t, x.ndim) * x0 + gather(schedule.posterior_mean_coef2, t, x.ndim) * x
+        if step > 0:  # Algorithm 2, line 3: z = 0 at the last step
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + gather(variances, t, x.ndim).sqrt() * z
+        else:
+            x = mean
+        if return_intermediates:
+            states.append(x)
+    return (x, states) if return_intermediates else x
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps evenly spaced over [0, T-1], both ends included, ascending."""
+    if not 1 <= steps <= timesteps:
+        raise UserError(f"DDIM steps must lie in [1, {timesteps}], got {steps}")
+    return torch.linspace(0, timesteps - 1, steps).round().long().unique().tolist()
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    clip_x0: bool = True,
+    return_intermediates: bool = False,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """DDIM (Song et al. 2021, Eq. 12) over `steps` evenly spaced timesteps.
+
+    Args:
+        model: the eps predictor.
+        schedule: the noise schedule the model was trained with.
+        x_T: starting noise, [B, C, H, W].
+        steps: number of denoising steps (at most T).
+        eta: 0 is deterministic DDIM; 1 gives DDPM's posterior variance.
+        generator: source of the noise added at each step when eta > 0.
+        clip_x0: clip the predicted x0 to [-1, 1].
+        return_intermediates: also return the list of states x_T, ..., x_0.
+
+    Returns:
+        x_0, or (x_0, states) with return_intermediates.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise UserError(f"eta must lie in [0, 1], got {eta}")
+    ts = ddim_timesteps(schedule.timesteps, steps)
+    x = x_T
+    states = [x]
+    for i in reversed(range(len(ts))):
+        t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
+        alpha_bar = schedule.alphas_cumprod[ts[i]]
+        # ᾱ of the next (less noisy) timestep; 1 after the last step, which lands on x_0 (and makes sigma 0).
+        alpha_bar_prev = schedule.alphas_cumprod[ts[i - 1]] if i > 0 else torch.ones_like(alpha_bar)
+        eps = model(x, t)
+        x0 = predict_x0(schedule, x, t, eps, clip_x0)
+        # Eq. 16: sigma = eta sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        # Eq. 12: x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev - sigma²) eps + sigma z
+        x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if i > 0 and eta > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if return_intermediates:
+            states.append(x)
+    return (x, states) if return_intermediates else x

@@ -57,7 +57,7 @@ class DiffusionModule(LightningModule):
             raise UserError(f"ema_decay must lie in [0, 1], got {ema_decay}")
         if warmup_steps < 0:
             raise UserError(f"warmup_steps must not be negative, got {warmup_steps}")
-        self.save_hyperparameters(ignore=["net", "optimizer"])
+        self.save_hyperparameters()
         self.net = net(channels, image_size)
         self.ema = AveragedModel(self.net, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup), use_buffers=False)
         self.ema.requires_grad_(False)

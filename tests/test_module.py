@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -28,7 +30,7 @@ def test_tiny_model_overfits_eight_images():
     for i in range(8):  # eight distinct images in [-1, 1]: a bright bar at row i
         x[i, 0, i] = 1
     loader = DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=8)
-    model = tiny_module(optimizer=lambda p: torch.optim.Adam(p, lr=2e-3), schedule="cosine")
+    model = tiny_module(optimizer=partial(torch.optim.Adam, lr=2e-3), schedule="cosine")
     recorder = LossRecorder()
     trainer = Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[recorder])
@@ -81,7 +83,7 @@ def test_schedule_is_neither_checkpointed_nor_averaged():
 
 
 def test_learning_rate_warms_up_linearly():
-    model = tiny_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1), warmup_steps=4)
+    model = tiny_module(optimizer=partial(torch.optim.SGD, lr=0.1), warmup_steps=4)
     config = model.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     lrs = []

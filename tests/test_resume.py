@@ -1,5 +1,7 @@
 """A run of 2N steps and a run of N steps + resume + N steps must end in the same state."""
 
+from functools import partial
+
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -17,7 +19,7 @@ def run(root, ckpt_dir, max_steps, ckpt_path=None):
     data = DiffusionDataModule("folder", str(root), batch_size=8, num_workers=0, val_fraction=0.2)
     model = DiffusionModule(
         net=tiny_unet, image_size=data.image_size, channels=data.channels, ema_decay=0.99, warmup_steps=3,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
     )
     model.net.down[0][0].dropout.p = 0.1  # dropout draws from the global generator: resume must restore it
     trainer = Trainer(
@@ -25,7 +27,7 @@ def run(root, ckpt_dir, max_steps, ckpt_path=None):
         deterministic=True, val_check_interval=4, check_val_every_n_epoch=None, gradient_clip_val=1.0,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=N, save_top_k=-1)],
     )
-    trainer.fit(model, data, ckpt_path=ckpt_path)
+    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=False)  # hparams hold the test's partials
     return trainer, model
 
 

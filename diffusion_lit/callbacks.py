@@ -1,6 +1,26 @@
-"""Callbacks: side effects of training (checkpoints, and later sample grids and FID) live here."""
+"""Callbacks: the side effects of training (checkpoints, sample grids, FID) live here, not in the module."""
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import sys
+from contextlib import contextmanager
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor, nn
+
+from diffusion_lit.errors import UserError
+from diffusion_lit.images import grid, to_uint8
+from diffusion_lit.metrics import (
+    ImageFeatures,
+    compute,
+    dataset_features,
+    extract,
+    fid_and_kid,
+    load_features,
+    reference_cache_path,
+    save_features,
+)
+from diffusion_lit.sampling import Sampler, generate, sample
 
 
 class Checkpoint(ModelCheckpoint):
@@ -13,3 +33,201 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode (no dropout) for sampling, back in its former mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _due(trainer, every_n_steps: int, last_step: int) -> bool:
+    """True once per optimizer step that is a multiple of every_n_steps (not on each accumulated micro-batch)."""
+    step = trainer.global_step
+    return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and step != last_step
+
+
+class SampleGrid(Callback):
+    """Logs a grid of samples from the EMA weights as `samples/grid`, every N steps and at the end of training.
+
+    The starting noise is drawn from a fixed seed, so the grids are comparable across steps and across a resume.
+
+    Args:
+        every_n_steps: optimizer steps between grids.
+        num_samples: images in the grid.
+        sampler: ``ddim`` (fast, the default) or ``ddpm`` (all T steps).
+        steps: DDIM steps.
+        eta: DDIM eta.
+        seed: seed of the noise.
+        denoising_strip: also log `samples/denoising`, one image at ten points of its denoising.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        sampler: Sampler = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        denoising_strip: bool = True,
+    ) -> None:
+        self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
+        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta}
+        self.denoising_strip = denoising_strip
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _due(trainer, self.every_n_steps, self._last_step):
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.log_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def log_grid(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+            return
+        model, schedule = pl_module.ema.module, pl_module.schedule
+        hp = pl_module.hparams
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        x_T = torch.randn((self.num_samples, hp.channels, hp.image_size, hp.image_size), generator=generator,
+                          device=pl_module.device)
+        with eval_mode(model):
+            x, states = sample(model, schedule, x_T, generator=generator, return_intermediates=True, **self.sampler_kwargs)
+        experiment.add_image("samples/grid", grid(to_uint8(x)), trainer.global_step)
+        if self.denoising_strip:
+            picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()
+            strip = torch.stack([states[i][0] for i in picks])
+            experiment.add_image("samples/denoising", grid(to_uint8(strip.clamp(-1, 1)), nrow=10), trainer.global_step)
+
+
+class FID(Callback):
+    """Logs `val/fid` and `val/kid` (mean and std) of generated against real training images every N steps.
+
+    Under DDP each rank generates its share of the samples from its own noise; torchmetrics syncs the statistics,
+    so every rank takes part in the computation and the value is logged once. The reference features of the
+    training images are computed once and cached on disk, keyed by dataset, image size and feature extractor.
+    When the feature extractor cannot be built (no Inception weights and no network), training goes on without FID.
+
+    Args:
+        every_n_steps: optimizer steps between evaluations.
+        num_samples: generated images per evaluation, over all ranks (FID is biased upwards for small numbers;
+            compare values only at equal num_samples, and prefer KID below a few thousand).
+        num_real: real training images in the reference statistics.
+        sampler: ``ddim`` or ``ddpm``.
+        steps: DDIM steps.
+        eta: DDIM eta.
+        batch_size: images per sampling batch on each rank.
+        feature_extractor: ``inception`` or the import path of an ``nn.Module`` class (see `ImageFeatures`).
+        weights_path: a local file of the Inception weights, for machines without network access.
+        cache_dir: where reference features are cached.
+        seed: seed of the noise (each rank adds its rank).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10000,
+        num_samples: int = 2000,
+        num_real: int = 10000,
+        sampler: Sampler = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        batch_size: int = 256,
+        feature_extractor: str = "inception",
+        weights_path: str | None = None,
+        cache_dir: str = "~/.cache/diffusion_lit/fid",
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
+        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta}
+        self.batch_size, self.seed = batch_size, seed
+        self.feature_extractor, self.weights_path, self.cache_dir = feature_extractor, weights_path, cache_dir
+        self.features: ImageFeatures | None = None
+        self.metrics = None
+        self.last_num_samples = 0  # generated in the last evaluation, summed over ranks
+        self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.features is not None:
+            return
+        try:
+            self.features = ImageFeatures(self.feature_extractor, self.weights_path)
+        except UserError:
+            raise
+        except Exception as err:  # no weights file and no network, most often
+            self.every_n_steps = 0
+            if trainer.is_global_zero:
+                print(
+                    f"FID is off: the {self.feature_extractor} feature extractor could not be loaded "
+                    f"({type(err).__name__}: {err}); set the FID callback's weights_path to a local copy of "
+                    "weights-inception-2015-12-05-6726825d.pth to turn it on.",
+                    file=sys.stderr,
+                )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _due(trainer, self.every_n_steps, self._last_step):
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+        device, rank, world = pl_module.device, trainer.global_rank, trainer.world_size
+        self.features.to(device)
+        if self.metrics is None:
+            real = self.reference_features(trainer, pl_module).to(device)
+            subset = min(1000, self.num_samples, len(real))
+            self.metrics = [m.to(device) for m in fid_and_kid(real.shape[1], subset)]
+            for metric in self.metrics:  # each rank adds its shard; the sync in compute() makes the whole
+                metric.update(real[rank::world], real=True)
+
+        share = self.num_samples // world + (rank < self.num_samples % world)
+        generator = torch.Generator(device).manual_seed(self.seed + rank)
+        hp = pl_module.hparams
+        model, made = pl_module.ema.module, 0
+        with eval_mode(model):
+            for x in generate(model, pl_module.schedule, share, (hp.channels, hp.image_size, hp.image_size),
+                              generator, self.batch_size, **self.sampler_kwargs):
+                feats = extract(self.features, to_uint8(x), self.batch_size)
+                for metric in self.metrics:
+                    metric.update(feats, real=False)
+                made += len(x)
+        scores = compute(*self.metrics)
+        self.last_num_samples = int(trainer.strategy.reduce(torch.tensor(made, device=device), reduce_op="sum"))
+        values = {"val/fid": scores["fid"], "val/kid": scores["kid_mean"], "val/kid_std": scores["kid_std"],
+                  "val/num_samples": self.last_num_samples}
+        for metric in self.metrics:
+            metric.reset()
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        rank_zero_info(
+            f"step {trainer.global_step}: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f} "
+            f"({self.last_num_samples} samples)"
+        )
+
+    def reference_features(self, trainer, pl_module) -> Tensor:
+        """Features of the real training images, from the cache or computed with each rank doing a shard."""
+        data = trainer.datamodule
+        path = reference_cache_path(self.cache_dir, self.feature_extractor, data, self.num_real)
+        # Every rank must take the same branch: the computation below has a collective in it.
+        if trainer.strategy.reduce_boolean_decision(path.is_file(), all=True):
+            return load_features(path)
+        rank, world = trainer.global_rank, trainer.world_size
+        n = min(self.num_real, len(data.reference_set))
+        mine = torch.utils.data.Subset(data.reference_set, range(rank, n, world))
+        local = dataset_features(self.features, mine, self.batch_size).to(pl_module.device)
+        # Pad every shard to one length, gather [world, m, D], and interleave back into dataset order.
+        m = -(-n // world)
+        local = torch.cat([local, local.new_zeros(m - len(local), local.shape[1])])
+        gathered = trainer.strategy.all_gather(local) if world > 1 else local[None]
+        real = gathered.transpose(0, 1).reshape(world * m, -1)[:n].cpu()
+        if trainer.local_rank == 0:
+            save_features(path, real)
+        return real

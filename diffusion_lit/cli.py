@@ -5,9 +5,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from jsonargparse import auto_cli
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diffusion_lit.callbacks import Checkpoint
+from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
@@ -59,11 +61,18 @@ class DiffusionCLI(LightningCLI):
             raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
 
 
+COMMANDS = {"sample": sample, "evaluate": evaluate}  # beside LightningCLI's fit, validate, ...
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point; a user's mistake ends with one message and exit status 2 (DIFFUSION_LIT_DEBUG=1 shows the traceback)."""
+    args = sys.argv[1:] if args is None else args
     # ResumableSampler restarts an epoch where the checkpoint left it, which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
+        if args and args[0] in COMMANDS:
+            auto_cli(COMMANDS[args[0]], args=args[1:], as_positional=False)
+            return
         DiffusionCLI(
             DiffusionModule,
             DiffusionDataModule,

@@ -120,6 +120,7 @@ class DiffusionDataModule(LightningDataModule):
         self.random_flip = dataset == "cifar10" if random_flip is None else random_flip
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.reference_set: Dataset | None = None
 
     def _load(self, train: bool) -> Dataset:
         """The whole dataset with the train (flips) or the eval transform."""
@@ -162,6 +163,7 @@ class DiffusionDataModule(LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
         self.train_set = Subset(train_full, order[n_val:])
         self.val_set = Subset(eval_full, order[:n_val])
+        self.reference_set = Subset(eval_full, order[n_val:])  # the training images without augmentation, for FID
         if len(self.train_set) < self.hparams.batch_size:
             raise UserError(
                 f"only {len(self.train_set)} training images for batch_size {self.hparams.batch_size}: "

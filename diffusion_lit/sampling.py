@@ -122,3 +122,50 @@ def ddim_sample(
         if return_intermediates:
             states.append(x)
     return (x, states) if return_intermediates else x
+
+
+Sampler = Literal["ddpm", "ddim"]
+
+
+def sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    sampler: Sampler = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    clip_x0: bool = True,
+    return_intermediates: bool = False,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """`ddpm_sample` (which always takes all T steps) or `ddim_sample` with `steps` and `eta`."""
+    if sampler == "ddpm":
+        return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates)
+    if sampler == "ddim":
+        return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates)
+    raise UserError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
+
+
+def generate(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    num_samples: int,
+    shape: tuple[int, int, int],
+    generator: torch.Generator,
+    batch_size: int = 256,
+    progress: bool = False,
+    **sampler_kwargs,
+):
+    """Yields batches of images in [-1, 1] until `num_samples` are made; the noise comes from `generator` in order.
+
+    The same generator state and batch size give the same images; `sampler_kwargs` go to `sample`.
+    """
+    from tqdm.auto import tqdm  # Lightning's own progress-bar library
+
+    device = generator.device
+    with tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            x_T = torch.randn((n, *shape), generator=generator, device=device)
+            yield sample(model, schedule, x_T, generator=generator, **sampler_kwargs)
+            bar.update(n)

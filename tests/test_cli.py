@@ -16,7 +16,8 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    # tests/ on the path for the feature network tests.features.TinyFeatures
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "2"}
     return subprocess.run(
         [sys.executable, "-m", "diffusion_lit", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,

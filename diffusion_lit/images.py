@@ -1,0 +1,64 @@
+"""Images in and out: [-1, 1] tensors to uint8, grids, .npz files and folders of PNG files."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from diffusion_lit.data import IMAGE_SUFFIXES
+from diffusion_lit.errors import UserError
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] floats to uint8 pixels, as the images would be saved."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def grid(images: Tensor, nrow: int | None = None) -> Tensor:
+    """uint8 images [N, C, H, W] as one uint8 grid [C', H', W'], about square unless nrow is given."""
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    return make_grid(images, nrow=nrow, padding=2, pad_value=255)
+
+
+def save_images(images: Tensor, out: str | Path) -> Path:
+    """Saves uint8 images [N, C, H, W]: `.png` one grid, `.npz` NHWC uint8 under `arr_0`, else a folder of PNGs."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        _to_pil(grid(images)).save(out)
+    elif out.suffix == ".npz":
+        np.savez(out, arr_0=images.permute(0, 2, 3, 1).cpu().numpy())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            _to_pil(image).save(out / f"{i:06d}.png")
+    return out
+
+
+def load_images(path: str | Path) -> Tensor:
+    """uint8 images [N, C, H, W] from an `.npz` file (NHWC under `arr_0`) or a folder of images."""
+    path = Path(path)
+    if path.suffix == ".npz" and path.is_file():
+        array = np.load(path)["arr_0"]
+        if array.dtype != np.uint8 or array.ndim not in (3, 4):
+            raise UserError(f"{path}: arr_0 must be uint8 images shaped NHWC (or NHW), got {array.dtype} {array.shape}")
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+        if not files:
+            raise UserError(f"no images in {path}: give an .npz file (uint8 NHWC under arr_0) or a folder of images")
+        arrays = [np.asarray(Image.open(f)) for f in files]
+        if len({a.shape for a in arrays}) > 1:
+            raise UserError(f"the images in {path} differ in size or channels; bring them to one shape first")
+        array = np.stack(arrays)
+    if array.ndim == 3:  # grayscale without a channel axis
+        array = array[..., None]
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_pil(image: Tensor) -> Image.Image:
+    array = image.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)

@@ -1,0 +1,119 @@
+"""`sample` and `evaluate`, and FID against torchmetrics computed directly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from diffusion_lit.images import load_images
+from diffusion_lit.metrics import ImageFeatures, extract, fid_and_kid
+
+from conftest import write_image_folder
+from features import TinyFeatures
+from test_cli import REPO, cli
+
+FEATURES = "features.TinyFeatures"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of a tiny run of `fit` on 16x16 images."""
+    tmp = tmp_path_factory.mktemp("run")
+    images = write_image_folder(tmp / "images", n_per_class=16, size=16)
+    result = cli(
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp / "runs",
+    )
+    assert result.returncode == 0, result.stderr
+    return tmp / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
+
+
+def test_sample_writes_each_kind_reproducibly(checkpoint, tmp_path):
+    common = ["sample", "--ckpt_path", checkpoint, "--num_samples", 5, "--steps", 4, "--batch_size", 2]
+    for out in ["a.npz", "b.npz", "grid.png", "pngs"]:
+        result = cli(*common, "--out", tmp_path / out, *(["--seed", 1] if out == "b.npz" else []))
+        assert result.returncode == 0, result.stderr
+
+    a = np.load(tmp_path / "a.npz")["arr_0"]
+    assert a.dtype == np.uint8 and a.shape == (5, 16, 16, 1)  # NHWC
+    again = cli(*common, "--out", tmp_path / "a2.npz")
+    assert again.returncode == 0 and np.array_equal(np.load(tmp_path / "a2.npz")["arr_0"], a)
+    assert not np.array_equal(np.load(tmp_path / "b.npz")["arr_0"], a)  # another seed, other images
+
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 + 2 * 18, 2 + 3 * 18, 3)  # 5 images of 16px, 3 a row, 2px padding
+    files = sorted((tmp_path / "pngs").glob("*.png"))
+    assert len(files) == 5
+    assert np.array_equal(np.stack([np.asarray(Image.open(f)) for f in files]), a[..., 0])
+
+
+def test_sample_ddpm_and_bad_checkpoint(checkpoint, tmp_path):
+    result = cli("sample", "--ckpt_path", checkpoint, "--num_samples", 2, "--sampler", "ddpm", "--out", tmp_path / "d.npz")
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "d.npz")["arr_0"].shape == (2, 16, 16, 1)
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    bad = cli("sample", "--ckpt_path", tmp_path / "broken.ckpt")
+    assert bad.returncode == 2 and "could not be loaded" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def direct_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """torchmetrics' FID with the feature network inside, fed float images in [0, 1]."""
+    fid = FrechetInceptionDistance(feature=TinyFeatures(), normalize=True)  # custom nets get the images as given
+    fid.update(real.float() / 255, real=True)
+    fid.update(fake.float() / 255, real=False)
+    return fid.compute().item()
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    features = ImageFeatures(FEATURES)
+    real_f, fake_f = extract(features, real), extract(features, fake)
+    fid, _ = fid_and_kid(real_f.shape[1], min(len(real_f), len(fake_f)))
+    fid.update(real_f, real=True)
+    fid.update(fake_f, real=False)
+    return fid.compute().item()
+
+
+@pytest.fixture
+def image_sets(tmp_path):
+    real_dir = write_image_folder(tmp_path / "real", n_per_class=100, size=16)
+    real = load_images(real_dir)
+    noise = torch.randint(0, 256, (200, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    np.savez(tmp_path / "noise.npz", arr_0=noise.permute(0, 2, 3, 1).numpy())
+    return real_dir, real, noise
+
+
+def test_fid_is_torchmetrics_fid(image_sets, tmp_path):
+    real_dir, real, noise = image_sets
+    same = fid_from_features(real, real)
+    halves = fid_from_features(real[::2], real[1::2])
+    against_noise = fid_from_features(real, noise)
+    assert abs(same) < 1e-3
+    assert against_noise > 50 * max(halves, 1e-3)
+    assert against_noise == pytest.approx(direct_fid(real, noise), rel=1e-4)
+    assert halves == pytest.approx(direct_fid(real[::2], real[1::2]), rel=1e-3, abs=1e-4)
+
+    result = cli("evaluate", "--samples", tmp_path / "noise.npz", "--real", real_dir, "--feature_extractor", FEATURES)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(line) == {"fid", "kid_mean", "kid_std", "num_samples"}
+    assert line["num_samples"] == 200
+    assert line["fid"] == pytest.approx(against_noise, rel=1e-4)
+    assert line["kid_mean"] > 0
+
+
+def test_evaluate_a_checkpoint_against_its_own_data(checkpoint, tmp_path):
+    args = ["evaluate", "--ckpt_path", checkpoint, "--num_samples", 20, "--steps", 3, "--feature_extractor", FEATURES,
+            "--cache_dir", tmp_path / "cache"]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # reference features cached ...
+    second = cli(*args)
+    assert json.loads(second.stdout.splitlines()[-1]) == json.loads(first.stdout.splitlines()[-1])  # ... and reused
+
+
+def test_evaluate_needs_something_to_score():
+    result = cli("evaluate", "--real", "x")
+    assert result.returncode == 2 and "exactly one of --ckpt_path" in result.stderr

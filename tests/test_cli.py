@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
+def cli(*args, cwd=REPO, **env_vars) -> subprocess.CompletedProcess:
     # tests/ on the path for the feature network tests.features.TinyFeatures
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "2", **env_vars}
     return subprocess.run(
         [sys.executable, "-m", "diffusion_lit", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,

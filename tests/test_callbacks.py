@@ -1,5 +1,6 @@
 """SampleGrid and FID during `fit`, in one process and under 2-process DDP on the CPU (gloo)."""
 
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -54,6 +55,9 @@ def test_ddp_fit_logs_fid_once_per_evaluation_from_exactly_s_samples(tmp_path):
     assert "val/kid" in scalars and "val/kid_std" in scalars
     assert images["samples/grid"] == [2, 4] and images["samples/denoising"] == [2, 4]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    # The feature network stays out of the checkpoint: only the UNet and its EMA copy are saved.
+    ckpt = torch.load(tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {key.split(".")[0] for key in ckpt["state_dict"]} == {"net", "ema"}
 
 
 def test_fid_without_inception_weights_turns_itself_off(tmp_path):

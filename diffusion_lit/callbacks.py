@@ -1,10 +1,10 @@
-"""Callbacks: the side effects of training (checkpoints, sample grids, FID) live here, not in the module."""
+"""Callbacks: the side effects of training (sample grids, FID) live here, not in the module."""
 
 import sys
 from contextlib import contextmanager
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
@@ -21,18 +21,6 @@ from diffusion_lit.metrics import (
     save_features,
 )
 from diffusion_lit.sampling import Sampler, generate, sample
-
-
-class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes last.ckpt when training ends between two periodic saves.
-
-    Lightning's own writes last.ckpt at the end only if it never saved before, so a run of 7 steps saving every 3
-    would end with last.ckpt at step 6 and lose its final step.
-    """
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 @contextmanager

@@ -5,10 +5,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from jsonargparse import auto_cli
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from diffusion_lit.callbacks import Checkpoint
+from diffusion_lit.checkpointing import AtomicCheckpointIO, Checkpoint
 from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError
@@ -21,6 +23,7 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "default", "version": ""},
     },
+    "plugins": [{"class_path": "diffusion_lit.checkpointing.AtomicCheckpointIO"}],  # a kill never corrupts one
 }
 # last.ckpt plus one checkpoint every N steps, all kept; configurable as --checkpoint.every_n_train_steps N.
 CHECKPOINT_DEFAULTS = {
@@ -39,6 +42,14 @@ class DiffusionCLI(LightningCLI):
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of a --ckpt_path file here, before any hook: check the file first.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint(Path(ckpt_path))
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         """Refuse to resume from nothing, and to start a fresh run on top of an earlier run's checkpoints."""
@@ -59,6 +70,22 @@ class DiffusionCLI(LightningCLI):
             )
         if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
             raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        if ckpt_path == "last":
+            check_checkpoint(ckpt_dir / "last.ckpt")
+
+
+def check_checkpoint(path: Path) -> None:
+    """Opens a checkpoint without reading its tensors (memory-mapped), so a truncated or foreign file is a UserError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        reason = str(err).split(". ")[0]
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {reason}). "
+            "Resume from another file in its folder (--ckpt_path FILE) or start a new run"
+        ) from None
+    if "state_dict" not in checkpoint or "global_step" not in checkpoint:
+        raise UserError(f"{path} is not a training checkpoint of diffusion_lit (no state_dict or global_step)")
 
 
 COMMANDS = {"sample": sample, "evaluate": evaluate}  # beside LightningCLI's fit, validate, ...
@@ -66,12 +93,12 @@ COMMANDS = {"sample": sample, "evaluate": evaluate}  # beside LightningCLI's fit
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; a user's mistake ends with one message and exit status 2 (DIFFUSION_LIT_DEBUG=1 shows the traceback)."""
-    args = sys.argv[1:] if args is None else args
+    words = sys.argv[1:] if args is None else args
     # ResumableSampler restarts an epoch where the checkpoint left it, which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
-        if args and args[0] in COMMANDS:
-            auto_cli(COMMANDS[args[0]], args=args[1:], as_positional=False)
+        if words and words[0] in COMMANDS:
+            auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False)
             return
         DiffusionCLI(
             DiffusionModule,
@@ -80,7 +107,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except UserError as err:
+    except (UserError, MisconfigurationException) as err:  # Lightning's: a bad Trainer setting
         if os.environ.get("DIFFUSION_LIT_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -36,7 +36,9 @@ def load_checkpoint(ckpt_path: str) -> tuple[DiffusionModule, dict]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({type(err).__name__}: {err})") from None
+        raise UserError(
+            f"{path} could not be loaded as a diffusion_lit checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     return module.to(_device()).eval(), checkpoint
 
 

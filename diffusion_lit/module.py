@@ -76,6 +76,13 @@ class DiffusionModule(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss = self.diffusion_loss(self.net, batch[0])
+        if not torch.isfinite(loss):
+            # Stop before the optimizer spreads it into the weights; the last checkpoint is still good.
+            raise UserError(
+                f"the training loss became {loss.item()} at step {self.global_step}: training diverged. Lower the "
+                "learning rate (--model.optimizer.init_args.lr) or lengthen the warm-up (--model.warmup_steps), "
+                "then resume from the last good checkpoint with --ckpt_path last"
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -95,7 +102,10 @@ class DiffusionModule(LightningModule):
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.net.parameters())
+        try:
+            optimizer = self.optimizer(self.net.parameters())
+        except ValueError as err:  # torch's own checks: a negative learning rate, betas outside [0, 1), ...
+            raise UserError(f"optimizer: {err}; fix it under model.optimizer.init_args in the config") from None
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -51,6 +51,7 @@ class SampleGrid(Callback):
         sampler: ``ddim`` (fast, the default) or ``ddpm`` (all T steps).
         steps: DDIM steps.
         eta: DDIM eta.
+        guidance_scale: classifier-free guidance w for a conditional model (one row per class).
         seed: seed of the noise.
         denoising_strip: also log `samples/denoising`, one image at ten points of its denoising.
     """
@@ -62,11 +63,12 @@ class SampleGrid(Callback):
         sampler: Sampler = "ddim",
         steps: int = 50,
         eta: float = 0.0,
+        guidance_scale: float = 1.0,
         seed: int = 0,
         denoising_strip: bool = True,
     ) -> None:
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
-        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta}
+        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
         self.denoising_strip = denoising_strip
         self._last_step = -1
 
@@ -84,14 +86,18 @@ class SampleGrid(Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
             return
-        model, schedule = pl_module.ema.module, pl_module.schedule
-        hp = pl_module.hparams
+        model, schedule, hp = pl_module.ema.module, pl_module.schedule, pl_module.hparams
+        # A conditional model shows one row per class.
+        classes = pl_module.num_classes
+        per_row = max(1, self.num_samples // classes) if classes else None
+        labels = torch.arange(classes, device=pl_module.device).repeat_interleave(per_row) if classes else None
+        n = self.num_samples if labels is None else len(labels)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-        x_T = torch.randn((self.num_samples, hp.channels, hp.image_size, hp.image_size), generator=generator,
-                          device=pl_module.device)
+        x_T = torch.randn((n, hp.channels, hp.image_size, hp.image_size), generator=generator, device=pl_module.device)
         with eval_mode(model):
-            x, states = sample(model, schedule, x_T, generator=generator, return_intermediates=True, **self.sampler_kwargs)
-        experiment.add_image("samples/grid", grid(to_uint8(x)), trainer.global_step)
+            x, states = sample(model, schedule, x_T, generator=generator, return_intermediates=True, labels=labels,
+                               **self.sampler_kwargs)
+        experiment.add_image("samples/grid", grid(to_uint8(x), per_row), trainer.global_step)
         if self.denoising_strip:
             picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()
             strip = torch.stack([states[i][0] for i in picks])
@@ -114,6 +120,7 @@ class FID(Callback):
         sampler: ``ddim`` or ``ddpm``.
         steps: DDIM steps.
         eta: DDIM eta.
+        guidance_scale: classifier-free guidance w for a conditional model (scored on balanced classes).
         batch_size: images per sampling batch on each rank.
         feature_extractor: ``inception`` or the import path of an ``nn.Module`` class (see `ImageFeatures`).
         weights_path: a local file of the Inception weights, for machines without network access.
@@ -129,6 +136,7 @@ class FID(Callback):
         sampler: Sampler = "ddim",
         steps: int = 50,
         eta: float = 0.0,
+        guidance_scale: float = 1.0,
         batch_size: int = 256,
         feature_extractor: str = "inception",
         weights_path: str | None = None,
@@ -136,7 +144,7 @@ class FID(Callback):
         seed: int = 0,
     ) -> None:
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
-        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta}
+        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
         self.batch_size, self.seed = batch_size, seed
         self.feature_extractor, self.weights_path, self.cache_dir = feature_extractor, weights_path, cache_dir
         self.features: ImageFeatures | None = None
@@ -176,13 +184,16 @@ class FID(Callback):
             for metric in self.metrics:  # each rank adds its shard; the sync in compute() makes the whole
                 metric.update(real[rank::world], real=True)
 
-        share = self.num_samples // world + (rank < self.num_samples % world)
+        shares = [self.num_samples // world + (r < self.num_samples % world) for r in range(world)]
         generator = torch.Generator(device).manual_seed(self.seed + rank)
         hp = pl_module.hparams
         model, made = pl_module.ema.module, 0
+        # A conditional model is scored on balanced classes: sample i (over all ranks) gets label i mod classes.
+        first = sum(shares[:rank])
+        labels = torch.arange(first, first + shares[rank]) % pl_module.num_classes if pl_module.num_classes else None
         with eval_mode(model):
-            for x in generate(model, pl_module.schedule, share, (hp.channels, hp.image_size, hp.image_size),
-                              generator, self.batch_size, **self.sampler_kwargs):
+            for x in generate(model, pl_module.schedule, shares[rank], (hp.channels, hp.image_size, hp.image_size),
+                              generator, self.batch_size, labels=labels, **self.sampler_kwargs):
                 feats = extract(self.features, to_uint8(x), self.batch_size)
                 for metric in self.metrics:
                     metric.update(feats, real=False)

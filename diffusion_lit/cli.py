@@ -42,6 +42,7 @@ class DiffusionCLI(LightningCLI):
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyperparameters of a --ckpt_path file here, before any hook: check the file first.

@@ -55,10 +55,26 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
     return torch.cat([to_uint8(x).cpu() for x in batches])
 
 
+def parse_labels(labels: str | None, num_samples: int, num_classes: int) -> Tensor | None:
+    """`3,3,7` -> those labels; `all` -> num_samples labels cycling through every class (balanced); None -> None."""
+    if labels is None:
+        return None
+    if labels == "all":
+        if not num_classes:
+            raise UserError("--labels all: this model is unconditional (trained without labels); leave out --labels")
+        return torch.arange(num_samples) % num_classes
+    try:
+        return torch.tensor([int(label) for label in labels.split(",")])
+    except ValueError:
+        raise UserError(f"--labels {labels!r}: give class indices separated by commas (3,3,7) or 'all'") from None
+
+
 def sample(
     ckpt_path: str,
     out: str = "samples.png",
     num_samples: int = 64,
+    labels: str | None = None,
+    guidance_scale: float = 1.0,
     sampler: Sampler = "ddim",
     steps: int = 50,
     eta: float = 0.0,
@@ -72,7 +88,10 @@ def sample(
     Args:
         ckpt_path: a checkpoint written by `fit` (e.g. runs/mnist/checkpoints/last.ckpt).
         out: a `.png` file (one grid), a `.npz` file (uint8 NHWC under `arr_0`) or a folder (one PNG per image).
-        num_samples: how many images.
+        num_samples: how many images (with a list of labels: one image per label).
+        labels: for a conditional model: class indices such as ``3,3,7``, or ``all`` for num_samples images cycling
+            through every class; without, a conditional model samples unconditionally.
+        guidance_scale: classifier-free guidance w: 1 plain conditional, 0 unconditional, above 1 stronger.
         sampler: ``ddim`` or ``ddpm`` (ancestral, all T steps).
         steps: DDIM steps.
         eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM.
@@ -82,8 +101,9 @@ def sample(
         ema: sample with the EMA weights (the raw training weights otherwise).
     """
     module, _ = load_checkpoint(ckpt_path)
-    images = generate_images(module, num_samples, seed, batch_size, ema, sampler=sampler, steps=steps, eta=eta,
-                             clip_x0=clip_x0)
+    y = parse_labels(labels, num_samples, module.num_classes)
+    images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, labels=y,
+                             guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0)
     print(f"wrote {len(images)} images to {save_images(images, out)}")
 
 
@@ -92,6 +112,7 @@ def evaluate(
     samples: str | None = None,
     real: str | None = None,
     num_samples: int = 2000,
+    guidance_scale: float = 1.0,
     sampler: Sampler = "ddim",
     steps: int = 50,
     eta: float = 0.0,
@@ -109,7 +130,8 @@ def evaluate(
             images are the reference.
         samples: score these images instead: a `.npz` file (uint8 NHWC under `arr_0`) or a folder of images.
         real: the reference images: a folder of images or a `.npz` file.
-        num_samples: images to generate from the checkpoint.
+        num_samples: images to generate from the checkpoint (a conditional one: balanced over the classes).
+        guidance_scale: classifier-free guidance w for a conditional checkpoint.
         sampler: ``ddim`` or ``ddpm``.
         steps: DDIM steps.
         eta: DDIM eta.
@@ -137,7 +159,9 @@ def evaluate(
     module = checkpoint = None
     if ckpt_path is not None:
         module, checkpoint = load_checkpoint(ckpt_path)
-        fake_images = generate_images(module, num_samples, seed, batch_size, sampler=sampler, steps=steps, eta=eta)
+        y = parse_labels("all", num_samples, module.num_classes) if module.num_classes else None
+        fake_images = generate_images(module, num_samples, seed, batch_size, labels=y, guidance_scale=guidance_scale,
+                                      sampler=sampler, steps=steps, eta=eta)
     else:
         fake_images = load_images(samples)
     fake = extract(features, fake_images, batch_size)

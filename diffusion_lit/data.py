@@ -13,9 +13,9 @@ from diffusion_lit.errors import UserError
 
 DatasetName = Literal["mnist", "cifar10", "folder"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-TORCHVISION = {  # name -> (class, image size, channels, files that must be in root)
-    "mnist": (datasets.MNIST, 28, 1, "MNIST/raw/train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz)"),
-    "cifar10": (datasets.CIFAR10, 32, 3, "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
+TORCHVISION = {  # name -> (class, image size, channels, classes, files that must be in root)
+    "mnist": (datasets.MNIST, 28, 1, 10, "MNIST/raw/train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz)"),
+    "cifar10": (datasets.CIFAR10, 32, 3, 10, "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
 }
 
 
@@ -46,13 +46,15 @@ class ImageFolder(Dataset):
         return (self.transform(image) if self.transform else image), self.labels[i]
 
 
-def peek_image(root: Path) -> tuple[int, int]:
-    """(size, channels) of the first image below root: the shorter side, and 1 for grayscale, else 3."""
+def peek_folder(root: Path) -> tuple[int, int, int]:
+    """(size, channels, classes) of a folder: its first image's shorter side, 1 channel for grayscale (else 3),
+    and its class sub-folders (0 without)."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist: give an existing folder with --data.root")
     dataset = ImageFolder(root, channels=3)
     with Image.open(dataset.files[0]) as image:
-        return min(image.size), 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        channels = 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        return min(image.size), channels, len(dataset.classes)
 
 
 class ResumableSampler(DistributedSampler):
@@ -112,9 +114,9 @@ class DiffusionDataModule(LightningDataModule):
         # Not logged: the model logs the resolved image_size and channels, and the two sets must not disagree.
         self.save_hyperparameters(logger=False)
         if dataset == "folder":
-            native_size, native_channels = peek_image(Path(root))
+            native_size, native_channels, self.num_classes = peek_folder(Path(root))
         else:
-            native_size, native_channels = TORCHVISION[dataset][1:3]
+            native_size, native_channels, self.num_classes = TORCHVISION[dataset][1:4]
         self.image_size = image_size or native_size
         self.channels = channels or native_channels
         self.random_flip = dataset == "cifar10" if random_flip is None else random_flip
@@ -136,7 +138,7 @@ class DiffusionDataModule(LightningDataModule):
         name, root = self.hparams.dataset, self.hparams.root
         if name == "folder":
             return ImageFolder(root, self.channels, transform)
-        cls, _, _, files = TORCHVISION[name]
+        cls, *_, files = TORCHVISION[name]
         try:
             return cls(root, train=True, transform=transform, download=False)
         except RuntimeError:

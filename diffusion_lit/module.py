@@ -14,7 +14,7 @@ from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import NoiseSchedule, ScheduleKind
 from diffusion_lit.unet import UNet
 
-NetFactory = Callable[[int, int], nn.Module]
+NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> eps = net(x_t, t, y)
 
 
 def ema_update(max_decay: float, warmup: bool, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor):
@@ -29,9 +29,13 @@ class DiffusionModule(LightningModule):
     """Epsilon-prediction DDPM with an EMA of the denoiser's weights.
 
     Args:
-        net: builds the denoiser from (in_channels, image_size); a class path and its other arguments in YAML.
+        net: builds the denoiser from (in_channels, image_size, num_classes); a class path (UNet, DiT) and its
+            other arguments in YAML.
         image_size: image height and width (linked from the data).
         channels: image channels (linked from the data).
+        num_classes: classes in the data (linked from the data; 0 when it has none).
+        conditional: condition the denoiser on the labels, for classifier-free guidance at sampling time.
+        p_uncond: with `conditional`, the probability that a training label is dropped to the "null" class.
         schedule: noise schedule, ``linear`` or ``cosine``.
         timesteps: number of diffusion steps T.
         ema_decay: the EMA's decay once warmed up (0.9999 in DDPM).
@@ -45,6 +49,9 @@ class DiffusionModule(LightningModule):
         net: NetFactory = UNet,
         image_size: int = 32,
         channels: int = 3,
+        num_classes: int = 0,
+        conditional: bool = False,
+        p_uncond: float = 0.1,
         schedule: ScheduleKind = "linear",
         timesteps: int = 1000,
         ema_decay: float = 0.9999,
@@ -57,25 +64,40 @@ class DiffusionModule(LightningModule):
             raise UserError(f"ema_decay must lie in [0, 1], got {ema_decay}")
         if warmup_steps < 0:
             raise UserError(f"warmup_steps must not be negative, got {warmup_steps}")
+        if conditional and num_classes < 1:
+            raise UserError(
+                "conditional: true needs labelled data: MNIST, CIFAR-10, or a folder with one sub-folder per class"
+            )
+        if not 0.0 <= p_uncond <= 1.0:
+            raise UserError(f"p_uncond must lie in [0, 1], got {p_uncond}")
         self.save_hyperparameters()
-        self.net = net(channels, image_size)
+        self.num_classes = num_classes if conditional else 0  # what the network is conditioned on
+        self.net = net(channels, image_size, self.num_classes)
         self.ema = AveragedModel(self.net, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup), use_buffers=False)
         self.ema.requires_grad_(False)
         self.schedule = NoiseSchedule(schedule, timesteps)
         self.optimizer = optimizer
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The EMA denoiser's eps prediction, the one sampling uses."""
-        return self.ema.module(x_t, t)
+        return self.ema.module(x_t, t, y)
 
-    def diffusion_loss(self, net: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def diffusion_loss(
+        self, net: nn.Module, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """DDPM's simple loss: MSE between the drawn noise and the net's prediction of it at a uniform t."""
         t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return F.mse_loss(net(self.schedule.q_sample(x0, t, eps), t), eps)
+        return F.mse_loss(net(self.schedule.q_sample(x0, t, eps), t, y), eps)
+
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Each label replaced by the null class (index num_classes) with probability p_uncond."""
+        drop = torch.rand(y.shape, device=y.device) < self.hparams.p_uncond
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(self.net, batch[0])
+        x0, y = batch[0], (self.drop_labels(batch[1]) if self.num_classes else None)
+        loss = self.diffusion_loss(self.net, x0, y)
         if not torch.isfinite(loss):
             # Stop before the optimizer spreads it into the weights; the last checkpoint is still good.
             raise UserError(
@@ -90,7 +112,7 @@ class DiffusionModule(LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         # Fixed t and noise per batch, so val/loss moves only when the EMA weights do.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
-        loss = self.diffusion_loss(self.ema.module, batch[0], generator)
+        loss = self.diffusion_loss(self.ema.module, batch[0], batch[1] if self.num_classes else None, generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:

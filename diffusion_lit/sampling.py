@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import NoiseSchedule, gather
@@ -127,6 +127,23 @@ def ddim_sample(
 Sampler = Literal["ddpm", "ddim"]
 
 
+def guided(net: nn.Module, y: Tensor, guidance_scale: float) -> EpsModel:
+    """Classifier-free guidance (Ho & Salimans 2022) as an eps model for the samplers.
+
+    eps = eps_uncond + w (eps_cond - eps_uncond), with the conditional and the unconditional ("null" label) passes
+    batched into one call of the network. w = 1 is plain conditional sampling, w = 0 unconditional.
+    """
+    null = torch.full_like(y, net.num_classes)
+
+    def eps(x_t: Tensor, t: Tensor) -> Tensor:
+        if guidance_scale in (0.0, 1.0):  # one of the two passes alone is the answer: half the work
+            return net(x_t, t, null if guidance_scale == 0.0 else y)
+        cond, uncond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return eps
+
+
 def sample(
     model: EpsModel,
     schedule: NoiseSchedule,
@@ -137,8 +154,26 @@ def sample(
     generator: torch.Generator | None = None,
     clip_x0: bool = True,
     return_intermediates: bool = False,
+    labels: Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """`ddpm_sample` (which always takes all T steps) or `ddim_sample` with `steps` and `eta`."""
+    """`ddpm_sample` (which always takes all T steps) or `ddim_sample` with `steps` and `eta`.
+
+    With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
+    a conditional model samples unconditionally (its "null" class).
+    """
+    if labels is not None or guidance_scale != 1.0:
+        num_classes = getattr(model, "num_classes", 0)
+        if not num_classes:
+            raise UserError(
+                "this model is unconditional (trained without labels): leave out labels and guidance_scale, "
+                "or train a conditional one (--model.conditional true on labelled data)"
+            )
+        if labels is None:
+            raise UserError("guidance_scale needs labels to guide towards: give them with --labels (or --labels all)")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise UserError(f"labels must lie in [0, {num_classes - 1}] for this model, got {labels.unique().tolist()}")
+        model = guided(model, labels, guidance_scale)
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates)
     if sampler == "ddim":
@@ -154,11 +189,13 @@ def generate(
     generator: torch.Generator,
     batch_size: int = 256,
     progress: bool = False,
+    labels: Tensor | None = None,
     **sampler_kwargs,
 ):
     """Yields batches of images in [-1, 1] until `num_samples` are made; the noise comes from `generator` in order.
 
-    The same generator state and batch size give the same images; `sampler_kwargs` go to `sample`.
+    The same generator state and batch size give the same images. `labels` ([num_samples], optional) and
+    `sampler_kwargs` go to `sample`.
     """
     from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
@@ -167,5 +204,6 @@ def generate(
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             x_T = torch.randn((n, *shape), generator=generator, device=device)
-            yield sample(model, schedule, x_T, generator=generator, **sampler_kwargs)
+            y = None if labels is None else labels[start : start + n].to(device)
+            yield sample(model, schedule, x_T, generator=generator, labels=y, **sampler_kwargs)
             bar.update(n)

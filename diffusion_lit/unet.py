@@ -19,6 +19,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))
 
 
+def null_labels(num_classes: int, like: Tensor) -> Tensor:
+    """The "null" label (index num_classes) for every item of a batch shaped like `like` [B]."""
+    return torch.full(like.shape, num_classes, dtype=torch.long, device=like.device)
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's weights and bias so the residual branch it ends starts as the identity."""
     for p in module.parameters():
@@ -81,11 +86,13 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """The epsilon-prediction UNet of DDPM.
 
-    The first two arguments come from the data (linked by the CLI); the rest are the architecture.
+    The first three arguments come from the data and the model (the CLI links them); the rest are the architecture.
 
     Args:
         in_channels: image channels (1 for MNIST, 3 for CIFAR-10).
         image_size: image height and width; must halve evenly at every level but the last.
+        num_classes: 0 for an unconditional network; otherwise labels 0..num_classes-1 are embedded and added to the
+            timestep embedding, and label num_classes is the "null" class of classifier-free guidance.
         base_channels: channels of the first level; level i has base_channels * channel_mult[i].
         channel_mult: one multiplier per resolution level.
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
@@ -98,6 +105,7 @@ class UNet(nn.Module):
         self,
         in_channels: int,
         image_size: int,
+        num_classes: int = 0,
         base_channels: int = 128,
         channel_mult: Sequence[int] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
@@ -124,6 +132,8 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, res: int) -> nn.ModuleList:
@@ -170,8 +180,10 @@ class UNet(nn.Module):
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(null_labels(self.num_classes, t) if y is None else y)
         h = self.conv_in(x_t)
         skips = [h]
         for layers in self.down:

@@ -117,3 +117,26 @@ def test_evaluate_a_checkpoint_against_its_own_data(checkpoint, tmp_path):
 def test_evaluate_needs_something_to_score():
     result = cli("evaluate", "--real", "x")
     assert result.returncode == 2 and "exactly one of --ckpt_path" in result.stderr
+
+
+def test_conditional_fit_and_guided_sampling(tmp_path, checkpoint):
+    images = write_image_folder(tmp_path / "images", n_per_class=16, size=16)  # classes a and b
+    result = cli(
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "--model.conditional", "true", "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+    )
+    assert result.returncode == 0, result.stderr
+    conditional = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
+    ok = cli("sample", "--ckpt_path", conditional, "--labels", "0,1,1", "--guidance_scale", 3, "--steps", 3,
+             "--out", tmp_path / "g.npz")
+    assert ok.returncode == 0, ok.stderr
+    assert np.load(tmp_path / "g.npz")["arr_0"].shape == (3, 16, 16, 1)
+    balanced = cli("sample", "--ckpt_path", conditional, "--labels", "all", "--num_samples", 4, "--steps", 2,
+                   "--out", tmp_path / "b.npz")
+    assert balanced.returncode == 0 and len(np.load(tmp_path / "b.npz")["arr_0"]) == 4
+
+    out_of_range = cli("sample", "--ckpt_path", conditional, "--labels", "2", "--out", tmp_path / "x.png")
+    assert out_of_range.returncode == 2 and "labels must lie in [0, 1]" in out_of_range.stderr
+    for args in (["--labels", "all"], ["--guidance_scale", "2"]):  # from the unconditional checkpoint
+        refused = cli("sample", "--ckpt_path", checkpoint, *args, "--out", tmp_path / "y.png")
+        assert refused.returncode == 2 and "unconditional" in refused.stderr and "Traceback" not in refused.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import write_image_folder
@@ -39,7 +40,8 @@ def scalars(run_dir: Path, tag: str) -> list[int]:
 def test_every_config_parses(config):
     result = cli("fit", "--config", config, "--print_config")
     assert result.returncode == 0, result.stderr
-    assert "class_path: diffusion_lit.UNet" in result.stdout or "diffusion_lit.unet.UNet" in result.stdout
+    net = yaml.safe_load(result.stdout)["model"]["net"]["class_path"]
+    assert net in {"diffusion_lit.UNet", "diffusion_lit.unet.UNet", "diffusion_lit.dit.DiT"}
 
 
 def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):

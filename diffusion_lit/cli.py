@@ -38,6 +38,10 @@ CHECKPOINT_DEFAULTS = {
 
 class DiffusionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--fresh_run", type=bool, default=False,
+            help="Start a new run where an earlier one left checkpoints; the earlier run's folder is kept, renamed.",
+        )
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
@@ -58,11 +62,13 @@ class DiffusionCLI(LightningCLI):
         ckpt_dir = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
         found = sorted(ckpt_dir.glob("*.ckpt"))
         if ckpt_path is None and found:
-            raise UserError(
-                f"{ckpt_dir} already holds checkpoints of an earlier run ({found[-1].name}, ...). "
-                "Resume it with --ckpt_path last, or start a new run under another name with "
-                "--trainer.logger.init_args.name NAME"
-            )
+            if not self.config.fit.fresh_run:
+                raise UserError(
+                    f"{ckpt_dir} already holds checkpoints of an earlier run ({found[-1].name}, ...). "
+                    "Resume it with --ckpt_path last, start a new run under another name with "
+                    "--trainer.logger.init_args.name NAME, or pass --fresh_run true to set the earlier run aside"
+                )
+            self.set_aside(ckpt_dir)
         if ckpt_path == "last" and not any(p.name.startswith("last") for p in found):
             raise UserError(
                 f"--ckpt_path last: no last.ckpt in {ckpt_dir}, so there is nothing to resume. "
@@ -73,6 +79,17 @@ class DiffusionCLI(LightningCLI):
             raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
         if ckpt_path == "last":
             check_checkpoint(ckpt_dir / "last.ckpt")
+
+
+    def set_aside(self, ckpt_dir: Path) -> None:
+        """Renames the earlier run's folder (or its checkpoint folder, when that lies elsewhere) to NAME.1, NAME.2, ..."""
+        log_dir = Path(self.trainer.log_dir)
+        old = log_dir if log_dir in ckpt_dir.parents else ckpt_dir
+        number = 1
+        while old.with_name(f"{old.name}.{number}").exists():
+            number += 1
+        kept = old.rename(old.with_name(f"{old.name}.{number}"))
+        print(f"--fresh_run: the earlier run is kept in {kept}", file=sys.stderr)
 
 
 def check_checkpoint(path: Path) -> None:

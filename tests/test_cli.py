@@ -69,6 +69,11 @@ def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
     assert scalars(run_dir, "train/loss") == list(range(7))  # the same curve, continued in the same folder
 
+    fresh = cli(*common, "--trainer.max_steps", 2, "--fresh_run", "true")  # the earlier run is set aside, not lost
+    assert fresh.returncode == 0, fresh.stderr
+    assert torch.load(run_dir.with_name("tiny_cpu.1") / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
 
 def test_resume_without_a_checkpoint_stops_with_a_message(tmp_path):
     images = write_image_folder(tmp_path / "images")

@@ -10,7 +10,7 @@ from jsonargparse import auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from diffusion_lit.checkpointing import AtomicCheckpointIO, Checkpoint
+from diffusion_lit.checkpointing import Checkpoint
 from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError
 from diffusion_lit.images import load_images, save_images, to_uint8
 from diffusion_lit.metrics import (
@@ -180,8 +181,6 @@ def evaluate(
 def checkpoint_reference(features: ImageFeatures, checkpoint: dict, num_real: int, batch_size: int,
                          cache_dir: str) -> Tensor:
     """Features of the training images of the run that wrote the checkpoint, cached as the FID callback does."""
-    from diffusion_lit.data import DiffusionDataModule
-
     data_hparams = checkpoint.get("datamodule_hyper_parameters")
     if not data_hparams:
         raise UserError("the checkpoint does not say what it was trained on: give the reference images with --real DIR")

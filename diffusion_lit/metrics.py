@@ -15,8 +15,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
 from diffusion_lit.errors import UserError
+from diffusion_lit.images import to_uint8
 
 
 class ImageFeatures(nn.Module):
@@ -98,10 +100,6 @@ def extract(features: ImageFeatures, images: Tensor, batch_size: int = 256) -> T
 
 def dataset_features(features: ImageFeatures, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> Tensor:
     """Features of a dataset of ([-1, 1] image, label) pairs, on the CPU."""
-    from tqdm.auto import tqdm
-
-    from diffusion_lit.images import to_uint8
-
     loader = DataLoader(dataset, batch_size=batch_size)
     batches = tqdm(loader, "reference features", disable=not progress, dynamic_ncols=True)
     return torch.cat([extract(features, to_uint8(x), batch_size).cpu() for x, _ in batches])

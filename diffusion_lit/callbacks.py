@@ -1,12 +1,11 @@
 """Callbacks: the side effects of training (sample grids, FID) live here, not in the module."""
 
 import sys
-from contextlib import contextmanager
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.images import grid, to_uint8
@@ -21,17 +20,6 @@ from diffusion_lit.metrics import (
     save_features,
 )
 from diffusion_lit.sampling import Sampler, generate, sample
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """The model in eval mode (no dropout) for sampling, back in its former mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _due(trainer, every_n_steps: int, last_step: int) -> bool:
@@ -86,7 +74,7 @@ class SampleGrid(Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
             return
-        model, schedule, hp = pl_module.ema.module, pl_module.schedule, pl_module.hparams
+        hp = pl_module.hparams
         # A conditional model shows one row per class.
         classes = pl_module.num_classes
         per_row = max(1, self.num_samples // classes) if classes else None
@@ -94,8 +82,8 @@ class SampleGrid(Callback):
         n = self.num_samples if labels is None else len(labels)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         x_T = torch.randn((n, hp.channels, hp.image_size, hp.image_size), generator=generator, device=pl_module.device)
-        with eval_mode(model):
-            x, states = sample(model, schedule, x_T, generator=generator, return_intermediates=True, labels=labels,
+        with pl_module.sampling(trainer.precision) as model:
+            x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True, labels=labels,
                                **self.sampler_kwargs)
         experiment.add_image("samples/grid", grid(to_uint8(x), per_row), trainer.global_step)
         if self.denoising_strip:
@@ -187,11 +175,11 @@ class FID(Callback):
         shares = [self.num_samples // world + (r < self.num_samples % world) for r in range(world)]
         generator = torch.Generator(device).manual_seed(self.seed + rank)
         hp = pl_module.hparams
-        model, made = pl_module.ema.module, 0
+        made = 0
         # A conditional model is scored on balanced classes: sample i (over all ranks) gets label i mod classes.
         first = sum(shares[:rank])
         labels = torch.arange(first, first + shares[rank]) % pl_module.num_classes if pl_module.num_classes else None
-        with eval_mode(model):
+        with pl_module.sampling(trainer.precision) as model:
             for x in generate(model, pl_module.schedule, shares[rank], (hp.channels, hp.image_size, hp.image_size),
                               generator, self.batch_size, labels=labels, **self.sampler_kwargs):
                 feats = extract(self.features, to_uint8(x), self.batch_size)

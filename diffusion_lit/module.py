@@ -1,6 +1,7 @@
 """DiffusionModule: the UNet, its EMA copy and the noise schedule, trained with the DDPM objective."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -12,6 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import NoiseSchedule, ScheduleKind
+from diffusion_lit.speed import autocast, compile_modules, grad_off
 from diffusion_lit.unet import UNet
 
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> eps = net(x_t, t, y)
@@ -23,6 +25,11 @@ def ema_update(max_decay: float, warmup: bool, ema_params: list[Tensor], params:
     decay = min(max_decay, (1 + n) / (10 + n)) if warmup else max_decay
     for ema, param in zip(ema_params, params):
         ema.lerp_(param, 1 - decay)
+
+
+def to_channels_last(net: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the image x_t in channels-last memory format, as the network's weights are."""
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
 class DiffusionModule(LightningModule):
@@ -42,6 +49,10 @@ class DiffusionModule(LightningModule):
         ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates.
         optimizer: the optimizer class and its arguments (learning rate, weight decay, ...).
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+        channels_last: keep the denoiser's weights (and so its activations) in channels-last memory format.
+        compile: `torch.compile` the denoiser and its EMA copy (skipped, with one line saying why, where it cannot
+            run).
+        inference_mode: sample under `torch.inference_mode` (under `torch.no_grad` when off).
     """
 
     def __init__(
@@ -58,6 +69,9 @@ class DiffusionModule(LightningModule):
         ema_warmup: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         warmup_steps: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+        inference_mode: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay <= 1.0:
@@ -73,14 +87,40 @@ class DiffusionModule(LightningModule):
         self.save_hyperparameters()
         self.num_classes = num_classes if conditional else 0  # what the network is conditioned on
         self.net = net(channels, image_size, self.num_classes)
+        if channels_last:  # before the EMA copy is made, which then has the same format and hook
+            self.net.to(memory_format=torch.channels_last)
+            self.net.register_forward_pre_hook(to_channels_last)
         self.ema = AveragedModel(self.net, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup), use_buffers=False)
         self.ema.requires_grad_(False)
         self.schedule = NoiseSchedule(schedule, timesteps)
         self.optimizer = optimizer
+        self._compiled = False
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The EMA denoiser's eps prediction, the one sampling uses."""
         return self.ema.module(x_t, t, y)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile:
+            self.compile_denoisers(self.trainer.strategy.root_device)
+
+    def compile_denoisers(self, device: torch.device) -> None:
+        """torch.compile the training and the EMA denoiser for `device` (once; nothing when it cannot run there)."""
+        if not self._compiled:
+            self._compiled = compile_modules([self.net, self.ema.module], device)
+
+    @contextmanager
+    def sampling(self, precision: str = "32-true", ema: bool = True) -> Iterator[nn.Module]:
+        """The denoiser to sample with (the EMA one, or the training one) in eval mode, with gradients off and
+        autocast for a mixed `precision` ("bf16-mixed"); back in its former mode afterwards."""
+        model = self.ema.module if ema else self.net
+        was_training = model.training
+        model.eval()
+        try:
+            with grad_off(self.hparams.inference_mode), autocast(self.device, precision):
+                yield model
+        finally:
+            model.train(was_training)
 
     def diffusion_loss(
         self, net: nn.Module, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None

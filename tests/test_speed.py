@@ -1,0 +1,106 @@
+"""Each fast path gives the plain path's losses and samples, within a stated tolerance."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_lit import speed
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.sampling import ddim_sample
+from diffusion_lit.speed import autocast
+
+from conftest import tiny_unet, write_image_folder
+from test_cli import REPO, cli
+
+
+def module(**kwargs) -> DiffusionModule:
+    torch.manual_seed(0)  # the same initial weights for every variant
+    return DiffusionModule(net=tiny_unet, image_size=8, channels=1, schedule="cosine", **kwargs)
+
+
+def losses_and_samples(m: DiffusionModule, precision: str = "32-true", steps: int = 3) -> tuple[list[float], torch.Tensor]:
+    """Losses of `steps` Adam steps on a fixed batch (fixed t and noise), then 10-step DDIM samples from the EMA."""
+    x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    optimizer = torch.optim.Adam(m.net.parameters(), lr=1e-3)
+    losses = []
+    for step in range(steps):
+        with autocast(torch.device("cpu"), precision):
+            loss = m.diffusion_loss(m.net, x0, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        m.ema.update_parameters(m.net)
+        losses.append(loss.item())
+    x_T = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with m.sampling(precision) as model:
+        return losses, ddim_sample(model, m.schedule, x_T, steps=10)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return losses_and_samples(module())
+
+
+def test_channels_last_matches_plain(plain):
+    m = module(channels_last=True)
+    weights = [p for p in list(m.net.parameters()) + list(m.ema.module.parameters()) if p.ndim == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    losses, samples = losses_and_samples(m)
+    # Only the order of the floating-point sums differs.
+    assert losses == pytest.approx(plain[0], rel=1e-5)
+    assert torch.allclose(samples, plain[1], atol=1e-4)
+
+
+def test_bf16_autocast_matches_plain(plain):
+    losses, samples = losses_and_samples(module(), precision="bf16-mixed")
+    # bf16 keeps 8 bits of mantissa: about 2-3 significant digits per operation.
+    assert losses == pytest.approx(plain[0], rel=2e-2)
+    assert (samples - plain[1]).abs().mean() < 0.02 and (samples - plain[1]).abs().max() < 0.15
+    assert not torch.equal(samples, plain[1])  # autocast did change the arithmetic
+
+
+def test_inference_mode_matches_no_grad(plain):
+    m = module(inference_mode=False)
+    losses, samples = losses_and_samples(m)
+    assert losses == plain[0] and torch.equal(samples, plain[1])  # bit for bit
+    assert plain[1].is_inference() and not samples.is_inference()
+
+
+def test_compile_matches_plain(plain):
+    m = module(compile=True)
+    m.compile_denoisers(torch.device("cpu"))
+    if speed.compile_failure("cpu"):
+        pytest.skip(f"torch.compile cannot run here: {speed.compile_failure('cpu')}")
+    losses, samples = losses_and_samples(m, steps=2)
+    # Inductor fuses and reorders floating-point operations.
+    assert losses == pytest.approx(plain[0][:2], rel=1e-4)
+    assert torch.allclose(samples, losses_and_samples(module(), steps=2)[1], atol=1e-3)
+
+
+def test_compile_falls_back_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(speed, "compile_failure", lambda device_type: "InvalidCxxCompiler: no working C++ compiler")
+    m = module(compile=True)
+    m.compile_denoisers(torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unavailable" in err and "running uncompiled" in err
+    assert m.net._compiled_call_impl is None  # left as it was
+
+
+def test_fast_paths_from_the_command_line(tmp_path):
+    """bf16 training with channels_last through `fit` (its end-of-training grid included), then bf16 sampling."""
+    images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)
+    run = cli(
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+        "--trainer.precision", "bf16-mixed", "--model.channels_last", "true",
+    )
+    assert run.returncode == 0, run.stderr
+    ckpt = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["channels_last"] is True
+    outs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        done = cli("sample", "--ckpt_path", ckpt, "--num_samples", 4, "--steps", 5, "--precision", precision,
+                   "--out", tmp_path / f"{precision}.npz")
+        assert done.returncode == 0, done.stderr
+        outs[precision] = np.load(tmp_path / f"{precision}.npz")["arr_0"].astype(int)
+    assert np.abs(outs["32-true"] - outs["bf16-mixed"]).mean() < 5  # of 255

@@ -9,7 +9,8 @@ built to the same plan (within 10% of our parameter count), on the same batch, d
 Training is one optimizer step as `fit` takes it (draw t and noise, the loss, backward, Adam, the EMA update;
 gradient clipping left out); sampling times a few denoising steps of DDIM and of DDPM and extrapolates to 50 DDIM
 steps and T DDPM steps (each step is one network call, so the cost per step does not depend on the count). Every
-number is the median of --repeats timed runs after --warmup untimed ones. Each (config, network) pair runs in its
+number is the median of --repeats timed runs after --warmup untimed ones. Class-conditional configs are timed
+without their class embedding (a negligible share of the work). Each (config, network) pair runs in its
 own process, so the peak memory (RSS on the CPU, the most allocated on a GPU) is its own. Prints a table, then one
 JSON line.
 """
@@ -74,11 +75,12 @@ def diffusers_twin(unet_args: dict, in_channels: int, image_size: int) -> nn.Mod
     return DiffusersEps(unet)
 
 
-def build(cfg: dict, network: str, channels_last: bool, compile: bool) -> tuple[DiffusionModule, int]:
-    """A config's DiffusionModule (unconditional), with our network or the diffusers one; and its batch size."""
+def build(cfg: dict, network: str, **switches) -> tuple[DiffusionModule, int]:
+    """A config's DiffusionModule, unconditional, with our network or the diffusers one and the fast-path `switches`
+    (channels_last=True, ...); and the config's batch size."""
     data = DiffusionDataModule(**cfg.get("data", {}))
-    model_cfg = cfg.get("model", {}) | {"image_size": data.image_size, "channels": data.channels, "conditional": False,
-                                        "channels_last": channels_last, "compile": compile}
+    model_cfg = cfg.get("model", {}) | {"image_size": data.image_size, "channels": data.channels, "conditional": False}
+    model_cfg |= switches
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DiffusionModule, "model")
     module = parser.instantiate_classes(parser.parse_object({"model": model_cfg})).model
@@ -91,12 +93,11 @@ def build(cfg: dict, network: str, channels_last: bool, compile: bool) -> tuple[
     return module, data.hparams.batch_size
 
 
-def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of `repeats` calls of fn after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of `repeats` calls of fn after `warmup` more, and the seconds of the first call (with
+    torch.compile: the compilation)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(warmup + repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -104,7 +105,7 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times[warmup:]), times[0]
 
 
 def peak_memory(device: torch.device) -> float:
@@ -118,7 +119,8 @@ def measure(args, cfg: dict) -> dict:
     """One (config, network) pair in this process."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    module, batch_size = build(cfg, args.network, args.channels_last, args.compile)
+    module, batch_size = build(cfg, args.network, channels_last=args.channels_last, compile=args.compile,
+                               inference_mode=not args.no_inference_mode)
     batch_size = args.batch_size or batch_size
     module.to(device)
     if args.compile:
@@ -137,7 +139,7 @@ def measure(args, cfg: dict) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_s = timed(train_step, device, args.warmup, args.repeats)
+    train_s, first_train_s = timed(train_step, device, args.warmup, args.repeats)
     train_memory = peak_memory(device)
 
     k = args.sample_steps
@@ -146,19 +148,22 @@ def measure(args, cfg: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with module.sampling(args.precision) as model:
-        ddim_s = timed(lambda: ddim_sample(model, module.schedule, x_T, steps=k), device, args.warmup, args.repeats) / k
-        ddpm_s = timed(lambda: ddpm_sample(model, few_ddpm_steps, x_T), device, args.warmup, args.repeats) / k
+        ddim_s, first_ddim_s = timed(lambda: ddim_sample(model, module.schedule, x_T, steps=k), device, args.warmup,
+                                     args.repeats)
+        ddpm_s, _ = timed(lambda: ddpm_sample(model, few_ddpm_steps, x_T), device, args.warmup, args.repeats)
     return {
         "config": args.config,
         "network": args.network,
         "params": sum(p.numel() for p in module.net.parameters()),
         "batch_size": batch_size,
         "train_img_s": batch_size / train_s,
-        "ddim50_img_s": batch_size / (50 * ddim_s),
-        "ddpm_img_s": batch_size / (hp.timesteps * ddpm_s),
+        "ddim50_img_s": batch_size / (50 * ddim_s / k),
+        "ddpm_img_s": batch_size / (hp.timesteps * ddpm_s / k),
         "ddpm_steps": hp.timesteps,
         "peak_train_mib": train_memory,
         "peak_sample_mib": peak_memory(device),
+        "first_train_step_s": first_train_s,  # with --compile: the compilation
+        "first_ddim_run_s": first_ddim_s,
     }
 
 
@@ -187,7 +192,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, help="default: each config's data.batch_size (--quick: 16)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--channels_last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both networks (compile time excluded)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both networks (the compilation shows in first_*_s, not in the medians)")
+    parser.add_argument("--no_inference_mode", action="store_true", help="sample under torch.no_grad instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (more with --compile)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -211,15 +218,16 @@ def main() -> None:
                      "--sample_steps", str(args.sample_steps)]
             child += ["--batch_size", str(args.batch_size)] if args.batch_size else []
             child += ["--channels_last"] * args.channels_last + ["--compile"] * args.compile
+            child += ["--no_inference_mode"] * args.no_inference_mode
             done = subprocess.run(child, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{config} / {network} failed:\n{done.stderr.strip()[-2000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"measured {config} / {network}", file=sys.stderr)
     settings = {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
-                "compile": args.compile, "threads": torch.get_num_threads()}
-    print(f"{args.device}, {args.precision}, channels_last={args.channels_last}, compile={args.compile}, "
-          f"{settings['threads']} threads; median of {args.repeats} after {args.warmup} warm-up")
+                "compile": args.compile, "inference_mode": not args.no_inference_mode,
+                "threads": torch.get_num_threads()}
+    print(", ".join(f"{k}={v}" for k, v in settings.items()) + f"; median of {args.repeats} after {args.warmup} warm-up")
     print(table(rows, args.device))
     print(json.dumps({**settings, "results": rows}))
 

@@ -1,13 +1,13 @@
 """A small CNN digit classifier, trained on the shipped MNIST digits, to judge generated digits.
 
     python benchmarks/digit_classifier.py train          # writes benchmarks/digit_classifier.pt (not committed)
-    python benchmarks/digit_classifier.py score --ckpt_path runs/mnist_cpu/checkpoints/last.ckpt
-    python benchmarks/digit_classifier.py score --ckpt_path runs/mnist_cond/checkpoints/last.ckpt --guidance 0,1,3
+    python benchmarks/digit_classifier.py score --ckpt_path runs/mnist_cpu/checkpoints/last.ckpt --guidance 1.25 --eta 1
+    python benchmarks/digit_classifier.py score --ckpt_path runs/mnist_cond/checkpoints/last.ckpt --guidance 1,1.25
 
-`score` samples a checkpoint with DDIM (--steps) and classifies the samples, then prints one JSON line.
-An unconditional model: the share of --num_samples samples classified with confidence above 0.9, and a histogram of
-the digits they were classified as. A conditional one: per guidance scale, the share of --per_class samples of every
-class that the classifier assigns to the requested class (and the share it does so with confidence above 0.9).
+`score` draws --num_samples samples from a checkpoint with DDIM (--steps, --eta) and prints the share that the
+classifier assigns to some digit with confidence above 0.9, with a histogram of those digits. For a conditional
+model it does so per guidance scale, with the labels balanced over the classes, and also prints the share
+classified as the requested digit. Then one JSON line.
 """
 
 import argparse
@@ -85,54 +85,38 @@ def histogram(counts: list[int]) -> str:
     return "\n".join(f"  {c} |{'#' * round(40 * n / top):<40} {n}" for c, n in enumerate(counts))
 
 
-def score_conditional(module, net, guidance: list[float], per_class: int, steps: int, seed: int, precision: str) -> dict:
-    """Per guidance scale: the share of samples classified as the class they were drawn for."""
-    labels = torch.arange(module.num_classes).repeat_interleave(per_class)
-    results = {"per_class": per_class}
-    for w in guidance:
-        start = time.time()
-        images = generate_images(module, len(labels), seed, 250, labels=labels, guidance_scale=w, steps=steps,
-                                 precision=precision)
-        with torch.no_grad():
-            confidence, predicted = net(images).softmax(1).max(1)
-        hit = predicted == labels
-        r = results[f"w={w:g}"] = {
-            "requested_class_share": hit.float().mean().item(),
-            "confident_requested_share": (hit & (confidence > 0.9)).float().mean().item(),
-            "per_class": [round(hit[labels == c].float().mean().item(), 2) for c in range(module.num_classes)],
-            "seconds": round(time.time() - start, 1),
-        }
-        print(f"w = {w:g}: {r['requested_class_share']:.1%} classified as the requested digit "
-              f"({r['confident_requested_share']:.1%} with confidence > 0.9); per class {r['per_class']}")
-    return results
-
-
-def score_unconditional(module, net, num_samples: int, steps: int, seed: int, precision: str, grid: str | None) -> dict:
-    """The share of samples the classifier calls some digit with confidence above 0.9, and which digits they are."""
-    start = time.time()
-    images = generate_images(module, num_samples, seed, 250, steps=steps, precision=precision)
-    with torch.no_grad():
-        confidence, predicted = net(images).softmax(1).max(1)
-    confident = confidence > 0.9
-    counts = torch.bincount(predicted[confident], minlength=10).tolist()
-    share = confident.float().mean().item()
-    print(f"{share:.1%} of {num_samples} samples classified with confidence > 0.9; confident ones per class:")
-    print(histogram(counts))
-    if grid:
-        print(f"wrote the first 64 samples to {save_images(images[:64], grid)}")
-    return {"num_samples": num_samples, "confident_share": share, "confident_per_class": counts,
-            "seconds": round(time.time() - start, 1)}
-
-
-def score(ckpt_path: str, guidance: list[float], per_class: int, num_samples: int, steps: int, seed: int,
-          precision: str, grid: str | None) -> None:
+def score(ckpt_path: str, guidance: list[float], num_samples: int, steps: int, eta: float, seed: int, precision: str,
+          grid: str | None) -> None:
     module, checkpoint = load_checkpoint(ckpt_path)
     net = classifier()
-    results = {"ckpt_path": ckpt_path, "global_step": checkpoint["global_step"], "steps": steps, "seed": seed}
-    if module.num_classes:
-        results |= score_conditional(module, net, guidance, per_class, steps, seed, precision)
-    else:
-        results |= score_unconditional(module, net, num_samples, steps, seed, precision, grid)
+    classes = module.num_classes
+    labels = torch.arange(num_samples) % classes if classes else None  # balanced, as `sample --labels all`
+    results = {"ckpt_path": ckpt_path, "global_step": checkpoint["global_step"], "num_samples": num_samples,
+               "steps": steps, "eta": eta, "seed": seed, "precision": precision}
+    for w in guidance if classes else [1.0]:
+        start = time.time()
+        images = generate_images(module, num_samples, seed, 250, precision=precision, labels=labels, guidance_scale=w,
+                                 steps=steps, eta=eta)
+        with torch.no_grad():
+            confidence, predicted = net(images).softmax(1).max(1)
+        confident = confidence > 0.9
+        r = {"confident_share": confident.float().mean().item(),
+             "confident_per_class": torch.bincount(predicted[confident], minlength=10).tolist()}
+        head = f"w = {w:g}: " if classes else ""
+        print(f"{head}{r['confident_share']:.1%} of {num_samples} samples classified with confidence > 0.9; "
+              "those per digit:")
+        print(histogram(r["confident_per_class"]))
+        if classes:
+            hit = predicted == labels
+            r |= {"requested_share": hit.float().mean().item(),
+                  "confident_requested_share": (hit & confident).float().mean().item(),
+                  "requested_share_per_class": [round(hit[labels == c].float().mean().item(), 3) for c in range(classes)]}
+            print(f"{head}{r['requested_share']:.1%} classified as the requested digit "
+                  f"({r['confident_requested_share']:.1%} with confidence > 0.9); per digit {r['requested_share_per_class']}")
+        results[f"w={w:g}" if classes else "unconditional"] = r | {"seconds": round(time.time() - start, 1)}
+        if grid:
+            print(f"wrote the first 64 samples to {save_images(images[:64], grid)}")
+            grid = None  # of the first guidance scale only
     print(json.dumps(results))
 
 
@@ -145,17 +129,17 @@ if __name__ == "__main__":
     t.add_argument("--seed", type=int, default=0)
     s = commands.add_parser("score", help="classify samples of a checkpoint")
     s.add_argument("--ckpt_path", required=True)
-    s.add_argument("--guidance", default="0,1,3", help="conditional models: guidance scales, comma-separated")
-    s.add_argument("--per_class", type=int, default=100, help="conditional models: samples per class and scale")
-    s.add_argument("--num_samples", type=int, default=1000, help="unconditional models: samples")
+    s.add_argument("--guidance", default="1", help="conditional models: guidance scales, comma-separated")
+    s.add_argument("--num_samples", type=int, default=1000, help="samples per guidance scale (balanced over classes)")
     s.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--precision", default="bf16-mixed", help="sampling precision: 32-true or bf16-mixed")
-    s.add_argument("--grid", help="unconditional models: save the first 64 samples as this PNG grid")
+    s.add_argument("--grid", help="save the first 64 samples (of the first guidance scale) as this PNG grid")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.command == "train":
         train(args.data, args.epochs, args.seed)
     else:
-        score(args.ckpt_path, [float(w) for w in args.guidance.split(",")], args.per_class, args.num_samples, args.steps,
+        score(args.ckpt_path, [float(w) for w in args.guidance.split(",")], args.num_samples, args.steps, args.eta,
               args.seed, args.precision, args.grid)

@@ -24,8 +24,8 @@ def config(name: str, tmp_path) -> dict:
 
 @pytest.mark.parametrize("name", ["mnist.yaml", "cifar10.yaml", "mnist_cpu.yaml"])
 def test_diffusers_twin_is_within_ten_percent_of_ours(name, tmp_path):
-    ours, batch_size = bench.build(config(name, tmp_path), "ours", False, False)
-    theirs, _ = bench.build(config(name, tmp_path), "diffusers", False, False)
+    ours, batch_size = bench.build(config(name, tmp_path), "ours")
+    theirs, _ = bench.build(config(name, tmp_path), "diffusers")
     n_ours, n_theirs = (sum(p.numel() for p in m.net.parameters()) for m in (ours, theirs))
     assert 0.9 < n_ours / n_theirs < 1.1, (n_ours, n_theirs)
     hp = ours.hparams
@@ -37,10 +37,11 @@ def test_diffusers_twin_is_within_ten_percent_of_ours(name, tmp_path):
 
 def test_one_measurement_reports_every_number(tmp_path):
     args = Namespace(config="configs/tiny_cpu.yaml", network="diffusers", device="cpu", batch_size=2,
-                     precision="32-true", channels_last=False, compile=False, warmup=0, repeats=1, sample_steps=1)
+                     precision="32-true", channels_last=False, compile=False, no_inference_mode=False, warmup=0, repeats=1,
+                     sample_steps=1)
     result = bench.measure(args, config("tiny_cpu.yaml", tmp_path))
     assert result["batch_size"] == 2 and result["ddpm_steps"] == 1000
-    for key in ("train_img_s", "ddim50_img_s", "ddpm_img_s", "peak_train_mib", "peak_sample_mib"):
+    for key in ("train_img_s", "ddim50_img_s", "ddpm_img_s", "peak_train_mib", "peak_sample_mib", "first_train_step_s"):
         assert result[key] > 0, key
     # DDPM takes 1000 steps to DDIM's 50, each one network call: about 20 times slower per image.
     assert 5 < result["ddim50_img_s"] / result["ddpm_img_s"] < 80

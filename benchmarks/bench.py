@@ -2,7 +2,7 @@
 built to the same plan (within 10% of our parameter count), on the same batch, dtype and device.
 
     pip install -e ".[bench]" -c constraints.txt
-    python benchmarks/bench.py --quick                 # about a minute on 2 CPU cores
+    python benchmarks/bench.py --quick                 # under a minute on 2 CPU cores
     python benchmarks/bench.py                         # configs/mnist.yaml and configs/cifar10.yaml
     python benchmarks/bench.py --configs configs/mnist_cpu.yaml --precision bf16-mixed --channels_last
 
@@ -189,7 +189,7 @@ def table(rows: list[dict], device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["configs/mnist.yaml", "configs/cifar10.yaml"])
-    parser.add_argument("--batch_size", type=int, help="default: each config's data.batch_size (--quick: 16)")
+    parser.add_argument("--batch_size", type=int, help="default: each config's data.batch_size (--quick: 8)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true",
@@ -199,13 +199,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (more with --compile)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sample_steps", type=int, default=10, help="denoising steps timed per sampling run")
-    parser.add_argument("--quick", action="store_true", help="batch 16, 1 warm-up, 3 repeats, 3 denoising steps")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 2 repeats, 1 denoising step")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # set in the child processes
     parser.add_argument("--network", choices=NETWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.batch_size = args.batch_size or 16
-        args.warmup, args.repeats, args.sample_steps = 1, 3, 3
+        args.batch_size = args.batch_size or 8
+        args.warmup, args.repeats, args.sample_steps = 1, 2, 1
     if args.network:  # a child: one measurement, one JSON line
         print(json.dumps(measure(args, yaml.safe_load(Path(args.config).read_text()))))
         return

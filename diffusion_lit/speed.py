@@ -1,5 +1,5 @@
 """Fast paths, each a switch that leaves the results the same (within rounding): torch.compile, bf16 autocast,
-and a grad-free mode for sampling. channels_last is a one-liner in the module."""
+and a grad-free mode for sampling. The channels_last switch lives in the module (weights and a pre-hook)."""
 
 import sys
 from contextlib import AbstractContextManager

@@ -83,8 +83,8 @@ class SampleGrid(Callback):
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         x_T = torch.randn((n, hp.channels, hp.image_size, hp.image_size), generator=generator, device=pl_module.device)
         with pl_module.sampling(trainer.precision) as model:
-            x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True, labels=labels,
-                               **self.sampler_kwargs)
+            x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True,
+                               labels=labels, **self.sampler_kwargs)
         experiment.add_image("samples/grid", grid(to_uint8(x), per_row), trainer.global_step)
         if self.denoising_strip:
             picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()

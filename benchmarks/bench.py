@@ -123,8 +123,7 @@ def measure(args, cfg: dict) -> dict:
                                inference_mode=not args.no_inference_mode)
     batch_size = args.batch_size or batch_size
     module.to(device)
-    if args.compile:
-        module.compile_denoisers(device)
+    module.compile_denoisers(device)
     optimizer = module.configure_optimizers()["optimizer"]
     hp = module.hparams
     x0 = torch.rand(batch_size, hp.channels, hp.image_size, hp.image_size, device=device) * 2 - 1

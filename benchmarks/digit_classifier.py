@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from diffusion_lit.commands import generate_images, load_checkpoint
+from diffusion_lit.commands import generate_images, load_checkpoint, parse_labels
 from diffusion_lit.data import ImageFolder
 from diffusion_lit.images import save_images
 
@@ -90,7 +90,7 @@ def score(ckpt_path: str, guidance: list[float], num_samples: int, steps: int, e
     module, checkpoint = load_checkpoint(ckpt_path)
     net = classifier()
     classes = module.num_classes
-    labels = torch.arange(num_samples) % classes if classes else None  # balanced, as `sample --labels all`
+    labels = parse_labels("all", num_samples, classes) if classes else None  # balanced over the classes
     results = {"ckpt_path": ckpt_path, "global_step": checkpoint["global_step"], "num_samples": num_samples,
                "steps": steps, "eta": eta, "seed": seed, "precision": precision}
     for w in guidance if classes else [1.0]:

@@ -42,8 +42,7 @@ def load_checkpoint(ckpt_path: str) -> tuple[DiffusionModule, dict]:
             f"{path} could not be loaded as a diffusion_lit checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
     device = _device()
-    if module.hparams.compile:
-        module.compile_denoisers(device)
+    module.compile_denoisers(device)
     return module.to(device).eval(), checkpoint
 
 

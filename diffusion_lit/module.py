@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import NoiseSchedule, ScheduleKind
 from diffusion_lit.speed import autocast, compile_modules, grad_off
-from diffusion_lit.unet import UNet
+from diffusion_lit.unet import UNet, null_labels
 
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> eps = net(x_t, t, y)
 
@@ -101,12 +101,12 @@ class DiffusionModule(LightningModule):
         return self.ema.module(x_t, t, y)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.compile:
-            self.compile_denoisers(self.trainer.strategy.root_device)
+        self.compile_denoisers(self.trainer.strategy.root_device)
 
     def compile_denoisers(self, device: torch.device) -> None:
-        """torch.compile the training and the EMA denoiser for `device` (once; nothing when it cannot run there)."""
-        if not self._compiled:
+        """With `compile` on, torch.compile the training and the EMA denoiser for `device` (once; nothing when it
+        cannot run there)."""
+        if self.hparams.compile and not self._compiled:
             self._compiled = compile_modules([self.net, self.ema.module], device)
 
     @contextmanager
@@ -133,7 +133,7 @@ class DiffusionModule(LightningModule):
     def drop_labels(self, y: Tensor) -> Tensor:
         """Each label replaced by the null class (index num_classes) with probability p_uncond."""
         drop = torch.rand(y.shape, device=y.device) < self.hparams.p_uncond
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return torch.where(drop, null_labels(self.num_classes, y), y)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0, y = batch[0], (self.drop_labels(batch[1]) if self.num_classes else None)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import NoiseSchedule, gather
+from diffusion_lit.unet import null_labels
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 Variance = Literal["posterior", "beta"]
@@ -133,7 +134,7 @@ def guided(net: nn.Module, y: Tensor, guidance_scale: float) -> EpsModel:
     eps = eps_uncond + w (eps_cond - eps_uncond), with the conditional and the unconditional ("null" label) passes
     batched into one call of the network. w = 1 is plain conditional sampling, w = 0 unconditional.
     """
-    null = torch.full_like(y, net.num_classes)
+    null = null_labels(net.num_classes, y)
 
     def eps(x_t: Tensor, t: Tensor) -> Tensor:
         if guidance_scale in (0.0, 1.0):  # one of the two passes alone is the answer: half the work

@@ -19,7 +19,8 @@ def compile_failure(device_type: str) -> str | None:
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device_type))
     except Exception as err:  # the failure differs by platform: RuntimeError, BackendCompilerFailed, ...
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return f"{type(err).__name__}: {first_line}"
     return None
 
 

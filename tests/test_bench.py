@@ -24,15 +24,16 @@ def config(name: str, tmp_path) -> dict:
 
 @pytest.mark.parametrize("name", ["mnist.yaml", "cifar10.yaml", "mnist_cpu.yaml"])
 def test_diffusers_twin_is_within_ten_percent_of_ours(name, tmp_path):
-    ours, batch_size = bench.build(config(name, tmp_path), "ours")
-    theirs, _ = bench.build(config(name, tmp_path), "diffusers")
+    cfg = config(name, tmp_path)
+    ours, batch_size = bench.build(cfg, "ours")
+    theirs, _ = bench.build(cfg, "diffusers")
     n_ours, n_theirs = (sum(p.numel() for p in m.net.parameters()) for m in (ours, theirs))
     assert 0.9 < n_ours / n_theirs < 1.1, (n_ours, n_theirs)
     hp = ours.hparams
     x = torch.randn(2, hp.channels, hp.image_size, hp.image_size)
     t = torch.tensor([0, 999])
     assert theirs.net(x, t).shape == ours.net(x, t).shape == x.shape
-    assert batch_size == config(name, tmp_path)["data"]["batch_size"]
+    assert batch_size == cfg["data"]["batch_size"]
 
 
 def test_one_measurement_reports_every_number(tmp_path):

@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, say
 from diffusion_lit.images import grid, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
@@ -19,13 +19,25 @@ from diffusion_lit.metrics import (
     reference_cache_path,
     save_features,
 )
-from diffusion_lit.sampling import Sampler, generate, sample
+from diffusion_lit.sampling import Sampler, check_ddim, generate, sample
 
 
 def _due(trainer, every_n_steps: int, last_step: int) -> bool:
     """True once per optimizer step that is a multiple of every_n_steps (not on each accumulated micro-batch)."""
     step = trainer.global_step
     return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and step != last_step
+
+
+def checked(sampler_kwargs: dict, pl_module, callback: str) -> dict:
+    """A callback's sampler settings, checked against the model when fit starts rather than at the first grid: bad
+    DDIM settings stop before the first step, and a guidance scale for an unconditional model is dropped, said once."""
+    if sampler_kwargs["sampler"] == "ddim":
+        check_ddim(pl_module.schedule, sampler_kwargs["steps"], sampler_kwargs["eta"])
+    if not pl_module.num_classes and sampler_kwargs["guidance_scale"] != 1.0:
+        say(f"{callback}: guidance_scale {sampler_kwargs['guidance_scale']} is ignored, since this model is "
+            "unconditional (model.conditional is false or the data has no labels)")
+        return {**sampler_kwargs, "guidance_scale": 1.0}
+    return sampler_kwargs
 
 
 class SampleGrid(Callback):
@@ -59,6 +71,9 @@ class SampleGrid(Callback):
         self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
         self.denoising_strip = denoising_strip
         self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.sampler_kwargs = checked(self.sampler_kwargs, pl_module, "SampleGrid")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if _due(trainer, self.every_n_steps, self._last_step):
@@ -143,6 +158,7 @@ class FID(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self.features is not None:
             return
+        self.sampler_kwargs = checked(self.sampler_kwargs, pl_module, "FID")
         try:
             self.features = ImageFeatures(self.feature_extractor, self.weights_path)
         except UserError:

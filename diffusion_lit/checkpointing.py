@@ -1,15 +1,27 @@
-"""Checkpoints that survive a kill at any moment, and that always include the last step."""
+"""Checkpoints that survive a kill at any moment, a full disk and SIGTERM, and the one-writer lock of a run folder."""
 
+import errno
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from diffusion_lit.errors import UserError, reason
+
+SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what shells and schedulers expect of a process ended by SIGTERM
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes last.ckpt when training ends between two periodic saves.
+    """ModelCheckpoint that also writes last.ckpt when training ends between two periodic saves, or is stopped by
+    SIGTERM (after finishing its current step).
 
     Lightning's own writes last.ckpt at the end only if it never saved before, so a run of 7 steps saving every 3
     would end with last.ckpt at step 6 and lose its final step.
@@ -19,22 +31,97 @@ class Checkpoint(ModelCheckpoint):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if trainer.is_global_zero:
+            print(
+                f"stopped by SIGTERM at step {trainer.global_step}: saved {Path(self.dirpath) / 'last.ckpt'}; "
+                "run the same command with --ckpt_path last to continue",
+                file=sys.stderr,
+            )
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it, syncs it to disk, then renames it into place.
+    """Writes each checkpoint to a temporary file beside it (named by process), syncs it to disk, then renames it
+    into place.
 
     A process killed while saving leaves the previous checkpoint intact (a rename within one folder is atomic),
-    never a truncated file under the checkpoint's name.
+    never a truncated file under the checkpoint's name. A failed write (a full disk) removes its temporary file and
+    stops training with one message.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):  # remote storage: fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            full = " the disk is full:" if err.errno == errno.ENOSPC else ""
+            raise UserError(
+                f"could not write the checkpoint {path} ({reason(err)});{full} make room, then resume with "
+                "--ckpt_path last (it takes the newest complete checkpoint)"
+            ) from None
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The readable checkpoint of the highest step in a folder (last.ckpt on a tie), or None."""
+    best, best_key = None, None
+    for path in ckpt_dir.glob("*.ckpt"):
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        except Exception:  # truncated or foreign: not a candidate
+            continue
+        key = (step, path.name == "last.ckpt")
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
+
+
+def remove_stale_temporaries(ckpt_dir: Path) -> None:
+    """Temporary files of saves that never finished (a killed process); call only while holding the run's lock."""
+    for tmp in ckpt_dir.glob(".*.ckpt.*tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def run_lock(log_dir: Path) -> Iterator[None]:
+    """Holds `<run>.lock` beside the run folder while the block runs (the operating system also lets go of it when
+    the process ends, however it ends), or stops at once when another process holds it. Only rank zero locks."""
+    if rank_zero_only.rank != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
+        yield
+        return
+    lock_path = log_dir.with_name(f"{log_dir.name}.lock")
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = f" (process {int(lock_path.read_text())})"
+        except (OSError, ValueError):
+            holder = ""
+        raise UserError(
+            f"{log_dir} is in use by another fit{holder}: one run folder takes one writer. Wait for it to end, or "
+            "train under another name with --trainer.logger.init_args.name NAME"
+        ) from None
+    except OSError as err:
+        raise UserError(
+            f"cannot create the run folder {log_dir} ({reason(err)}): give a writable place with "
+            "--trainer.logger.init_args.save_dir DIR"
+        ) from None
+    try:
+        lock_path.write_text(str(os.getpid()))  # filelock opens without truncating, so a contender cannot erase this
+        yield
+    finally:
+        lock.release()

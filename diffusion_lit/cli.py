@@ -6,15 +6,23 @@ import warnings
 from pathlib import Path
 
 import torch
-from jsonargparse import auto_cli
+from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from diffusion_lit.checkpointing import Checkpoint
+from diffusion_lit.checkpointing import (
+    SIGTERM_EXIT_STATUS,
+    Checkpoint,
+    run_lock,
+    newest_checkpoint,
+    remove_stale_temporaries,
+)
 from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, reason
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.trust import check_hparams, class_paths, parse_trusted
 
 # Runs live in runs/<name>/ (no version_N folders), checkpoints in runs/<name>/checkpoints/,
 # so `--ckpt_path last` finds the run's latest checkpoint and TensorBoard curves continue in place.
@@ -36,11 +44,31 @@ CHECKPOINT_DEFAULTS = {
 }
 
 
+class QuietUsage:
+    """Parser errors print the error line (and a tip to run --help), not the whole usage above it."""
+
+    def print_usage(self, file=None) -> None:
+        pass
+
+
+class Parser(QuietUsage, LightningArgumentParser):
+    pass
+
+
+class CommandParser(QuietUsage, ArgumentParser):
+    pass
+
+
 class DiffusionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--fresh_run", type=bool, default=False,
             help="Start a new run where an earlier one left checkpoints; the earlier run's folder is kept, renamed.",
+        )
+        parser.add_argument(
+            "--trust_class", type=str | None, default=None,
+            help="Your own network or optimizer classes that a --ckpt_path file may name (import paths, separated by "
+            "commas); the classes your config names are trusted too.",
         )
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
@@ -49,17 +77,28 @@ class DiffusionCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of a --ckpt_path file here, before any hook: check the file first.
+        # LightningCLI reads the hyperparameters of a --ckpt_path file here, before any hook, and builds the classes
+        # they name: check the file, and those names, first.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            check_checkpoint(Path(ckpt_path))
+            config = self.config[subcommand]
+            named = [name for _, name in class_paths(config.model.as_dict())]  # what the user's own config names
+            check_checkpoint(Path(ckpt_path), [*parse_trusted(config.get("trust_class")), *named])
         super()._parse_ckpt_path()
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "fit":
+            return super()._run_subcommand(subcommand)
+        with run_lock(Path(self.trainer.log_dir)):  # from the checks in before_fit to the end of training
+            super()._run_subcommand(subcommand)
+
     def before_fit(self) -> None:
-        """Refuse to resume from nothing, and to start a fresh run on top of an earlier run's checkpoints."""
+        """Refuse to resume from nothing and to start a fresh run on top of an earlier run's
+        checkpoints, and resume `last` from the newest complete checkpoint."""
         ckpt_path = self.config.fit.ckpt_path
         ckpt_dir = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
+        remove_stale_temporaries(ckpt_dir)
         found = sorted(ckpt_dir.glob("*.ckpt"))
         if ckpt_path is None and found:
             if not self.config.fit.fresh_run:
@@ -69,17 +108,19 @@ class DiffusionCLI(LightningCLI):
                     "--trainer.logger.init_args.name NAME, or pass --fresh_run true to set the earlier run aside"
                 )
             self.set_aside(ckpt_dir)
-        if ckpt_path == "last" and not any(p.name.startswith("last") for p in found):
-            raise UserError(
-                f"--ckpt_path last: no last.ckpt in {ckpt_dir}, so there is nothing to resume. "
-                "Check the run's name (--trainer.logger.init_args.name), give a checkpoint file with --ckpt_path, "
-                "or leave --ckpt_path out to start a new run"
-            )
-        if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
-            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
         if ckpt_path == "last":
-            check_checkpoint(ckpt_dir / "last.ckpt")
-
+            newest = newest_checkpoint(ckpt_dir)
+            if newest is None:
+                raise UserError(
+                    f"--ckpt_path last: no complete checkpoint in {ckpt_dir}, so there is nothing to resume. "
+                    "Check the run's name (--trainer.logger.init_args.name), give a checkpoint file with --ckpt_path, "
+                    "or leave --ckpt_path out to start a new run"
+                )
+            check_checkpoint(newest, parse_trusted(self.config.fit.trust_class))
+            self.config_init.fit.ckpt_path = str(newest)  # what trainer.fit is given
+        elif ckpt_path not in (None, "best", "hpc", "registry") and not Path(ckpt_path).is_file():
+            what = "a folder, not a checkpoint file" if Path(ckpt_path).is_dir() else "no such checkpoint file"
+            raise UserError(f"--ckpt_path {ckpt_path}: {what}")
 
     def set_aside(self, ckpt_dir: Path) -> None:
         """Renames the earlier run's folder (or its checkpoint folder, when that lies elsewhere) to NAME.1, NAME.2, ..."""
@@ -92,18 +133,19 @@ class DiffusionCLI(LightningCLI):
         print(f"--fresh_run: the earlier run is kept in {kept}", file=sys.stderr)
 
 
-def check_checkpoint(path: Path) -> None:
-    """Opens a checkpoint without reading its tensors (memory-mapped), so a truncated or foreign file is a UserError."""
+def check_checkpoint(path: Path, trusted: list[str]) -> None:
+    """Opens a checkpoint without reading its tensors (memory-mapped): a truncated or foreign file, or one that names
+    classes that are not trusted (`diffusion_lit.trust`), is a UserError."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        reason = str(err).split(". ")[0]
         raise UserError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {reason}). "
+            f"{path} is not a readable checkpoint ({reason(err)}). "
             "Resume from another file in its folder (--ckpt_path FILE) or start a new run"
         ) from None
-    if "state_dict" not in checkpoint or "global_step" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise UserError(f"{path} is not a training checkpoint of diffusion_lit (no state_dict or global_step)")
+    check_hparams(checkpoint.get("hyper_parameters") or {}, trusted, str(path))
 
 
 COMMANDS = {"sample": sample, "evaluate": evaluate}  # beside LightningCLI's fit, validate, ...
@@ -116,15 +158,18 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
         if words and words[0] in COMMANDS:
-            auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False)
+            auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False, parser_class=CommandParser)
             return
         DiffusionCLI(
             DiffusionModule,
             DiffusionDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
+            parser_class=Parser,
             args=args,
         )
+    except SIGTERMException:  # the Checkpoint callback saved last.ckpt and said how to resume
+        sys.exit(SIGTERM_EXIT_STATUS)
     except (UserError, MisconfigurationException) as err:  # Lightning's: a bad Trainer setting
         if os.environ.get("DIFFUSION_LIT_DEBUG"):
             raise

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.errors import UserError
-from diffusion_lit.images import load_images, save_images, to_uint8
+from diffusion_lit.errors import UserError, reason
+from diffusion_lit.images import check_output, load_images, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
     compute,
@@ -22,25 +22,37 @@ from diffusion_lit.metrics import (
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sampling import Sampler, generate
 from diffusion_lit.speed import Precision
+from diffusion_lit.trust import check_hparams, parse_trusted
 
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_checkpoint(ckpt_path: str) -> tuple[DiffusionModule, dict]:
-    """The module (on the GPU when there is one, in eval mode) and the raw checkpoint dict of a `fit` run."""
+def load_checkpoint(ckpt_path: str, trusted: list[str] = ()) -> tuple[DiffusionModule, dict]:
+    """The module (on the GPU when there is one, in eval mode) and the raw checkpoint dict of a `fit` run.
+
+    The classes the checkpoint names are checked against `diffusion_lit.trust` before any is imported.
+    """
     path = Path(ckpt_path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.ckpt"))
+        hint = f", such as {path / found[-1]}" if found else ""
+        raise UserError(f"--ckpt_path {path} is a folder: give a checkpoint file in it{hint}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: give a .ckpt file written by `fit`")
     try:
-        # Tensors and plain values only: loading cannot run code from the file.
+        # Tensors and plain values only: reading cannot run code from the file.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise UserError(f"{path} is not a checkpoint written by diffusion_lit's `fit` (no hyperparameters in it)")
+    check_hparams(checkpoint["hyper_parameters"], trusted, str(path))
+    try:
         module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(
-            f"{path} could not be loaded as a diffusion_lit checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from None
+        raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
     device = _device()
     module.compile_denoisers(device)
     return module.to(device).eval(), checkpoint
@@ -87,6 +99,7 @@ def sample(
     clip_x0: bool = True,
     ema: bool = True,
     precision: Precision = "32-true",
+    trust_class: str | None = None,
 ) -> None:
     """Generate images from a checkpoint.
 
@@ -106,8 +119,11 @@ def sample(
         ema: sample with the EMA weights (the raw training weights otherwise).
         precision: ``bf16-mixed`` runs the network under bf16 autocast (faster on GPUs and on CPUs with bf16
             instructions; the images differ slightly from ``32-true``).
+        trust_class: your own network or optimizer classes that the checkpoint may name (import paths, separated
+            by commas); without, only diffusion_lit's networks and torch.optim's optimizers are built.
     """
-    module, _ = load_checkpoint(ckpt_path)
+    check_output(out)  # before the work, not after it
+    module, _ = load_checkpoint(ckpt_path, parse_trusted(trust_class))
     y = parse_labels(labels, num_samples, module.num_classes)
     images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, precision, labels=y,
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0)
@@ -130,6 +146,7 @@ def evaluate(
     feature_extractor: str = "inception",
     weights_path: str | None = None,
     cache_dir: str = "~/.cache/diffusion_lit/fid",
+    trust_class: str | None = None,
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images.
 
@@ -150,34 +167,48 @@ def evaluate(
         feature_extractor: ``inception`` (torch-fidelity's InceptionV3) or the import path of an nn.Module class.
         weights_path: a local file of the Inception weights, for machines without network access.
         cache_dir: where the reference features of a checkpoint's dataset are cached.
+        trust_class: your own network or optimizer classes that the checkpoint may name (see `sample`).
     """
     if (ckpt_path is None) == (samples is None):
         raise UserError("give exactly one of --ckpt_path (to generate images) and --samples (images to score)")
     if real is None and ckpt_path is None:
         raise UserError("give the reference images with --real DIR (or --ckpt_path, to use its training images)")
+    # Everything that can fail is checked before the images are generated.
+    real_images = load_images(real) if real is not None else None
+    fake_images = load_images(samples) if samples is not None else None
+    if ckpt_path is not None:
+        module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+        data = checkpoint_data(checkpoint) if real is None else None
+        hp = module.hparams
+        fake_shape = (hp.channels, hp.image_size, hp.image_size)
+    else:
+        fake_shape = tuple(fake_images.shape[1:])
+    real_shape = tuple(real_images.shape[1:]) if real is not None else (data.channels, data.image_size, data.image_size)
+    if fake_shape != real_shape:
+        raise UserError(
+            f"the samples are {shape_text(fake_shape)} and the real images {shape_text(real_shape)}: FID and KID "
+            "compare images of one size and colour mode; bring both to one shape first"
+        )
+
     try:
         features = ImageFeatures(feature_extractor, weights_path).to(_device())
     except UserError:
         raise
     except Exception as err:
         raise UserError(
-            f"the {feature_extractor} feature extractor could not be loaded ({type(err).__name__}: {err}); "
+            f"the {feature_extractor} feature extractor could not be loaded ({reason(err)}); "
             "without network access, give --weights_path FILE"
         ) from None
 
-    module = checkpoint = None
     if ckpt_path is not None:
-        module, checkpoint = load_checkpoint(ckpt_path)
         y = parse_labels("all", num_samples, module.num_classes) if module.num_classes else None
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
                                       guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta)
-    else:
-        fake_images = load_images(samples)
     fake = extract(features, fake_images, batch_size)
     if real is not None:
-        real_features = extract(features, load_images(real), batch_size)
+        real_features = extract(features, real_images, batch_size)
     else:
-        real_features = checkpoint_reference(features, checkpoint, num_real, batch_size, cache_dir)
+        real_features = checkpoint_reference(features, data, num_real, batch_size, cache_dir)
 
     fid, kid = (m.to(fake.device) for m in fid_and_kid(fake.shape[1], min(1000, len(fake), len(real_features))))
     for metric in (fid, kid):
@@ -186,14 +217,34 @@ def evaluate(
     print(json.dumps({**compute(fid, kid), "num_samples": len(fake)}))
 
 
-def checkpoint_reference(features: ImageFeatures, checkpoint: dict, num_real: int, batch_size: int,
-                         cache_dir: str) -> Tensor:
-    """Features of the training images of the run that wrote the checkpoint, cached as the FID callback does."""
+def shape_text(shape: tuple[int, int, int]) -> str:
+    """(1, 28, 28) -> '28x28 with 1 channel'."""
+    channels, height, width = shape
+    return f"{height}x{width} with {channels} channel{'s' if channels > 1 else ''}"
+
+
+def checkpoint_data(checkpoint: dict) -> DiffusionDataModule:
+    """The training images of the run that wrote the checkpoint, set up; a UserError when they are not found."""
     data_hparams = checkpoint.get("datamodule_hyper_parameters")
     if not data_hparams:
         raise UserError("the checkpoint does not say what it was trained on: give the reference images with --real DIR")
-    data = DiffusionDataModule(**{k: v for k, v in data_hparams.items() if not k.startswith("_")})  # no CLI keys
-    data.setup("fit")
+    data_hparams = {k: v for k, v in data_hparams.items() if not k.startswith("_")}  # no CLI keys
+    try:
+        data = DiffusionDataModule(**data_hparams)
+        data.setup("fit")
+    except UserError:
+        root = Path(data_hparams.get("root", "data"))
+        raise UserError(
+            f"the checkpoint was trained on {data_hparams.get('dataset')} images in {str(root)!r}, which from here is "
+            f"{root.resolve()} and holds no such images: run evaluate from the folder `fit` ran in, or give the "
+            "reference images with --real DIR"
+        ) from None
+    return data
+
+
+def checkpoint_reference(features: ImageFeatures, data: DiffusionDataModule, num_real: int, batch_size: int,
+                         cache_dir: str) -> Tensor:
+    """Features of the first num_real training images of a checkpoint's data, cached as the FID callback does."""
     path = reference_cache_path(cache_dir, features.name, data, num_real)
     if path.is_file():
         return load_features(path)

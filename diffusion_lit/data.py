@@ -1,5 +1,6 @@
 """One DataModule for MNIST, CIFAR-10 and any folder of images, all scaled to [-1, 1]."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -8,8 +9,9 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
+from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, reason, say
 
 DatasetName = Literal["mnist", "cifar10", "folder"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -19,42 +21,83 @@ TORCHVISION = {  # name -> (class, image size, channels, classes, files that mus
 }
 
 
-class ImageFolder(Dataset):
-    """Every image below `root`, labelled by its top-level sub-folder when all images lie in one, else 0."""
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
-    def __init__(self, root: str | Path, channels: int, transform=None) -> None:
-        self.root = Path(root)
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
+
+@dataclass
+class FolderIndex:
+    """The readable images below a folder, with their labels (the top-level sub-folder, when every image lies in
+    one; else 0), sizes and colour modes, found once before training so that a bad file stops nothing mid-run."""
+
+    root: Path
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+    sizes: list[tuple[int, int]]
+    modes: list[str]
+
+    @classmethod
+    def scan(cls, root: str | Path, skip_unreadable: bool = False) -> "FolderIndex":
+        """Opens every image file's header (a progress bar for large folders); unreadable files stop with one
+        message listing them, or are left out with a warning when `skip_unreadable`."""
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"image folder {root} does not exist: give an existing folder with --data.root")
+        candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files, sizes, modes, bad = [], [], [], []
+        for path in tqdm(candidates, f"checking the images in {root}", disable=len(candidates) < 2000, leave=False):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+                    modes.append(image.mode)
+                files.append(path)
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                bad.append(f"{path} ({reason(err)})")
+        if bad:
+            listing = f"{len(bad)} of {len(candidates)} image files in {root} cannot be read: {', '.join(bad[:3])}"
+            listing += ", ..." if len(bad) > 3 else ""
+            if not skip_unreadable:
+                raise UserError(f"{listing}. Remove or replace them, or pass --data.skip_unreadable true to leave them out")
+            say(f"{listing}; left out (--data.skip_unreadable)")
+        if not files:
             raise UserError(
-                f"no images found in {self.root}: point --data.root at a folder of image files "
+                f"no images found in {root}: point --data.root at a folder of image files "
                 f"({', '.join(sorted(IMAGE_SUFFIXES))}), optionally in one sub-folder per class"
             )
-        parts = [p.relative_to(self.root).parts for p in self.files]
-        self.classes = sorted({q[0] for q in parts}) if all(len(q) > 1 for q in parts) else []
-        index = {name: i for i, name in enumerate(self.classes)}
-        self.labels = [index[q[0]] if self.classes else 0 for q in parts]
+        parts = [p.relative_to(root).parts for p in files]
+        classes = sorted({q[0] for q in parts}) if all(len(q) > 1 for q in parts) else []
+        index = {name: i for i, name in enumerate(classes)}
+        return cls(root, files, [index[q[0]] if classes else 0 for q in parts], classes, sizes, modes)
+
+    def native(self) -> tuple[int, int]:
+        """(size, channels) of the first image: its shorter side, and 1 channel for grayscale, else 3."""
+        return min(self.sizes[0]), 1 if self.modes[0] in GRAYSCALE_MODES else 3
+
+    def conversions(self, size: int, channels: int) -> str | None:
+        """One line saying how many images are resized or change colour mode on the way to size x size, or None."""
+        resized = sum(s != (size, size) for s in self.sizes)
+        target = "L" if channels == 1 else "RGB"
+        converted = sum(m != target for m in self.modes)
+        said = [f"{resized} resized and center-cropped to {size}x{size}"] if resized else []
+        said += [f"{converted} converted from other colour modes to {target}"] if converted else []
+        return f"{self.root}: of {len(self.files)} images, {' and '.join(said)}" if said else None
+
+
+class ImageFolder(Dataset):
+    """The images of a FolderIndex, converted to grayscale (1 channel) or RGB, with their labels."""
+
+    def __init__(self, index: FolderIndex, channels: int, transform=None) -> None:
+        self.index = index
         self.mode = "L" if channels == 1 else "RGB"
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index.files)
 
     def __getitem__(self, i: int):
-        with Image.open(self.files[i]) as image:
+        with Image.open(self.index.files[i]) as image:
             image = image.convert(self.mode)
-        return (self.transform(image) if self.transform else image), self.labels[i]
-
-
-def peek_folder(root: Path) -> tuple[int, int, int]:
-    """(size, channels, classes) of a folder: its first image's shorter side, 1 channel for grayscale (else 3),
-    and its class sub-folders (0 without)."""
-    if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist: give an existing folder with --data.root")
-    dataset = ImageFolder(root, channels=3)
-    with Image.open(dataset.files[0]) as image:
-        channels = 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-        return min(image.size), channels, len(dataset.classes)
+        return (self.transform(image) if self.transform else image), self.index.labels[i]
 
 
 class ResumableSampler(DistributedSampler):
@@ -87,6 +130,8 @@ class DiffusionDataModule(LightningDataModule):
         val_fraction: share of the images held out for validation.
         download: download mnist / cifar10 into root when they are missing.
         seed: seed of the train/validation split and of the shuffling.
+        skip_unreadable: for ``folder``: leave out image files that cannot be read (with a warning) instead of
+            stopping.
     """
 
     def __init__(
@@ -101,6 +146,7 @@ class DiffusionDataModule(LightningDataModule):
         val_fraction: float = 0.05,
         download: bool = True,
         seed: int = 0,
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in ("mnist", "cifar10", "folder"):
@@ -109,12 +155,15 @@ class DiffusionDataModule(LightningDataModule):
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        if num_workers < 0:
+            raise UserError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
         if channels not in (None, 1, 3):
             raise UserError(f"channels must be 1 or 3, got {channels}")
         # Not logged: the model logs the resolved image_size and channels, and the two sets must not disagree.
         self.save_hyperparameters(logger=False)
         if dataset == "folder":
-            native_size, native_channels, self.num_classes = peek_folder(Path(root))
+            self.folder = FolderIndex.scan(root, skip_unreadable)
+            (native_size, native_channels), self.num_classes = self.folder.native(), len(self.folder.classes)
         else:
             native_size, native_channels, self.num_classes = TORCHVISION[dataset][1:4]
         self.image_size = image_size or native_size
@@ -137,7 +186,7 @@ class DiffusionDataModule(LightningDataModule):
         transform = transforms.Compose(steps)
         name, root = self.hparams.dataset, self.hparams.root
         if name == "folder":
-            return ImageFolder(root, self.channels, transform)
+            return ImageFolder(self.folder, self.channels, transform)
         cls, *_, files = TORCHVISION[name]
         try:
             return cls(root, train=True, transform=transform, download=False)
@@ -160,6 +209,8 @@ class DiffusionDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         train_full, eval_full = self._load(train=True), self._load(train=False)
+        if self.hparams.dataset == "folder" and (conversions := self.folder.conversions(self.image_size, self.channels)):
+            say(conversions)
         n = len(train_full)
         n_val = int(round(n * self.hparams.val_fraction))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()

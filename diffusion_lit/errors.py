@@ -1,4 +1,8 @@
-"""The one exception type for a user's mistake."""
+"""The one exception type for a user's mistake, how an exception is put into one line, and one line to the user."""
+
+import sys
+
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class UserError(ValueError):
@@ -6,3 +10,15 @@ class UserError(ValueError):
 
     The CLI prints its message, which says what is wrong and how to fix it, and exits non-zero without a traceback.
     """
+
+
+def reason(err: BaseException) -> str:
+    """`TypeName: first line of the message`, or the type name alone for an exception without a message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def say(message: str) -> None:
+    """One line to the user on stderr, from the first process only (under DDP every rank runs the same code)."""
+    if rank_zero_only.rank == 0:
+        print(message, file=sys.stderr)

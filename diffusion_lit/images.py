@@ -1,6 +1,7 @@
 """Images in and out: [-1, 1] tensors to uint8, grids, .npz files and folders of PNG files."""
 
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from diffusion_lit.data import IMAGE_SUFFIXES
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, reason
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -24,16 +25,41 @@ def grid(images: Tensor, nrow: int | None = None) -> Tensor:
     return make_grid(images, nrow=nrow, padding=2, pad_value=255)
 
 
-def save_images(images: Tensor, out: str | Path) -> Path:
-    """Saves uint8 images [N, C, H, W]: `.png` one grid, `.npz` NHWC uint8 under `arr_0`, else a folder of PNGs."""
+GRID_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def check_output(out: str | Path) -> Path:
+    """Makes sure `out` can be written before any work is done: a known kind (`.png` / `.jpg` grid, `.npz`, or a
+    folder: a name without extension), not in the way of something else, its folder creatable and writable."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
+    if out.suffix and out.suffix.lower() not in GRID_SUFFIXES | {".npz"}:
+        raise UserError(
+            f"--out {out}: unknown extension {out.suffix!r}: use .png or .jpg for one grid, .npz for an array file, "
+            "or a name without an extension for a folder of PNG files"
+        )
+    folder = out if not out.suffix else out.parent
+    if out.suffix and out.is_dir():
+        raise UserError(f"--out {out} is an existing folder: give a file name, or a name without an extension")
+    if not out.suffix and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a folder: give another name, or a .png / .npz file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write in {folder} ({reason(err)}): give a writable place") from None
+    return out
+
+
+def save_images(images: Tensor, out: str | Path) -> Path:
+    """Saves uint8 images [N, C, H, W]: `.png` / `.jpg` one grid, `.npz` NHWC uint8 under `arr_0`, else a folder of
+    PNGs."""
+    out = check_output(out)
+    if out.suffix.lower() in GRID_SUFFIXES:
         _to_pil(grid(images)).save(out)
     elif out.suffix == ".npz":
         np.savez(out, arr_0=images.permute(0, 2, 3, 1).cpu().numpy())
     else:
-        out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             _to_pil(image).save(out / f"{i:06d}.png")
     return out

@@ -8,6 +8,7 @@ torchmetrics does the statistics (and their sync across DDP ranks).
 import hashlib
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, reason
 from diffusion_lit.images import to_uint8
 
 
@@ -49,6 +50,7 @@ class ImageFeatures(nn.Module):
                     "path of an nn.Module class, such as mypackage.features.SmallNet"
                 ) from None
         self.net.eval().requires_grad_(False)
+        self.register_buffer("anchor", torch.empty(0), persistent=False)  # its device, even for a net without weights
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -94,7 +96,7 @@ def compute(fid: FrechetInceptionDistance, kid: KernelInceptionDistance) -> dict
 
 def extract(features: ImageFeatures, images: Tensor, batch_size: int = 256) -> Tensor:
     """Features of uint8 images [N, C, H, W], computed in batches on the extractor's device."""
-    device = next(features.parameters()).device
+    device = features.anchor.device
     return torch.cat([features(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
 
 
@@ -128,8 +130,14 @@ def load_features(path: Path) -> Tensor:
 
 
 def save_features(path: Path, features: Tensor) -> None:
-    """Writes to a temporary file and renames it, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes to a temporary file and renames it, so a reader never sees half a file; a cache that cannot be written
+    is said in one line, not fatal."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(features, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(features, tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        print(f"the reference features could not be cached in {path.parent} ({reason(err)}); going on without",
+              file=sys.stderr)

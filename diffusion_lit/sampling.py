@@ -76,6 +76,13 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
     return torch.linspace(0, timesteps - 1, steps).round().long().unique().tolist()
 
 
+def check_ddim(schedule: NoiseSchedule, steps: int, eta: float) -> list[int]:
+    """DDIM's timesteps, after checking its settings (a UserError when they are out of range)."""
+    if not 0.0 <= eta <= 1.0:
+        raise UserError(f"eta must lie in [0, 1], got {eta}")
+    return ddim_timesteps(schedule.timesteps, steps)
+
+
 @torch.no_grad()
 def ddim_sample(
     model: EpsModel,
@@ -102,9 +109,7 @@ def ddim_sample(
     Returns:
         x_0, or (x_0, states) with return_intermediates.
     """
-    if not 0.0 <= eta <= 1.0:
-        raise UserError(f"eta must lie in [0, 1], got {eta}")
-    ts = ddim_timesteps(schedule.timesteps, steps)
+    ts = check_ddim(schedule, steps, eta)
     x = x_T
     states = [x]
     for i in reversed(range(len(ts))):

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from diffusion_lit.errors import reason
+
 
 @cache
 def compile_failure(device_type: str) -> str | None:
@@ -19,17 +21,16 @@ def compile_failure(device_type: str) -> str | None:
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device_type))
     except Exception as err:  # the failure differs by platform: RuntimeError, BackendCompilerFailed, ...
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        return f"{type(err).__name__}: {first_line}"
+        return reason(err)
     return None
 
 
 def compile_modules(modules: list[nn.Module], device: torch.device) -> bool:
     """Compiles the modules in place (state_dict keys unchanged); if torch.compile cannot run here, says so in one
     line and leaves them as they are."""
-    reason = compile_failure(torch.device(device).type)
-    if reason:
-        print(f"compile: torch.compile is unavailable on {device} ({reason}); running uncompiled", file=sys.stderr)
+    failure = compile_failure(torch.device(device).type)
+    if failure:
+        print(f"compile: torch.compile is unavailable on {device} ({failure}); running uncompiled", file=sys.stderr)
         return False
     for module in modules:
         module.compile()

@@ -17,3 +17,10 @@ class TinyFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.mean(1, keepdim=True)  # grayscale or RGB alike
         return self.pool(torch.relu(self.conv(x))).flatten(1)
+
+
+class PooledPixels(nn.Module):
+    """A feature network without parameters: 4x4 average-pooled pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 4).flatten(1)

@@ -1,6 +1,7 @@
 """Bad input ends with one clear message, a non-zero exit status and no traceback; nothing is lost."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,13 @@ import time
 
 import pytest
 import torch
+from PIL import Image
+
+from diffusion_lit.commands import evaluate, load_checkpoint
+from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.errors import UserError
+from diffusion_lit.images import check_output, save_images
+from diffusion_lit.metrics import ImageFeatures, extract
 
 from conftest import write_image_folder
 from test_cli import REPO, cli
@@ -51,8 +59,9 @@ def assert_clean_failure(result, *phrases):
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
         (["--model.warmup_steps", "-1"], ["warmup_steps must not be negative"]),
         (["--data.image_size", "15", "--trainer.max_steps", "1"], ["image_size 15 cannot be halved"]),
+        (["--data.num_workers", "-1"], ["num_workers must be 0"]),
     ],
-    ids=["schedule", "dataset", "learning-rate", "max-steps", "warmup", "image-size"],
+    ids=["schedule", "dataset", "learning-rate", "max-steps", "warmup", "image-size", "workers"],
 )
 def test_bad_fit_values(images, tmp_path, args, phrases):
     assert_clean_failure(cli("fit", *fit_args(images, tmp_path), *args), *phrases)
@@ -72,13 +81,16 @@ def test_bad_sample_values(checkpoints, tmp_path, args, phrases):
     assert_clean_failure(cli("sample", "--ckpt_path", good, "--out", tmp_path / "x.png", *args), *phrases)
 
 
-def test_truncated_checkpoint(images, checkpoints, tmp_path):
+def test_truncated_and_empty_checkpoints(images, checkpoints, tmp_path):
     _, truncated = checkpoints
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
     assert_clean_failure(cli("fit", *fit_args(images, tmp_path), "--ckpt_path", truncated), "not a readable checkpoint")
-    assert_clean_failure(cli("sample", "--ckpt_path", truncated), "could not be loaded")
-    assert_clean_failure(
-        cli("evaluate", "--ckpt_path", truncated, "--feature_extractor", "features.TinyFeatures"), "could not be loaded"
-    )
+    for bad in (truncated, empty):
+        assert_clean_failure(cli("sample", "--ckpt_path", bad), "could not be loaded")
+        assert_clean_failure(
+            cli("evaluate", "--ckpt_path", bad, "--feature_extractor", "features.TinyFeatures"), "could not be loaded"
+        )
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path):
@@ -109,3 +121,82 @@ def test_killed_run_resumes_from_last(images, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     final = torch.load(last, weights_only=True)
     assert final["global_step"] == killed_at + 3
+
+
+def test_unreadable_images_stop_before_training_or_are_skipped(images, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    (folder / "a" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(UserError, match=r"1 of 33 image files .* cannot be read: .*corrupt\.png.*skip_unreadable"):
+        DiffusionDataModule("folder", str(folder))
+    result = cli("fit", *fit_args(folder, tmp_path), "--data.skip_unreadable", "true", "--trainer.max_steps", 1)
+    assert result.returncode == 0, result.stderr
+    assert "1 of 33 image files" in result.stderr and "left out" in result.stderr
+
+
+def test_a_folder_of_mixed_images_says_what_it_converts(tmp_path, capsys):
+    write_image_folder(tmp_path / "mixed", n_per_class=4, size=16)
+    Image.new("RGB", (20, 24)).save(tmp_path / "mixed" / "a" / "rgb.png")
+    DiffusionDataModule("folder", str(tmp_path / "mixed"), batch_size=2).setup()
+    assert "of 9 images, 1 resized and center-cropped to 16x16 and 1 converted from other colour modes to L" in (
+        capsys.readouterr().err)
+
+
+def test_sample_checks_its_output_before_sampling(checkpoints, tmp_path):
+    good, _ = checkpoints
+    (tmp_path / "taken.png").mkdir()
+    result = cli("sample", "--ckpt_path", good, "--out", tmp_path / "taken.png", "--num_samples", 100000)
+    assert_clean_failure(result, "is an existing folder")
+    assert "sampling" not in result.stderr  # no progress bar: nothing was generated
+    (tmp_path / "file").write_text("")
+    for out, phrase in [(tmp_path / "file", "is an existing file"), (tmp_path / "file" / "x.png", "cannot write in"),
+                        ("/proc/no/such/x.png", "cannot write in"), (tmp_path / "x.gif", "unknown extension")]:
+        with pytest.raises(UserError, match=phrase):
+            check_output(out)
+
+
+def test_jpeg_grid(tmp_path):
+    path = save_images(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), tmp_path / "grid.jpg")
+    assert path.is_file() and Image.open(path).format == "JPEG"
+
+
+def test_a_folder_as_checkpoint_is_named_a_folder(checkpoints):
+    good, _ = checkpoints
+    with pytest.raises(UserError, match="is a folder: give a checkpoint file in it, such as .*last.ckpt"):
+        load_checkpoint(str(good.parent))
+
+
+def test_evaluate_checks_the_reference_before_sampling(checkpoints, tmp_path, monkeypatch):
+    good, _ = checkpoints
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["root"] = "relative/images"  # as `fit` ran in another folder
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="run evaluate from the folder `fit` ran in, or give .* --real DIR") as err:
+        evaluate(ckpt_path="moved.ckpt", num_samples=100000, feature_extractor="features.TinyFeatures")
+    assert "--data.root" not in str(err.value)
+
+    write_image_folder(tmp_path / "big", n_per_class=4, size=32)
+    with pytest.raises(UserError, match="the samples are 16x16 with 1 channel and the real images 32x32"):
+        evaluate(ckpt_path=str(good), real=str(tmp_path / "big"), num_samples=100000,
+                 feature_extractor="features.TinyFeatures")
+
+
+def test_a_feature_network_without_parameters(tmp_path):
+    features = ImageFeatures("features.PooledPixels")
+    assert extract(features, torch.zeros(3, 1, 8, 8, dtype=torch.uint8)).shape == (3, 16)
+
+
+def test_a_config_error_is_one_line_not_the_usage(images, tmp_path):
+    result = cli("fit", *fit_args(images, tmp_path), "--model.no_such_option", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 2 and lines[-1].startswith("error:") and "no_such_option" in lines[-1], result.stderr
+
+
+def test_a_guidance_scale_for_an_unconditional_model_is_said_before_training(images, tmp_path):
+    result = cli("fit", "--config", REPO / "configs/mnist_cpu.yaml", *fit_args(images, tmp_path)[2:],
+                 "--model.conditional", "false", "--trainer.max_steps", 1, "--trainer.precision", "32-true")
+    assert result.returncode == 0, result.stderr
+    warning = result.stderr.index("SampleGrid: guidance_scale 1.25 is ignored")
+    assert warning < result.stderr.index("Trainer.fit` stopped")

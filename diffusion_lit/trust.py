@@ -1,0 +1,78 @@
+"""Which classes a checkpoint may name, decided from the names alone, before anything is imported or called.
+
+A checkpoint's hyperparameters say which network and optimizer to build (`class_path` entries). Loading them
+imports and calls what they name, so a crafted file could name any callable (`os.system`, say). The rule: a
+`class_path` in a checkpoint must be one of diffusion_lit's networks (for `net`), one of torch.optim's optimizers
+(for `optimizer`), or a class the user named on the command line (`--trust_class`, or the config they gave);
+a trusted name must then import as a subclass of the base its place asks for (`nn.Module`, `Optimizer`). Anything
+else is refused with a UserError while it is still a string.
+"""
+
+import importlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from diffusion_lit.errors import UserError
+
+NETWORKS = {"diffusion_lit.unet.UNet", "diffusion_lit.UNet", "diffusion_lit.dit.DiT", "diffusion_lit.DiT"}
+OPTIMIZERS = {
+    f"torch.optim.{name}"
+    for name, obj in vars(torch.optim).items()
+    if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
+}
+PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Optimizer)}  # key -> (allowed, base)
+BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer"}
+INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI writes into every checkpoint
+MODULE = "diffusion_lit.module.DiffusionModule"
+
+
+def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:
+    """(key, class path) of every `class_path` entry in nested hyperparameters, and of `net` / `optimizer` given as
+    an import path string (which jsonargparse would also import)."""
+    if isinstance(value, dict):
+        if "class_path" in value:
+            yield key, value["class_path"]
+        for k, v in value.items():
+            if k != "class_path":
+                yield from class_paths(v, "" if k in ("init_args", "dict_kwargs") else k)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from class_paths(v, key)
+    elif isinstance(value, str) and key in PLACES:
+        yield key, value
+
+
+def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the checkpoint") -> None:
+    """Raises UserError unless every class the hyperparameters name is allowed at its place (see the module doc)."""
+    trusted = set(trusted)
+    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or hparams.get("_class_path", MODULE) != MODULE:
+        raise UserError(f"{source} asks to be built by {hparams.get('_instantiator') or hparams.get('_class_path')!r}, "
+                        "which diffusion_lit does not use: refused (a crafted or foreign checkpoint)")
+    for key, name in class_paths({k: v for k, v in hparams.items() if not k.startswith("_")}):
+        allowed, base = PLACES.get(key, (set(), nn.Module))
+        if not isinstance(name, str) or (name not in allowed and name not in trusted):
+            raise UserError(
+                f"{source} names {name!r} as its {key or 'class'}, which is not one of diffusion_lit's networks or "
+                f"torch.optim's optimizers: refused before importing it. If it is a class of your own that you trust, "
+                f"name it on the command line: --trust_class {name}"
+            )
+        if name in trusted:
+            check_subclass(name, base, source)
+
+
+def check_subclass(name: str, base: type, source: str) -> None:
+    """Imports a class the user trusts and checks that it is a `base` subclass (a class, not any callable)."""
+    module, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"--trust_class {name}: cannot import it ({err})") from None
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise UserError(f"{source} names {name!r}, which is not a subclass of {BASE_NAMES[base]}: refused")
+
+
+def parse_trusted(trust_class: str | None) -> list[str]:
+    """`--trust_class mypkg.nets.Net,mypkg.opt.Lion` -> the names."""
+    return [name.strip() for name in (trust_class or "").split(",") if name.strip()]

@@ -1,0 +1,110 @@
+"""One writer per run folder, SIGTERM saves the step it reached, and a failed save loses nothing."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffusion_lit import checkpointing
+from diffusion_lit.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from diffusion_lit.cli import main
+from diffusion_lit.errors import UserError
+
+from test_cli import REPO, cli
+from test_errors import assert_clean_failure, fit_args, images  # noqa: F401 (fixture)
+
+
+def start_fit(args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "diffusion_lit", "fit", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_one_writer_per_run_and_sigterm_saves_the_step_it_reached(images, tmp_path):
+    args = [*fit_args(images, tmp_path), "--checkpoint.every_n_train_steps", 3, "--trainer.val_check_interval", 1000,
+            "--trainer.max_steps", 100000]
+    first, second = start_fit(args), start_fit(args)  # started together, into one run folder
+    ckpt_dir = tmp_path / "runs" / "tiny_cpu" / "checkpoints"
+    wait_for(lambda: first.poll() is not None or second.poll() is not None)
+    loser, winner = (first, second) if first.poll() is not None else (second, first)
+    stderr = loser.stderr.read()
+    assert loser.returncode == 2 and "Traceback" not in stderr, stderr
+    assert "is in use by another fit" in stderr and f"process {winner.pid}" in stderr
+
+    wait_for(lambda: (ckpt_dir / "step00000003.ckpt").is_file())
+    time.sleep(1.0)  # a few more steps past the periodic checkpoint
+    winner.send_signal(signal.SIGTERM)
+    stderr = winner.communicate(timeout=120)[1]
+    assert winner.returncode == 143, stderr
+    assert "Traceback" not in stderr and "stopped by SIGTERM at step" in stderr and "--ckpt_path last" in stderr
+    step = int(stderr.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert step >= 3 and torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == step
+    run_dir = tmp_path / "runs" / "tiny_cpu"
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one run's events: the loser wrote none
+
+    resumed = cli("fit", *args[:-1], step + 2, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == step + 2
+
+
+def test_a_full_disk_stops_with_a_message_and_resume_takes_the_newest_checkpoint(images, tmp_path, monkeypatch,
+                                                                                 capsys):
+    args = [*map(str, fit_args(images, tmp_path)), "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "6"]
+    ckpt_dir = tmp_path / "runs" / "tiny_cpu" / "checkpoints"
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):  # the disk fills up when last.ckpt of step 4 is written
+        if obj.get("global_step") == 4 and ".last.ckpt." in str(getattr(f, "name", "")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpointing.torch, "save", save)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "the disk is full" in message and "--ckpt_path last" in message and "Traceback" not in message
+    assert not list(ckpt_dir.glob(".*tmp"))  # the half-written file is gone
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert newest_checkpoint(ckpt_dir) == ckpt_dir / "step00000004.ckpt"  # complete, and newer than last.ckpt
+
+    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+    main(["fit", *args, "--ckpt_path", "last"])
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_stale_temporaries_go_and_truncated_checkpoints_are_passed_over(tmp_path):
+    (tmp_path / "step00000009.ckpt").write_bytes(b"truncated")
+    (tmp_path / ".last.ckpt.12345.tmp").write_bytes(b"half")
+    torch.save({"global_step": 5}, tmp_path / "last.ckpt")
+    torch.save({"global_step": 5}, tmp_path / "step00000005.ckpt")
+    assert newest_checkpoint(tmp_path) == tmp_path / "last.ckpt"  # a tie goes to last.ckpt
+    checkpointing.remove_stale_temporaries(tmp_path)
+    assert not (tmp_path / ".last.ckpt.12345.tmp").exists()
+
+
+def test_temporary_names_are_per_process(tmp_path, monkeypatch):
+    names = []
+    monkeypatch.setattr(checkpointing.os, "replace", lambda src, dst: names.append(str(src)))
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert names == [str(tmp_path / f".last.ckpt.{os.getpid()}.tmp")]
+
+
+def test_unwritable_run_folder_is_one_line(images, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = cli("fit", *fit_args(images, tmp_path), "--trainer.logger.init_args.save_dir", blocker / "runs")
+    assert result.returncode == 2
+    assert_clean_failure(result, "cannot create the run folder", "--trainer.logger.init_args.save_dir")

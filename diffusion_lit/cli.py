@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser, auto_cli
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -100,7 +101,7 @@ class DiffusionCLI(LightningCLI):
         ckpt_dir = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
         remove_stale_temporaries(ckpt_dir)
         found = sorted(ckpt_dir.glob("*.ckpt"))
-        if ckpt_path is None and found:
+        if ckpt_path is None and found and not requeued_on_slurm(self.trainer):
             if not self.config.fit.fresh_run:
                 raise UserError(
                     f"{ckpt_dir} already holds checkpoints of an earlier run ({found[-1].name}, ...). "
@@ -131,6 +132,12 @@ class DiffusionCLI(LightningCLI):
             number += 1
         kept = old.rename(old.with_name(f"{old.name}.{number}"))
         print(f"--fresh_run: the earlier run is kept in {kept}", file=sys.stderr)
+
+
+def requeued_on_slurm(trainer) -> bool:
+    """A SLURM job that Lightning requeued (on SIGUSR1 before its time limit): Lightning resumes it from its hpc
+    checkpoint by itself, so its checkpoints are not an earlier run's."""
+    return SLURMEnvironment.detect() and any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
 
 
 def check_checkpoint(path: Path, trusted: list[str]) -> None:

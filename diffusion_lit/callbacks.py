@@ -1,14 +1,16 @@
 """Callbacks: the side effects of training (sample grids, FID) live here, not in the module."""
 
 import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
+from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, say
-from diffusion_lit.images import grid, to_uint8
+from diffusion_lit.images import grid, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
     compute,
@@ -41,7 +43,8 @@ def checked(sampler_kwargs: dict, pl_module, callback: str) -> dict:
 
 
 class SampleGrid(Callback):
-    """Logs a grid of samples from the EMA weights as `samples/grid`, every N steps and at the end of training.
+    """Logs a grid of samples from the EMA weights as `samples/grid`, every N steps and at the end of training, and
+    writes the newest one to `samples.png` in the run's folder.
 
     The starting noise is drawn from a fixed seed, so the grids are comparable across steps and across a resume.
 
@@ -86,9 +89,6 @@ class SampleGrid(Callback):
     @rank_zero_only
     def log_grid(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
-        experiment = getattr(trainer.logger, "experiment", None)
-        if not hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
-            return
         hp = pl_module.hparams
         # A conditional model shows one row per class.
         classes = pl_module.num_classes
@@ -100,6 +100,11 @@ class SampleGrid(Callback):
         with pl_module.sampling(trainer.precision) as model:
             x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True,
                                labels=labels, **self.sampler_kwargs)
+        if trainer.log_dir:  # the newest grid as a picture to open, beside the run's other files
+            save_images(to_uint8(x), Path(trainer.log_dir) / "samples.png", per_row)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+            return
         experiment.add_image("samples/grid", grid(to_uint8(x), per_row), trainer.global_step)
         if self.denoising_strip:
             picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()
@@ -108,7 +113,8 @@ class SampleGrid(Callback):
 
 
 class FID(Callback):
-    """Logs `val/fid` and `val/kid` (mean and std) of generated against real training images every N steps.
+    """Logs `val/fid` and `val/kid` (mean and std) of generated against real training images every N steps; with the
+    digit judge as the feature network also `val/confident_share` (and `val/requested_share` for a conditional model).
 
     Under DDP each rank generates its share of the samples from its own noise; torchmetrics syncs the statistics,
     so every rank takes part in the computation and the value is logged once. The reference features of the
@@ -125,7 +131,8 @@ class FID(Callback):
         eta: DDIM eta.
         guidance_scale: classifier-free guidance w for a conditional model (scored on balanced classes).
         batch_size: images per sampling batch on each rank.
-        feature_extractor: ``inception`` or the import path of an ``nn.Module`` class (see `ImageFeatures`).
+        feature_extractor: ``inception``, ``digits`` or the import path of an ``nn.Module`` class (see
+            `ImageFeatures`).
         weights_path: a local file of the Inception weights, for machines without network access.
         cache_dir: where reference features are cached.
         seed: seed of the noise (each rank adds its rank).
@@ -191,7 +198,7 @@ class FID(Callback):
         shares = [self.num_samples // world + (r < self.num_samples % world) for r in range(world)]
         generator = torch.Generator(device).manual_seed(self.seed + rank)
         hp = pl_module.hparams
-        made = 0
+        made, judged = 0, torch.zeros(2, device=device)
         # A conditional model is scored on balanced classes: sample i (over all ranks) gets label i mod classes.
         first = sum(shares[:rank])
         labels = torch.arange(first, first + shares[rank]) % pl_module.num_classes if pl_module.num_classes else None
@@ -201,11 +208,17 @@ class FID(Callback):
                 feats = extract(self.features, to_uint8(x), self.batch_size)
                 for metric in self.metrics:
                     metric.update(feats, real=False)
+                if (logits := self.features.judge(feats)) is not None:
+                    judged += judge_counts(logits, None if labels is None else labels[made : made + len(x)])
                 made += len(x)
         scores = compute(*self.metrics)
         self.last_num_samples = int(trainer.strategy.reduce(torch.tensor(made, device=device), reduce_op="sum"))
         values = {"val/fid": scores["fid"], "val/kid": scores["kid_mean"], "val/kid_std": scores["kid_std"],
                   "val/num_samples": self.last_num_samples}
+        if self.feature_extractor == "digits":
+            judged = trainer.strategy.reduce(judged, reduce_op="sum")
+            judge_values = judge_shares(judged, self.last_num_samples, labels is not None)
+            values |= {f"val/{name}": share for name, share in judge_values.items()}
         for metric in self.metrics:
             metric.reset()
         for logger in trainer.loggers:

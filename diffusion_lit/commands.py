@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.images import check_output, load_images, save_images, to_uint8
 from diffusion_lit.metrics import (
@@ -148,7 +149,9 @@ def evaluate(
     cache_dir: str = "~/.cache/diffusion_lit/fid",
     trust_class: str | None = None,
 ) -> None:
-    """Print FID and KID as one JSON line, for a checkpoint's samples or for given images.
+    """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
+    the feature network (``--feature_extractor digits``) also the share of samples it classifies with confidence above
+    0.9 and, for a conditional checkpoint, the share it classifies as the digit asked for.
 
     Args:
         ckpt_path: generate `num_samples` images from this checkpoint (EMA weights); without --real, its training
@@ -164,7 +167,8 @@ def evaluate(
         batch_size: images per batch, for sampling and for features.
         precision: sampling precision, ``32-true`` or ``bf16-mixed`` (bf16 autocast).
         num_real: at most this many images of the checkpoint's dataset as the reference.
-        feature_extractor: ``inception`` (torch-fidelity's InceptionV3) or the import path of an nn.Module class.
+        feature_extractor: ``inception`` (torch-fidelity's InceptionV3), ``digits`` (the digit judge shipped with
+            the package: no download) or the import path of an nn.Module class.
         weights_path: a local file of the Inception weights, for machines without network access.
         cache_dir: where the reference features of a checkpoint's dataset are cached.
         trust_class: your own network or optimizer classes that the checkpoint may name (see `sample`).
@@ -200,6 +204,7 @@ def evaluate(
             "without network access, give --weights_path FILE"
         ) from None
 
+    y = None
     if ckpt_path is not None:
         y = parse_labels("all", num_samples, module.num_classes) if module.num_classes else None
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
@@ -214,7 +219,10 @@ def evaluate(
     for metric in (fid, kid):
         metric.update(real_features.to(fake.device), real=True)
         metric.update(fake, real=False)
-    print(json.dumps({**compute(fid, kid), "num_samples": len(fake)}))
+    scores = {**compute(fid, kid), "num_samples": len(fake)}
+    if (logits := features.judge(fake)) is not None:  # the digit judge also says how clear the digits are
+        scores |= judge_shares(judge_counts(logits, y), len(fake), y is not None)
+    print(json.dumps(scores))
 
 
 def shape_text(shape: tuple[int, int, int]) -> str:

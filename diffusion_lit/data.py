@@ -1,5 +1,7 @@
-"""One DataModule for MNIST, CIFAR-10 and any folder of images, all scaled to [-1, 1]."""
+"""One DataModule for MNIST, CIFAR-10, any folder of images and the shipped digits, all scaled to [-1, 1]."""
 
+import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,9 +13,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
+from diffusion_lit.digits import ShippedDigits
 from diffusion_lit.errors import UserError, reason, say
 
-DatasetName = Literal["mnist", "cifar10", "folder"]
+DatasetName = Literal["mnist", "cifar10", "folder", "digits"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TORCHVISION = {  # name -> (class, image size, channels, classes, files that must be in root)
     "mnist": (datasets.MNIST, 28, 1, 10, "MNIST/raw/train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz)"),
@@ -120,7 +123,9 @@ class DiffusionDataModule(LightningDataModule):
     """Images in [-1, 1] with their labels, split into train and validation sets.
 
     Args:
-        dataset: ``mnist`` or ``cifar10`` (torchvision, downloaded into root when possible) or ``folder``.
+        dataset: ``mnist`` or ``cifar10`` (torchvision, downloaded into root when possible; mnist falls back to the
+            shipped digits, saying so), ``folder``, or ``digits`` (the 10,000 MNIST test digits shipped with the
+            package).
         root: where the dataset lives (for ``folder``: the folder of images, class sub-folders optional).
         image_size: resize (and center-crop) to this size; by default the dataset's own (a folder's first image).
         channels: 1 or 3; by default the dataset's own (a folder's first image: grayscale -> 1).
@@ -149,8 +154,8 @@ class DiffusionDataModule(LightningDataModule):
         skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
-        if dataset not in ("mnist", "cifar10", "folder"):
-            raise UserError(f"unknown dataset {dataset!r}: use mnist, cifar10 or folder")
+        if dataset not in ("mnist", "cifar10", "folder", "digits"):
+            raise UserError(f"unknown dataset {dataset!r}: use mnist, cifar10, folder or digits")
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
@@ -164,21 +169,22 @@ class DiffusionDataModule(LightningDataModule):
         if dataset == "folder":
             self.folder = FolderIndex.scan(root, skip_unreadable)
             (native_size, native_channels), self.num_classes = self.folder.native(), len(self.folder.classes)
-        else:
-            native_size, native_channels, self.num_classes = TORCHVISION[dataset][1:4]
+        else:  # mnist and the shipped digits share their shape
+            native_size, native_channels, self.num_classes = TORCHVISION.get(dataset, TORCHVISION["mnist"])[1:4]
         self.image_size = image_size or native_size
         self.channels = channels or native_channels
         self.random_flip = dataset == "cifar10" if random_flip is None else random_flip
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.reference_set: Dataset | None = None
+        self.mnist_missing: str | None = None  # what to do when mnist fell back to the shipped digits
 
     def _load(self, train: bool) -> Dataset:
         """The whole dataset with the train (flips) or the eval transform."""
         steps = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
         if self.channels == 1 and self.hparams.dataset == "cifar10":
             steps.append(transforms.Grayscale())
-        if self.channels == 3 and self.hparams.dataset == "mnist":
+        if self.channels == 3 and self.hparams.dataset in ("mnist", "digits"):
             steps.append(transforms.Grayscale(3))
         if train and self.random_flip:
             steps.append(transforms.RandomHorizontalFlip())
@@ -187,10 +193,15 @@ class DiffusionDataModule(LightningDataModule):
         name, root = self.hparams.dataset, self.hparams.root
         if name == "folder":
             return ImageFolder(self.folder, self.channels, transform)
+        if name == "digits":
+            return ShippedDigits(transform)
         cls, *_, files = TORCHVISION[name]
         try:
             return cls(root, train=True, transform=transform, download=False)
         except RuntimeError:
+            if name == "mnist":  # the shipped digits stand in, and setup() says so
+                self.mnist_missing = f"put {files} in {Path(root).resolve()}"
+                return ShippedDigits(transform)
             raise UserError(
                 f"{name} was not found in {Path(root).resolve()}"
                 + (" and could not be downloaded" if self.hparams.download else "")
@@ -199,9 +210,10 @@ class DiffusionDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         name = self.hparams.dataset
-        if name != "folder" and self.hparams.download:
+        if name in TORCHVISION and self.hparams.download:
             try:
-                TORCHVISION[name][0](self.hparams.root, train=True, download=True)
+                with contextlib.redirect_stdout(io.StringIO()):  # torchvision's line per failed mirror
+                    TORCHVISION[name][0](self.hparams.root, train=True, download=True)
             except Exception:  # offline or a broken mirror: setup() explains what to do
                 pass
 
@@ -211,6 +223,10 @@ class DiffusionDataModule(LightningDataModule):
         train_full, eval_full = self._load(train=True), self._load(train=False)
         if self.hparams.dataset == "folder" and (conversions := self.folder.conversions(self.image_size, self.channels)):
             say(conversions)
+        if self.mnist_missing:
+            say("mnist: the full MNIST training split was not found and could not be downloaded, so this run trains on "
+                "the 10,000 MNIST test digits that ship with diffusion_lit (--data.dataset digits). For all 60,000, "
+                f"{self.mnist_missing}")
         n = len(train_full)
         n_val = int(round(n * self.hparams.val_fraction))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()

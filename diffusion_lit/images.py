@@ -51,12 +51,12 @@ def check_output(out: str | Path) -> Path:
     return out
 
 
-def save_images(images: Tensor, out: str | Path) -> Path:
-    """Saves uint8 images [N, C, H, W]: `.png` / `.jpg` one grid, `.npz` NHWC uint8 under `arr_0`, else a folder of
-    PNGs."""
+def save_images(images: Tensor, out: str | Path, nrow: int | None = None) -> Path:
+    """Saves uint8 images [N, C, H, W]: `.png` / `.jpg` one grid (nrow images a row; about square by default),
+    `.npz` NHWC uint8 under `arr_0`, else a folder of PNGs."""
     out = check_output(out)
     if out.suffix.lower() in GRID_SUFFIXES:
-        _to_pil(grid(images)).save(out)
+        _to_pil(grid(images, nrow)).save(out)
     elif out.suffix == ".npz":
         np.savez(out, arr_0=images.permute(0, 2, 3, 1).cpu().numpy())
     else:

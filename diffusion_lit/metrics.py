@@ -18,6 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
+from diffusion_lit.digits import DigitJudge
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.images import to_uint8
 
@@ -26,7 +27,8 @@ class ImageFeatures(nn.Module):
     """uint8 images [N, C, H, W], shaped as the dataset gives them, to features [N, D].
 
     Args:
-        name: ``inception`` for torch-fidelity's 2048-d InceptionV3 (grayscale repeated to 3 channels), or the
+        name: ``inception`` for torch-fidelity's 2048-d InceptionV3 (grayscale repeated to 3 channels), ``digits``
+            for the digit judge that ships with the package (64-d; no download; for MNIST-like digits), or the
             import path of an ``nn.Module`` class, built without arguments, that maps float images in [0, 1] to
             [N, D] features.
         weights_path: a local file of the Inception weights, for machines without network access.
@@ -36,10 +38,15 @@ class ImageFeatures(nn.Module):
         super().__init__()
         self.name = name
         if name == "inception":
-            # Downloads the weights on first use unless weights_path is given; raises when it cannot.
+            # Downloads the weights on first use unless weights_path is given; raises when it cannot. antialias off:
+            # torchmetrics resizes with antialiasing by default, unlike torch-fidelity and the original TensorFlow
+            # code, whose FID values the papers report (tests/test_inception.py checks the match).
             self.net = NoTrainInceptionV3(
-                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path,
+                antialias=False,
             )
+        elif name == "digits":
+            self.net = DigitJudge()
         else:
             module, _, cls = name.rpartition(".")
             try:
@@ -57,6 +64,10 @@ class ImageFeatures(nn.Module):
         if self.name == "inception":
             return self.net(images.expand(-1, 3, -1, -1)).float()
         return self.net(images.float() / 255).flatten(1).float()
+
+    def judge(self, features: Tensor) -> Tensor | None:
+        """The digit judge's logits for its own features; None for other feature networks."""
+        return self.net.head(features) if self.name == "digits" else None
 
     def train(self, mode: bool = True) -> "ImageFeatures":
         return super().train(False)  # always an evaluator

@@ -44,7 +44,7 @@ def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
 
 def test_ddp_fit_logs_fid_once_per_evaluation_from_exactly_s_samples(tmp_path):
     result = fit_with_callbacks(
-        tmp_path, {"num_samples": 11, "num_real": 20, "feature_extractor": "features.TinyFeatures"},
+        tmp_path, {"num_samples": 11, "num_real": 20, "feature_extractor": "digits"}, "--model.conditional", "true",
         "--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp",
     )
     assert result.returncode == 0, result.stderr
@@ -53,7 +53,11 @@ def test_ddp_fit_logs_fid_once_per_evaluation_from_exactly_s_samples(tmp_path):
     assert [value for _, value in scalars["val/num_samples"]] == [11, 11]  # 6 + 5 over the two ranks
     assert all(value > 0 for _, value in scalars["val/fid"])
     assert "val/kid" in scalars and "val/kid_std" in scalars
+    for tag in ("val/confident_share", "val/requested_share"):  # the digit judge's shares, over both ranks' samples
+        assert [step for step, _ in scalars[tag]] == [2, 4]
+        assert all(value * 11 == round(value * 11) and 0 <= value <= 1 for _, value in scalars[tag])
     assert images["samples/grid"] == [2, 4] and images["samples/denoising"] == [2, 4]
+    assert (tmp_path / "runs" / "tiny_cpu" / "samples.png").is_file()  # the newest grid, as a picture
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     # The feature network stays out of the checkpoint: only the UNet and its EMA copy are saved.
     ckpt = torch.load(tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt", weights_only=True)

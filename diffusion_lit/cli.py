@@ -83,10 +83,13 @@ class DiffusionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            config = self.config[subcommand]
-            named = [name for _, name in class_paths(config.model.as_dict())]  # what the user's own config names
-            check_checkpoint(Path(ckpt_path), [*parse_trusted(config.get("trust_class")), *named])
+            check_checkpoint(Path(ckpt_path), self.trusted(self.config[subcommand]))
         super()._parse_ckpt_path()
+
+    @staticmethod
+    def trusted(config) -> list[str]:
+        """The classes a checkpoint may name beyond our own: --trust_class, and those the user's config names."""
+        return [*parse_trusted(config.get("trust_class")), *(name for _, name in class_paths(config.model.as_dict()))]
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand != "fit":
@@ -117,7 +120,7 @@ class DiffusionCLI(LightningCLI):
                     "Check the run's name (--trainer.logger.init_args.name), give a checkpoint file with --ckpt_path, "
                     "or leave --ckpt_path out to start a new run"
                 )
-            check_checkpoint(newest, parse_trusted(self.config.fit.trust_class))
+            check_checkpoint(newest, self.trusted(self.config.fit))
             self.config_init.fit.ckpt_path = str(newest)  # what trainer.fit is given
         elif ckpt_path not in (None, "best", "hpc", "registry") and not Path(ckpt_path).is_file():
             what = "a folder, not a checkpoint file" if Path(ckpt_path).is_dir() else "no such checkpoint file"

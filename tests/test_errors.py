@@ -112,7 +112,8 @@ def test_killed_run_resumes_from_last(images, tmp_path):
     deadline = time.time() + 120
     while not (last.is_file() and len(list(last.parent.glob("step*.ckpt"))) >= 3) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # wherever it is: training, or in the middle of writing a checkpoint
+    proc.send_signal(signal.SIGKILL)  # wherever it is: training, or in the middle of writing a checkpoint; its run
+    # lock goes with it, so the resume below is not blocked
     proc.wait()
     assert last.is_file(), "no checkpoint was written within two minutes"
     killed_at = torch.load(last, weights_only=True)["global_step"]
@@ -127,8 +128,9 @@ def test_unreadable_images_stop_before_training_or_are_skipped(images, tmp_path)
     folder = tmp_path / "images"
     shutil.copytree(images, folder)
     (folder / "a" / "corrupt.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(UserError, match=r"1 of 33 image files .* cannot be read: .*corrupt\.png.*skip_unreadable"):
-        DiffusionDataModule("folder", str(folder))
+    stopped = cli("fit", *fit_args(folder, tmp_path))
+    assert_clean_failure(stopped, "1 of 33 image files", "corrupt.png", "--data.skip_unreadable true")
+    assert not (tmp_path / "runs" / "tiny_cpu" / "checkpoints").exists()  # before the first step
     result = cli("fit", *fit_args(folder, tmp_path), "--data.skip_unreadable", "true", "--trainer.max_steps", 1)
     assert result.returncode == 0, result.stderr
     assert "1 of 33 image files" in result.stderr and "left out" in result.stderr

@@ -87,3 +87,7 @@ def test_fit_trusts_the_class_its_config_names(images, tmp_path):
     step1 = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "step00000001.ckpt"
     resumed = cli("fit", *args, "--trainer.max_steps", 2, "--ckpt_path", step1)
     assert resumed.returncode == 0, resumed.stderr
+    again = cli("fit", *args, "--trainer.max_steps", 3, "--ckpt_path", "last")
+    assert again.returncode == 0, again.stderr
+    refused = cli("fit", *fit_args(images, tmp_path), "--trainer.max_steps", 4, "--ckpt_path", "last")
+    assert_clean_failure(refused, "'nets.MyUNet'", "--trust_class nets.MyUNet")  # the config names UNet, not it

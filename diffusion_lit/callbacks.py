@@ -21,7 +21,8 @@ from diffusion_lit.metrics import (
     reference_cache_path,
     save_features,
 )
-from diffusion_lit.sampling import Sampler, check_ddim, generate, sample
+from diffusion_lit.sampling import Sampler, check_sampler, generate, sample
+from diffusion_lit.solvers import Spacing
 
 
 def _due(trainer, every_n_steps: int, last_step: int) -> bool:
@@ -32,9 +33,9 @@ def _due(trainer, every_n_steps: int, last_step: int) -> bool:
 
 def checked(sampler_kwargs: dict, pl_module, callback: str) -> dict:
     """A callback's sampler settings, checked against the model when fit starts rather than at the first grid: bad
-    DDIM settings stop before the first step, and a guidance scale for an unconditional model is dropped, said once."""
-    if sampler_kwargs["sampler"] == "ddim":
-        check_ddim(pl_module.schedule, sampler_kwargs["steps"], sampler_kwargs["eta"])
+    sampler settings stop before the first step, and a guidance scale for an unconditional model is dropped, said once."""
+    check_sampler(sampler_kwargs["sampler"], pl_module.schedule, sampler_kwargs["steps"], sampler_kwargs["eta"],
+                  sampler_kwargs["spacing"])
     if not pl_module.num_classes and sampler_kwargs["guidance_scale"] != 1.0:
         say(f"{callback}: guidance_scale {sampler_kwargs['guidance_scale']} is ignored, since this model is "
             "unconditional (model.conditional is false or the data has no labels)")
@@ -51,12 +52,13 @@ class SampleGrid(Callback):
     Args:
         every_n_steps: optimizer steps between grids.
         num_samples: images in the grid.
-        sampler: ``ddim`` (fast, the default) or ``ddpm`` (all T steps).
-        steps: DDIM steps.
+        sampler: ``ddim`` (the default), ``ddpm`` (all T steps), or an ODE solver: ``euler``, ``heun``, ``dpmpp_2m``.
+        steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
         guidance_scale: classifier-free guidance w for a conditional model (one row per class).
         seed: seed of the noise.
         denoising_strip: also log `samples/denoising`, one image at ten points of its denoising.
+        spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
     """
 
     def __init__(
@@ -69,9 +71,11 @@ class SampleGrid(Callback):
         guidance_scale: float = 1.0,
         seed: int = 0,
         denoising_strip: bool = True,
+        spacing: Spacing = "linspace",
     ) -> None:
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
-        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
+                               "spacing": spacing}
         self.denoising_strip = denoising_strip
         self._last_step = -1
 
@@ -126,8 +130,8 @@ class FID(Callback):
         num_samples: generated images per evaluation, over all ranks (FID is biased upwards for small numbers;
             compare values only at equal num_samples, and prefer KID below a few thousand).
         num_real: real training images in the reference statistics.
-        sampler: ``ddim`` or ``ddpm``.
-        steps: DDIM steps.
+        sampler: ``ddim``, ``ddpm``, ``euler``, ``heun`` or ``dpmpp_2m``.
+        steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
         guidance_scale: classifier-free guidance w for a conditional model (scored on balanced classes).
         batch_size: images per sampling batch on each rank.
@@ -136,6 +140,7 @@ class FID(Callback):
         weights_path: a local file of the Inception weights, for machines without network access.
         cache_dir: where reference features are cached.
         seed: seed of the noise (each rank adds its rank).
+        spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
     """
 
     def __init__(
@@ -152,9 +157,11 @@ class FID(Callback):
         weights_path: str | None = None,
         cache_dir: str = "~/.cache/diffusion_lit/fid",
         seed: int = 0,
+        spacing: Spacing = "linspace",
     ) -> None:
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
-        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
+                               "spacing": spacing}
         self.batch_size, self.seed = batch_size, seed
         self.feature_extractor, self.weights_path, self.cache_dir = feature_extractor, weights_path, cache_dir
         self.features: ImageFeatures | None = None

@@ -21,7 +21,8 @@ from diffusion_lit.metrics import (
     save_features,
 )
 from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sampling import Sampler, generate
+from diffusion_lit.sampling import Sampler, generate, network_evaluations
+from diffusion_lit.solvers import Spacing
 from diffusion_lit.speed import Precision
 from diffusion_lit.trust import check_hparams, parse_trusted
 
@@ -101,6 +102,7 @@ def sample(
     ema: bool = True,
     precision: Precision = "32-true",
     trust_class: str | None = None,
+    spacing: Spacing = "linspace",
 ) -> None:
     """Generate images from a checkpoint.
 
@@ -111,8 +113,9 @@ def sample(
         labels: for a conditional model: class indices such as ``3,3,7``, or ``all`` for num_samples images cycling
             through every class; without, a conditional model samples unconditionally.
         guidance_scale: classifier-free guidance w: 1 plain conditional, 0 unconditional, above 1 stronger.
-        sampler: ``ddim`` or ``ddpm`` (ancestral, all T steps).
-        steps: DDIM steps.
+        sampler: ``ddim``, ``ddpm`` (ancestral, all T steps), or an ODE solver: ``euler``, ``heun`` (EDM's second
+            order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)).
+        steps: DDIM steps, or the solver's levels.
         eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM.
         seed: the same seed (and batch size) gives the same images.
         batch_size: images generated at once.
@@ -122,13 +125,16 @@ def sample(
             instructions; the images differ slightly from ``32-true``).
         trust_class: your own network or optimizer classes that the checkpoint may name (import paths, separated
             by commas); without, only diffusion_lit's networks and torch.optim's optimizers are built.
+        spacing: the ODE solvers' steps: ``linspace`` (evenly spaced timesteps) or ``karras`` (EDM's sigmas).
     """
     check_output(out)  # before the work, not after it
     module, _ = load_checkpoint(ckpt_path, parse_trusted(trust_class))
     y = parse_labels(labels, num_samples, module.num_classes)
     images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, precision, labels=y,
-                             guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0)
-    print(f"wrote {len(images)} images to {save_images(images, out)}")
+                             guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
+                             spacing=spacing)
+    calls = network_evaluations(sampler, steps, module.schedule.timesteps, guidance_scale, y is not None)
+    print(f"wrote {len(images)} images to {save_images(images, out)} ({calls} network evaluations per image)")
 
 
 def evaluate(
@@ -148,6 +154,7 @@ def evaluate(
     weights_path: str | None = None,
     cache_dir: str = "~/.cache/diffusion_lit/fid",
     trust_class: str | None = None,
+    spacing: Spacing = "linspace",
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
     the feature network (``--feature_extractor digits``) also the share of samples it classifies with confidence above
@@ -160,8 +167,8 @@ def evaluate(
         real: the reference images: a folder of images or a `.npz` file.
         num_samples: images to generate from the checkpoint (a conditional one: balanced over the classes).
         guidance_scale: classifier-free guidance w for a conditional checkpoint.
-        sampler: ``ddim`` or ``ddpm``.
-        steps: DDIM steps.
+        sampler: ``ddim``, ``ddpm``, ``euler``, ``heun`` or ``dpmpp_2m``.
+        steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
         seed: seed of the generated images.
         batch_size: images per batch, for sampling and for features.
@@ -172,6 +179,7 @@ def evaluate(
         weights_path: a local file of the Inception weights, for machines without network access.
         cache_dir: where the reference features of a checkpoint's dataset are cached.
         trust_class: your own network or optimizer classes that the checkpoint may name (see `sample`).
+        spacing: the ODE solvers' steps, ``linspace`` or ``karras``.
     """
     if (ckpt_path is None) == (samples is None):
         raise UserError("give exactly one of --ckpt_path (to generate images) and --samples (images to score)")
@@ -208,7 +216,8 @@ def evaluate(
     if ckpt_path is not None:
         y = parse_labels("all", num_samples, module.num_classes) if module.num_classes else None
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
-                                      guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta)
+                                      guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta,
+                                      spacing=spacing)
     fake = extract(features, fake_images, batch_size)
     if real is not None:
         real_features = extract(features, real_images, batch_size)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import NoiseSchedule, gather
+from diffusion_lit.solvers import SOLVERS, Spacing, vp_grid
 from diffusion_lit.unet import null_labels
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
@@ -130,7 +131,7 @@ def ddim_sample(
     return (x, states) if return_intermediates else x
 
 
-Sampler = Literal["ddpm", "ddim"]
+Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
 
 
 def guided(net: nn.Module, y: Tensor, guidance_scale: float) -> EpsModel:
@@ -162,8 +163,10 @@ def sample(
     return_intermediates: bool = False,
     labels: Tensor | None = None,
     guidance_scale: float = 1.0,
+    spacing: Spacing = "linspace",
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """`ddpm_sample` (which always takes all T steps) or `ddim_sample` with `steps` and `eta`.
+    """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
+    solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``).
 
     With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
     a conditional model samples unconditionally (its "null" class).
@@ -180,11 +183,33 @@ def sample(
         if labels.min() < 0 or labels.max() >= num_classes:
             raise UserError(f"labels must lie in [0, {num_classes - 1}] for this model, got {labels.unique().tolist()}")
         model = guided(model, labels, guidance_scale)
+    check_sampler(sampler, schedule, steps, eta, spacing)
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates)
     if sampler == "ddim":
         return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates)
-    raise UserError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
+    grid = vp_grid(schedule, steps, spacing)
+    return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates)
+
+
+def check_sampler(sampler: str, schedule: NoiseSchedule, steps: int, eta: float, spacing: str) -> None:
+    """A UserError for settings no sampler takes, before any network call."""
+    if sampler not in ("ddpm", "ddim", *SOLVERS):
+        raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}")
+    if sampler == "ddim":
+        check_ddim(schedule, steps, eta)
+    if sampler in SOLVERS:
+        vp_grid(schedule, steps, spacing)  # checks steps and spacing
+    elif spacing != "linspace":
+        raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own")
+
+
+def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale: float = 1.0,
+                        guided: bool = False) -> int:
+    """Network evaluations per sample: one per step (Heun: two, but one onto the last level; DDPM: all T steps),
+    twice that under classifier-free guidance, whose conditional and unconditional passes both run."""
+    calls = {"ddpm": timesteps, "heun": 2 * steps - 1}.get(sampler, steps)
+    return calls * (2 if guided and guidance_scale not in (0.0, 1.0) else 1)
 
 
 def generate(

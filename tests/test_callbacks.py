@@ -36,7 +36,7 @@ def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
     (tmp_path / "callbacks.yaml").write_text(yaml.safe_dump(config))
     return cli(
         "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--config", tmp_path / "callbacks.yaml",
-        "--data.root", images, "--data.batch_size", 4, "--trainer.max_steps", 4,
+        "--data.dataset", "folder", "--data.root", images, "--data.batch_size", 4, "--trainer.max_steps", 4,
         "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.enable_progress_bar", "false", *extra,
         **env_vars,
     )

@@ -47,7 +47,8 @@ def test_every_config_parses(config):
 def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):
     images = write_image_folder(tmp_path / "images", n_per_class=16, size=16)
     common = [
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
+        "--data.root", images, "--data.batch_size", 8,
         "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.log_every_n_steps", 1,
         "--checkpoint.every_n_train_steps", 3, "--trainer.val_check_interval", 3,
     ]
@@ -78,7 +79,8 @@ def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):
 def test_resume_without_a_checkpoint_stops_with_a_message(tmp_path):
     images = write_image_folder(tmp_path / "images")
     result = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
+        "--data.root", images,
         "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--ckpt_path", "last",
     )
     assert result.returncode != 0

@@ -24,7 +24,8 @@ def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     images = write_image_folder(tmp / "images", n_per_class=16, size=16)
     result = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
+        "--data.root", images, "--data.batch_size", 8,
         "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp / "runs",
     )
     assert result.returncode == 0, result.stderr
@@ -122,7 +123,8 @@ def test_evaluate_needs_something_to_score():
 def test_conditional_fit_and_guided_sampling(tmp_path, checkpoint):
     images = write_image_folder(tmp_path / "images", n_per_class=16, size=16)  # classes a and b
     result = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
+        "--data.root", images, "--data.batch_size", 8,
         "--model.conditional", "true", "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
     )
     assert result.returncode == 0, result.stderr

@@ -39,8 +39,9 @@ def checkpoints(tmp_path_factory, images):
 
 
 def fit_args(images, tmp):
-    return ["--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 4,
-            "--trainer.logger.init_args.save_dir", tmp / "runs", "--trainer.enable_progress_bar", "false"]
+    return ["--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", images,
+            "--data.batch_size", 4, "--trainer.logger.init_args.save_dir", tmp / "runs",
+            "--trainer.enable_progress_bar", "false"]
 
 
 def assert_clean_failure(result, *phrases):
@@ -70,11 +71,12 @@ def test_bad_fit_values(images, tmp_path, args, phrases):
 @pytest.mark.parametrize(
     "args,phrases",
     [
-        (["--sampler", "euler"], ["sampler", "'ddpm', 'ddim'"]),
+        (["--sampler", "euler_a"], ["sampler", "'ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m'"]),
+        (["--spacing", "karras", "--sampler", "ddim"], ["spacing 'karras' is for the ODE solvers"]),
         (["--steps", "0"], ["DDIM steps must lie in [1, 1000]"]),
         (["--num_samples", "-3"], ["num_samples and batch_size must be at least 1"]),
     ],
-    ids=["sampler", "steps", "num-samples"],
+    ids=["sampler", "spacing", "steps", "num-samples"],
 )
 def test_bad_sample_values(checkpoints, tmp_path, args, phrases):
     good, _ = checkpoints

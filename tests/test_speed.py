@@ -90,7 +90,8 @@ def test_fast_paths_from_the_command_line(tmp_path):
     """bf16 training with channels_last through `fit` (its end-of-training grid included), then bf16 sampling."""
     images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)
     run = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.root", images, "--data.batch_size", 8,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
+        "--data.root", images, "--data.batch_size", 8,
         "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
         "--trainer.precision", "bf16-mixed", "--model.channels_last", "true",
     )

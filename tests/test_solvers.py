@@ -1,0 +1,160 @@
+"""The ODE solvers: against diffusers' schedulers step for step, against the exact answer on Gaussian data, and
+the identities between them (Euler's step is DDIM's)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
+
+from diffusion_lit.sampling import ddim_sample, network_evaluations, sample
+from diffusion_lit.schedule import NoiseSchedule
+from diffusion_lit.solvers import Grid, dpmpp_2m_sample, edm_sigmas, euler_sample, heun_sample, vp_grid
+
+SCHEDULE = NoiseSchedule("linear", 1000)
+
+
+def smooth_model(x_t, t):
+    """A fixed, nonlinear eps predictor of x_t and (possibly fractional) t."""
+    return 0.8 * torch.tanh(x_t) + 0.1 * torch.sin(t.float() / 100).view(-1, 1, 1, 1)
+
+
+def grid_of(timesteps, sigmas) -> Grid:
+    """Our grid from a diffusers scheduler's timesteps and EDM sigmas (the last 0)."""
+    return Grid(torch.as_tensor(timesteps).float(), torch.as_tensor(sigmas, dtype=torch.float64))
+
+
+def run_diffusers(scheduler, x: torch.Tensor, scale_input: bool) -> torch.Tensor:
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t) if scale_input else x
+        x = scheduler.step(smooth_model(model_input, t.expand(len(x))), t, x).prev_sample
+    return x
+
+
+# float32 on both sides, coefficients rounded differently (diffusers keeps its schedule in float32, we compute the
+# grid in float64). The fixed model is no denoiser, so the states grow to hundreds at high noise: agreement to 1e-5
+# of their size says the same steps were taken; a wrong coefficient, a skipped correction or an off-by-one level
+# moves the result by percents.
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-4}
+
+
+def test_first_order_is_ddim_on_diffusers_trailing_steps():
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
+                              timestep_spacing="trailing")
+    scheduler.set_timesteps(10)
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs = run_diffusers(scheduler, x_T, scale_input=False)
+    sigmas = edm_sigmas(SCHEDULE)[scheduler.timesteps.long()]
+    ours = euler_sample(smooth_model, grid_of(scheduler.timesteps, torch.cat([sigmas, torch.zeros(1)])), x_T)
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_dpmpp_2m_matches_diffusers(kind):
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear" if kind == "linear" else "squaredcos_cap_v2",
+                                            algorithm_type="dpmsolver++", solver_order=2)
+    scheduler.set_timesteps(12)
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs = run_diffusers(scheduler, x_T, scale_input=False)
+    sigmas = edm_sigmas(NoiseSchedule(kind, 1000))[scheduler.timesteps.long()]
+    ours = dpmpp_2m_sample(smooth_model, grid_of(scheduler.timesteps, torch.cat([sigmas, torch.zeros(1)])), x_T)
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+
+
+@pytest.mark.parametrize("solver,scheduler_class", [(euler_sample, EulerDiscreteScheduler),
+                                                    (heun_sample, HeunDiscreteScheduler)], ids=["euler", "heun"])
+def test_euler_and_heun_on_karras_sigmas_match_diffusers(solver, scheduler_class):
+    # DDPM's betas, named: HeunDiscreteScheduler's defaults are Stable Diffusion's
+    scheduler = scheduler_class(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, use_karras_sigmas=True)
+    scheduler.set_timesteps(8)
+    grid = vp_grid(SCHEDULE, 8, "karras")  # our own Karras grid: the same levels and timesteps as theirs
+    reference = EulerDiscreteScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, use_karras_sigmas=True)
+    reference.set_timesteps(8)
+    torch.testing.assert_close(grid.s.float(), reference.sigmas, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grid.t, reference.timesteps.float(), rtol=0, atol=1e-3)
+
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs = run_diffusers(scheduler, noise * scheduler.init_noise_sigma, scale_input=True)
+    ours = solver(smooth_model, grid, noise * scheduler.init_noise_sigma * grid.alpha(0))  # the same x~, as a VP state
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+
+
+def test_euler_on_ddims_steps_is_ddim():
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    for steps in (1, 7, 50):
+        ddim = ddim_sample(smooth_model, SCHEDULE, x_T, steps=steps, clip_x0=False)
+        euler = euler_sample(smooth_model, vp_grid(SCHEDULE, steps), x_T)
+        torch.testing.assert_close(euler, ddim, **TOLERANCE)
+    # and DPM-Solver++'s first step is the same first-order step
+    one = vp_grid(SCHEDULE, 1)
+    torch.testing.assert_close(dpmpp_2m_sample(smooth_model, one, x_T), euler_sample(smooth_model, one, x_T))
+
+
+def gaussian_denoiser(schedule: NoiseSchedule, mean: float, std: float):
+    """The exact eps predictor for data x0 ~ N(mean, std²): E[x0 | x_t] in closed form at the timestep's noise level
+    (a fractional t is placed by log-sigma, as the grids place it)."""
+    log_sigmas = edm_sigmas(schedule).log().numpy()
+
+    def model(x_t, t):
+        s = torch.from_numpy(np.exp(np.interp(t.double().numpy(), np.arange(len(log_sigmas)), log_sigmas)))
+        alpha = (1 / (1 + s**2).sqrt()).view(-1, 1, 1, 1)
+        sigma = alpha * s.view(-1, 1, 1, 1)
+        x0 = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (x_t.double() - alpha * mean)
+        return ((x_t.double() - alpha * x0) / sigma).float()
+
+    return model
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_every_solver_turns_noise_into_the_gaussian_data(kind):
+    """For x0 ~ N(m, std²) the probability-flow ODE is solved in closed form: x0 = m + std (x~_T - m) / sqrt(std² +
+    s_T²). Each solver's answer approaches it as its steps grow, and its samples have the data's mean and spread."""
+    schedule = NoiseSchedule(kind, 1000)
+    mean, std = 0.3, 0.5
+    model = gaussian_denoiser(schedule, mean, std)
+    x_T = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    s_T = float(edm_sigmas(schedule)[-1])
+    exact = mean + std * (x_T * (1 + s_T**2) ** 0.5 - mean) / (std**2 + s_T**2) ** 0.5
+    for sampler, spacing in [("ddim", "linspace"), ("euler", "karras"), ("heun", "linspace"), ("heun", "karras"),
+                             ("dpmpp_2m", "linspace"), ("dpmpp_2m", "karras")]:
+        errors = []
+        for steps in (25, 100):
+            x = sample(model, schedule, x_T, sampler, steps, spacing=spacing, clip_x0=False)
+            errors.append((x - exact).abs().max().item())
+        assert errors[1] < errors[0] and errors[1] < 0.2, (sampler, spacing, errors)
+        # 20,000 draws: the sampling error is about 0.004 on the mean and 0.003 on the spread
+        assert abs(x.mean().item() - mean) < 0.015 and abs(x.std().item() - std) < 0.05, (sampler, spacing)
+    second_order = sample(model, schedule, x_T, "heun", 25, spacing="karras", clip_x0=False)
+    first_order = sample(model, schedule, x_T, "euler", 25, spacing="karras", clip_x0=False)
+    assert (second_order - exact).abs().max() < (first_order - exact).abs().max()  # Heun's order shows
+
+
+def test_network_evaluations_are_counted_as_they_happen():
+    calls = []
+
+    def counting(x_t, t):
+        calls.append(len(x_t))
+        return smooth_model(x_t, t)
+
+    x_T = torch.randn(2, 1, 4, 4)
+    for sampler in ("ddim", "euler", "heun", "dpmpp_2m"):
+        calls.clear()
+        sample(counting, SCHEDULE, x_T, sampler, steps=6)
+        assert len(calls) == network_evaluations(sampler, 6, 1000), sampler
+    assert network_evaluations("ddpm", 6, 1000) == 1000
+
+    class Conditional(torch.nn.Module):  # a conditional "network": counts the images it is shown
+        num_classes = 2
+
+        def forward(self, x_t, t, y):
+            calls.append(len(x_t))
+            return smooth_model(x_t, t)
+
+    for w, expected in ((2.0, 22), (1.0, 11)):  # guidance runs both passes in one batch; w = 1 needs one
+        calls.clear()
+        sample(Conditional(), SCHEDULE, x_T, "heun", steps=6, labels=torch.tensor([0, 1]), guidance_scale=w)
+        assert sum(calls) / len(x_T) == expected == network_evaluations("heun", 6, 1000, w, guided=True)

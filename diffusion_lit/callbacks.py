@@ -104,8 +104,10 @@ class SampleGrid(Callback):
         with pl_module.sampling(trainer.precision) as model:
             x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True,
                                labels=labels, **self.sampler_kwargs)
-        if trainer.log_dir:  # the newest grid as a picture to open, beside the run's other files
-            save_images(to_uint8(x), Path(trainer.log_dir) / "samples.png", per_row)
+        # The newest grid as a picture to open, beside the run's other files. The logger's folder, not
+        # trainer.log_dir: that one is a collective under DDP, and only rank zero is here.
+        if log_dir := getattr(trainer.logger, "log_dir", None):
+            save_images(to_uint8(x), Path(log_dir) / "samples.png", per_row)
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
             return

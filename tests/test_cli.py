@@ -88,8 +88,10 @@ def test_resume_without_a_checkpoint_stops_with_a_message(tmp_path):
 
 
 def test_missing_dataset_prints_one_message(tmp_path):
+    # CIFAR-10 has no stand-in (MNIST has the shipped digits: tests/test_digits.py)
     result = cli(
-        "fit", "--config", REPO / "configs/mnist.yaml", "--data.root", tmp_path / "nowhere", "--data.download", "false",
+        "fit", "--config", REPO / "configs/cifar10.yaml", "--data.root", tmp_path / "nowhere",
+        "--data.download", "false",
         "--trainer.logger.init_args.save_dir", tmp_path / "runs",
     )
     assert result.returncode != 0

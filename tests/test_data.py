@@ -15,8 +15,8 @@ def test_folder_with_class_subfolders(image_folder):
     x, y = next(iter(data.train_dataloader()))
     assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
     assert x.min() == -1 and x.max() == 1  # pixel 0 -> -1, pixel 255 -> 1
-    labels = {data.train_set.dataset.labels[i] for i in range(16)}
-    assert labels == {0, 1} and data.train_set.dataset.classes == ["a", "b"]
+    labels = {data.train_set.dataset.index.labels[i] for i in range(16)}
+    assert labels == {0, 1} and data.train_set.dataset.index.classes == ["a", "b"]
 
 
 def test_folder_resized_to_rgb(tmp_path):
@@ -56,7 +56,9 @@ def test_bad_input_is_a_user_error(kwargs, message):
         DiffusionDataModule(**kwargs)
 
 
-def test_missing_mnist_names_the_folder(tmp_path):
+def test_missing_mnist_falls_back_to_the_shipped_digits_and_names_the_folder(tmp_path, capsys):
     data = DiffusionDataModule("mnist", str(tmp_path), download=False)
-    with pytest.raises(UserError, match=str(tmp_path)):
-        data.setup("fit")
+    data.setup("fit")
+    said = capsys.readouterr().err
+    assert "the 10,000 MNIST test digits that ship with diffusion_lit" in said and str(tmp_path) in said
+    assert len(data.train_set) + len(data.val_set) == 10000

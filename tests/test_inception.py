@@ -50,7 +50,7 @@ def test_our_inception_fid_equals_torch_fidelitys(tmp_path):
     images, labels = shipped_digits()
     weights = tmp_path / "random_inception.pth"
     random_inception_weights(weights, images[-32:])
-    n = 48
+    n = 24
     low, high = images[labels < 5][:n], images[labels >= 5][:n]  # two sets that differ
 
     features = ImageFeatures("inception", str(weights))

@@ -85,9 +85,7 @@ def test_fit_trusts_the_class_its_config_names(images, tmp_path):
     first = cli("fit", *args, "--trainer.max_steps", 1)
     assert first.returncode == 0, first.stderr
     step1 = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "step00000001.ckpt"
-    resumed = cli("fit", *args, "--trainer.max_steps", 2, "--ckpt_path", step1)
+    resumed = cli("fit", *args, "--trainer.max_steps", 2, "--ckpt_path", step1)  # a file: read by LightningCLI
     assert resumed.returncode == 0, resumed.stderr
-    again = cli("fit", *args, "--trainer.max_steps", 3, "--ckpt_path", "last")
-    assert again.returncode == 0, again.stderr
-    refused = cli("fit", *fit_args(images, tmp_path), "--trainer.max_steps", 4, "--ckpt_path", "last")
+    refused = cli("fit", *fit_args(images, tmp_path), "--trainer.max_steps", 3, "--ckpt_path", "last")
     assert_clean_failure(refused, "'nets.MyUNet'", "--trust_class nets.MyUNet")  # the config names UNet, not it

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from diffusion_lit.digits import judge_counts, judge_shares
-from diffusion_lit.errors import UserError, say
+from diffusion_lit.errors import UserError, reason, say
 from diffusion_lit.images import grid, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
@@ -184,7 +184,7 @@ class FID(Callback):
             if trainer.is_global_zero:
                 print(
                     f"FID is off: the {self.feature_extractor} feature extractor could not be loaded "
-                    f"({type(err).__name__}: {err}); set the FID callback's weights_path to a local copy of "
+                    f"({reason(err)}); set the FID callback's weights_path to a local copy of "
                     "weights-inception-2015-12-05-6726825d.pth to turn it on.",
                     file=sys.stderr,
                 )

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import NoiseSchedule, gather
-from diffusion_lit.solvers import SOLVERS, Spacing, vp_grid
+from diffusion_lit.solvers import SOLVERS, Spacing, evenly_spaced, vp_grid
 from diffusion_lit.unet import null_labels
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
@@ -74,7 +74,7 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
     """`steps` timesteps evenly spaced over [0, T-1], both ends included, ascending."""
     if not 1 <= steps <= timesteps:
         raise UserError(f"DDIM steps must lie in [1, {timesteps}], got {steps}")
-    return torch.linspace(0, timesteps - 1, steps).round().long().unique().tolist()
+    return evenly_spaced(timesteps, steps).tolist()
 
 
 def check_ddim(schedule: NoiseSchedule, steps: int, eta: float) -> list[int]:

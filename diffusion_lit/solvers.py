@@ -46,6 +46,11 @@ def timestep_of(s: Tensor, sigmas: Tensor) -> Tensor:
     return torch.from_numpy(np.interp(s.log().numpy(), sigmas.log().numpy(), np.arange(len(sigmas), dtype=np.float64)))
 
 
+def evenly_spaced(timesteps: int, steps: int) -> Tensor:
+    """`steps` integer timesteps evenly spaced over [0, T-1], both ends included, ascending: DDIM's."""
+    return torch.linspace(0, timesteps - 1, steps).round().long().unique()
+
+
 def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", rho: float = 7.0) -> Grid:
     """`steps` levels of a VP schedule and then clean.
 
@@ -58,8 +63,8 @@ def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", 
         raise UserError(f"steps must lie in [1, {timesteps}], got {steps}")
     sigmas = edm_sigmas(schedule)
     if spacing == "linspace":
-        t = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().unique().flip(0)
-        s = sigmas[t.long()]
+        t = evenly_spaced(timesteps, steps).flip(0)
+        s = sigmas[t]
     elif spacing == "karras":
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
         s_max, s_min = sigmas[-1] ** (1 / rho), sigmas[0] ** (1 / rho)

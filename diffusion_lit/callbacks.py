@@ -103,7 +103,7 @@ class SampleGrid(Callback):
         x_T = torch.randn((n, hp.channels, hp.image_size, hp.image_size), generator=generator, device=pl_module.device)
         with pl_module.sampling(trainer.precision) as model:
             x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True,
-                               labels=labels, **self.sampler_kwargs)
+                               labels=labels, prediction=pl_module.prediction, **self.sampler_kwargs)
         # The newest grid as a picture to open, beside the run's other files. The logger's folder, not
         # trainer.log_dir: that one is a collective under DDP, and only rank zero is here.
         if log_dir := getattr(trainer.logger, "log_dir", None):
@@ -213,7 +213,8 @@ class FID(Callback):
         labels = torch.arange(first, first + shares[rank]) % pl_module.num_classes if pl_module.num_classes else None
         with pl_module.sampling(trainer.precision) as model:
             for x in generate(model, pl_module.schedule, shares[rank], (hp.channels, hp.image_size, hp.image_size),
-                              generator, self.batch_size, labels=labels, **self.sampler_kwargs):
+                              generator, self.batch_size, labels=labels, prediction=pl_module.prediction,
+                              **self.sampler_kwargs):
                 feats = extract(self.features, to_uint8(x), self.batch_size)
                 for metric in self.metrics:
                     metric.update(feats, real=False)

@@ -69,7 +69,7 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
     generator = torch.Generator(module.device).manual_seed(seed)
     with module.sampling(precision, ema) as model:
         batches = generate(model, module.schedule, num_samples, (hp.channels, hp.image_size, hp.image_size),
-                           generator, batch_size, progress=True, **sampler_kwargs)
+                           generator, batch_size, progress=True, prediction=module.prediction, **sampler_kwargs)
         return torch.cat([to_uint8(x).cpu() for x in batches])
 
 
@@ -114,7 +114,8 @@ def sample(
             through every class; without, a conditional model samples unconditionally.
         guidance_scale: classifier-free guidance w: 1 plain conditional, 0 unconditional, above 1 stronger.
         sampler: ``ddim``, ``ddpm`` (ancestral, all T steps), or an ODE solver: ``euler``, ``heun`` (EDM's second
-            order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)).
+            order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)). For a flow model, ddim
+            (eta 0) is Euler's step.
         steps: DDIM steps, or the solver's levels.
         eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM.
         seed: the same seed (and batch size) gives the same images.

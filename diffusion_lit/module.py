@@ -1,4 +1,5 @@
-"""DiffusionModule: the UNet, its EMA copy and the noise schedule, trained with the DDPM objective."""
+"""DiffusionModule: the denoiser, its EMA copy and the noising process (DDPM's or rectified flow), trained with the
+diffusion objective."""
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,11 +13,12 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.schedule import NoiseSchedule, ScheduleKind
+from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, ScheduleKind, TimeSampling
 from diffusion_lit.speed import autocast, compile_modules, grad_off
+from diffusion_lit.targets import Prediction, Process, Weighting, min_snr_weight, target
 from diffusion_lit.unet import UNet, null_labels
 
-NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> eps = net(x_t, t, y)
+NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> out = net(x_t, t, y)
 
 
 def ema_update(max_decay: float, warmup: bool, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor):
@@ -33,7 +35,8 @@ def to_channels_last(net: nn.Module, args: tuple) -> tuple:
 
 
 class DiffusionModule(LightningModule):
-    """Epsilon-prediction DDPM with an EMA of the denoiser's weights.
+    """A diffusion model with an EMA of the denoiser's weights: DDPM's VP process or rectified flow, the network
+    predicting eps, v or x0.
 
     Args:
         net: builds the denoiser from (in_channels, image_size, num_classes); a class path (UNet, DiT) and its
@@ -43,8 +46,17 @@ class DiffusionModule(LightningModule):
         num_classes: classes in the data (linked from the data; 0 when it has none).
         conditional: condition the denoiser on the labels, for classifier-free guidance at sampling time.
         p_uncond: with `conditional`, the probability that a training label is dropped to the "null" class.
-        schedule: noise schedule, ``linear`` or ``cosine``.
-        timesteps: number of diffusion steps T.
+        schedule: VP noise schedule, ``linear`` or ``cosine``.
+        timesteps: number of VP diffusion steps T.
+        process: ``vp`` (DDPM: x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) eps) or ``flow`` (rectified flow:
+            x_t = (1 - t) x0 + t eps, t in [0, 1]).
+        prediction: what the network predicts: ``eps``, ``v`` (VP: alpha eps - sigma x0; flow: eps - x0) or ``x0``;
+            unset, the process's own (eps for vp, v for flow).
+        loss_weighting: ``none`` (the plain MSE on the prediction) or ``min_snr`` (Min-SNR-gamma, Hang et al. 2023).
+        snr_gamma: gamma of Min-SNR-gamma.
+        t_sampling: how training draws t: ``uniform`` or ``logit_normal`` (SD3's, mean 0, std 1); unset, uniform for
+            vp and logit-normal for flow.
+        flow_shift: SD3's shift of the flow's sampling levels towards the noise (1: none).
         ema_decay: the EMA's decay once warmed up (0.9999 in DDPM).
         ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates.
         optimizer: the optimizer class and its arguments (learning rate, weight decay, ...).
@@ -65,6 +77,12 @@ class DiffusionModule(LightningModule):
         p_uncond: float = 0.1,
         schedule: ScheduleKind = "linear",
         timesteps: int = 1000,
+        process: Process = "vp",
+        prediction: Prediction | None = None,
+        loss_weighting: Weighting = "none",
+        snr_gamma: float = 5.0,
+        t_sampling: TimeSampling | None = None,
+        flow_shift: float = 1.0,
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -84,6 +102,16 @@ class DiffusionModule(LightningModule):
             )
         if not 0.0 <= p_uncond <= 1.0:
             raise UserError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+        if process not in ("vp", "flow"):
+            raise UserError(f"unknown process {process!r}: use 'vp' (DDPM) or 'flow' (rectified flow)")
+        if prediction not in (None, "eps", "v", "x0"):
+            raise UserError(f"unknown prediction {prediction!r}: use 'eps', 'v' or 'x0'")
+        if process == "flow" and prediction == "eps":
+            # At t = 1 the flow's x_t is the noise itself: an eps prediction says nothing about x0 there.
+            raise UserError("prediction eps cannot be sampled on the flow (x0 is lost at t = 1): use v or x0")
+        if loss_weighting not in ("none", "min_snr") or snr_gamma <= 0:
+            raise UserError(f"loss_weighting must be 'none' or 'min_snr' with snr_gamma > 0, got {loss_weighting!r} "
+                            f"and {snr_gamma}")
         self.save_hyperparameters()
         self.num_classes = num_classes if conditional else 0  # what the network is conditioned on
         self.net = net(channels, image_size, self.num_classes)
@@ -92,12 +120,14 @@ class DiffusionModule(LightningModule):
             self.net.register_forward_pre_hook(to_channels_last)
         self.ema = AveragedModel(self.net, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup), use_buffers=False)
         self.ema.requires_grad_(False)
-        self.schedule = NoiseSchedule(schedule, timesteps)
+        self.schedule = NoiseSchedule(schedule, timesteps) if process == "vp" else FlowSchedule(flow_shift)
+        self.prediction = prediction or ("eps" if process == "vp" else "v")
+        self.t_sampling = t_sampling or ("uniform" if process == "vp" else "logit_normal")
         self.optimizer = optimizer
         self._compiled = False
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """The EMA denoiser's eps prediction, the one sampling uses."""
+        """The EMA denoiser's prediction (eps, v or x0: `self.prediction`), the one sampling uses."""
         return self.ema.module(x_t, t, y)
 
     def setup(self, stage: str) -> None:
@@ -125,10 +155,17 @@ class DiffusionModule(LightningModule):
     def diffusion_loss(
         self, net: nn.Module, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """DDPM's simple loss: MSE between the drawn noise and the net's prediction of it at a uniform t."""
-        t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        """The MSE between the net's prediction and its target at a drawn t, weighted per sample by Min-SNR-gamma
+        when asked (with eps, uniform t and no weighting: DDPM's simple loss)."""
+        t = self.schedule.draw_t(x0.shape[0], self.t_sampling, x0.device, generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return F.mse_loss(net(self.schedule.q_sample(x0, t, eps), t, y), eps)
+        alpha, sigma = self.schedule.alpha_sigma(t, x0.ndim)
+        out = net(alpha * x0 + sigma * eps, self.schedule.network_time(t), y)
+        goal = target(self.prediction, self.schedule.process, x0, eps, alpha, sigma)
+        if self.hparams.loss_weighting == "none":
+            return F.mse_loss(out, goal)
+        weight = min_snr_weight(self.prediction, self.schedule.process, alpha, sigma, self.hparams.snr_gamma)
+        return (weight.flatten() * (out.float() - goal).pow(2).flatten(1).mean(1)).mean()
 
     def drop_labels(self, y: Tensor) -> Tensor:
         """Each label replaced by the null class (index num_classes) with probability p_uncond."""

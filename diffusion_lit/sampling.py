@@ -1,6 +1,8 @@
-"""DDPM ancestral sampling and DDIM: plain functions over (model, schedule, starting noise).
+"""DDPM ancestral sampling and DDIM: plain functions over (model, schedule, starting noise); `sample` for every
+sampler, with labels and guidance.
 
-`model(x_t, t)` predicts eps; timesteps are 0-based, t = T-1 the noisiest. All randomness comes from `generator`.
+`model(x_t, t)` predicts eps (or v or x0, named by `prediction`); timesteps are 0-based, t = T-1 the noisiest. All
+randomness comes from `generator`.
 """
 
 from collections.abc import Callable
@@ -10,42 +12,46 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.schedule import NoiseSchedule, gather
-from diffusion_lit.solvers import SOLVERS, Spacing, evenly_spaced, vp_grid
+from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, gather
+from diffusion_lit.solvers import SOLVERS, Spacing, evenly_spaced, grid_for
+from diffusion_lit.targets import Prediction, split
 from diffusion_lit.unet import null_labels
 
-EpsModel = Callable[[Tensor, Tensor], Tensor]
+Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's prediction
 Variance = Literal["posterior", "beta"]
 
 
-def predict_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor, clip: bool) -> Tensor:
-    """x0 = (x_t - sqrt(1 - ᾱ_t) eps) / sqrt(ᾱ_t), the inverse of q_sample, optionally clipped to [-1, 1]."""
-    x0 = (x_t - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * eps) / gather(
-        schedule.sqrt_alphas_cumprod, t, x_t.ndim
-    )
-    return x0.clamp(-1, 1) if clip else x0
+def predict(model: Model, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, prediction: Prediction,
+            clip: bool) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from the model's prediction at integer timesteps t, x0 optionally clipped to [-1, 1] (eps is the
+    unclipped one, as in DDIM's code)."""
+    alpha, sigma = schedule.alpha_sigma(t, x_t.ndim)
+    x0, eps = split(prediction, "vp", model(x_t, t), x_t, alpha, sigma)
+    return (x0.clamp(-1, 1) if clip else x0), eps
 
 
 @torch.no_grad()
 def ddpm_sample(
-    model: EpsModel,
+    model: Model,
     schedule: NoiseSchedule,
     x_T: Tensor,
     generator: torch.Generator | None = None,
     variance: Variance = "posterior",
     clip_x0: bool = True,
     return_intermediates: bool = False,
+    prediction: Prediction = "eps",
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Ancestral sampling, DDPM Algorithm 2, through all T steps.
 
     Args:
-        model: the eps predictor.
+        model: the network (its prediction named by `prediction`: eps, v or x0).
         schedule: the noise schedule the model was trained with.
         x_T: starting noise, [B, C, H, W].
         generator: source of the noise added at each step.
         variance: sigma_t² = posterior variance beta-tilde_t (``posterior``) or beta_t (``beta``).
         clip_x0: clip the predicted x0 to [-1, 1] before forming the mean.
         return_intermediates: also return the list of states x_T, ..., x_0.
+        prediction: what the model predicts.
 
     Returns:
         x_0, or (x_0, states) with return_intermediates.
@@ -55,10 +61,9 @@ def ddpm_sample(
     states = [x]
     for step in reversed(range(schedule.timesteps)):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        eps = model(x, t)
         # The mean of q(x_{t-1} | x_t, x0) at the predicted x0 (DDPM Eq. 7); unclipped, it equals Algorithm 2's
         # 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ᾱ_t) eps).
-        x0 = predict_x0(schedule, x, t, eps, clip_x0)
+        x0, _ = predict(model, schedule, x, t, prediction, clip_x0)
         mean = gather(schedule.posterior_mean_coef1, t, x.ndim) * x0 + gather(schedule.posterior_mean_coef2, t, x.ndim) * x
         if step > 0:  # Algorithm 2, line 3: z = 0 at the last step
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -86,7 +91,7 @@ def check_ddim(schedule: NoiseSchedule, steps: int, eta: float) -> list[int]:
 
 @torch.no_grad()
 def ddim_sample(
-    model: EpsModel,
+    model: Model,
     schedule: NoiseSchedule,
     x_T: Tensor,
     steps: int = 50,
@@ -94,11 +99,12 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     clip_x0: bool = True,
     return_intermediates: bool = False,
+    prediction: Prediction = "eps",
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """DDIM (Song et al. 2021, Eq. 12) over `steps` evenly spaced timesteps.
 
     Args:
-        model: the eps predictor.
+        model: the network (its prediction named by `prediction`: eps, v or x0).
         schedule: the noise schedule the model was trained with.
         x_T: starting noise, [B, C, H, W].
         steps: number of denoising steps (at most T).
@@ -106,6 +112,7 @@ def ddim_sample(
         generator: source of the noise added at each step when eta > 0.
         clip_x0: clip the predicted x0 to [-1, 1].
         return_intermediates: also return the list of states x_T, ..., x_0.
+        prediction: what the model predicts.
 
     Returns:
         x_0, or (x_0, states) with return_intermediates.
@@ -118,8 +125,7 @@ def ddim_sample(
         alpha_bar = schedule.alphas_cumprod[ts[i]]
         # ᾱ of the next (less noisy) timestep; 1 after the last step, which lands on x_0 (and makes sigma 0).
         alpha_bar_prev = schedule.alphas_cumprod[ts[i - 1]] if i > 0 else torch.ones_like(alpha_bar)
-        eps = model(x, t)
-        x0 = predict_x0(schedule, x, t, eps, clip_x0)
+        x0, eps = predict(model, schedule, x, t, prediction, clip_x0)
         # Eq. 16: sigma = eta sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         # Eq. 12: x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev - sigma²) eps + sigma z
@@ -134,11 +140,12 @@ def ddim_sample(
 Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
 
 
-def guided(net: nn.Module, y: Tensor, guidance_scale: float) -> EpsModel:
-    """Classifier-free guidance (Ho & Salimans 2022) as an eps model for the samplers.
+def guided(net: nn.Module, y: Tensor, guidance_scale: float) -> Model:
+    """Classifier-free guidance (Ho & Salimans 2022) as a model for the samplers.
 
-    eps = eps_uncond + w (eps_cond - eps_uncond), with the conditional and the unconditional ("null" label) passes
-    batched into one call of the network. w = 1 is plain conditional sampling, w = 0 unconditional.
+    out = out_uncond + w (out_cond - out_uncond), with the conditional and the unconditional ("null" label) passes
+    batched into one call of the network. w = 1 is plain conditional sampling, w = 0 unconditional. The mix is the
+    same on eps, v or x0: each is linear in the others at a given x_t.
     """
     null = null_labels(net.num_classes, y)
 
@@ -152,8 +159,8 @@ def guided(net: nn.Module, y: Tensor, guidance_scale: float) -> EpsModel:
 
 
 def sample(
-    model: EpsModel,
-    schedule: NoiseSchedule,
+    model: Model,
+    schedule: NoiseSchedule | FlowSchedule,
     x_T: Tensor,
     sampler: Sampler = "ddim",
     steps: int = 50,
@@ -164,9 +171,11 @@ def sample(
     labels: Tensor | None = None,
     guidance_scale: float = 1.0,
     spacing: Spacing = "linspace",
+    prediction: Prediction = "eps",
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
-    solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``).
+    solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``), for a
+    model that predicts `prediction` under `schedule`'s process (DDPM / DDIM: VP only).
 
     With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
     a conditional model samples unconditionally (its "null" class).
@@ -184,24 +193,30 @@ def sample(
             raise UserError(f"labels must lie in [0, {num_classes - 1}] for this model, got {labels.unique().tolist()}")
         model = guided(model, labels, guidance_scale)
     check_sampler(sampler, schedule, steps, eta, spacing)
+    if schedule.process == "flow" and sampler == "ddim":
+        sampler = "euler"  # DDIM (eta 0) on the flow is Euler's step: tests/test_solvers.py shows it
     if sampler == "ddpm":
-        return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates)
+        return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
+                           prediction=prediction)
     if sampler == "ddim":
-        return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates)
-    grid = vp_grid(schedule, steps, spacing)
-    return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates)
+        return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction)
+    grid = grid_for(schedule, steps, spacing)
+    return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates, prediction)
 
 
-def check_sampler(sampler: str, schedule: NoiseSchedule, steps: int, eta: float, spacing: str) -> None:
+def check_sampler(sampler: str, schedule: NoiseSchedule | FlowSchedule, steps: int, eta: float, spacing: str) -> None:
     """A UserError for settings no sampler takes, before any network call."""
     if sampler not in ("ddpm", "ddim", *SOLVERS):
         raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}")
-    if sampler == "ddim":
-        check_ddim(schedule, steps, eta)
-    if sampler in SOLVERS:
-        vp_grid(schedule, steps, spacing)  # checks steps and spacing
+    if schedule.process == "flow" and (sampler == "ddpm" or (sampler == "ddim" and eta != 0)):
+        raise UserError(f"sampler {sampler}{' with eta > 0' if sampler == 'ddim' else ''} is for VP (DDPM) models; "
+                        "this is a flow model: use euler (DDIM with eta 0 on the flow), heun or dpmpp_2m")
+    if sampler in SOLVERS or schedule.process == "flow":
+        grid_for(schedule, steps, spacing)  # checks steps and spacing
     elif spacing != "linspace":
         raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own")
+    if sampler == "ddim" and schedule.process == "vp":
+        check_ddim(schedule, steps, eta)
 
 
 def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale: float = 1.0,
@@ -213,7 +228,7 @@ def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale
 
 
 def generate(
-    model: EpsModel,
+    model: Model,
     schedule: NoiseSchedule,
     num_samples: int,
     shape: tuple[int, int, int],

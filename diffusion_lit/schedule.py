@@ -1,4 +1,5 @@
-"""Noise schedules of DDPM (Ho et al. 2020) and improved DDPM (Nichol & Dhariwal 2021)."""
+"""The noising processes x_t = alpha x0 + sigma eps: DDPM's variance-preserving one with the schedules of DDPM (Ho et
+al. 2020) and improved DDPM (Nichol & Dhariwal 2021), and rectified flow (Liu et al. 2022; Esser et al. 2024)."""
 
 import math
 from typing import Literal
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 from diffusion_lit.errors import UserError
 
 ScheduleKind = Literal["linear", "cosine"]
+TimeSampling = Literal["uniform", "logit_normal"]
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -72,11 +74,73 @@ class NoiseSchedule(nn.Module):
         for name, value in terms.items():
             self.register_buffer(name, value.float(), persistent=False)
 
+    process = "vp"
+
+    def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+        """(sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) at integer timesteps t, shaped to broadcast against `ndim` dimensions."""
+        return gather(self.sqrt_alphas_cumprod, t, ndim), gather(self.sqrt_one_minus_alphas_cumprod, t, ndim)
+
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) eps  (DDPM Eq. 4)."""
-        return gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0 + gather(
-            self.sqrt_one_minus_alphas_cumprod, t, x0.ndim
-        ) * eps
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return alpha * x0 + sigma * eps
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """The timestep as the network sees it: t itself."""
+        return t
+
+    def draw_t(self, n: int, how: TimeSampling, device, generator: torch.Generator | None = None) -> Tensor:
+        """n training timesteps: uniform over [0, T-1] (DDPM), or u ~ logit-normal(0, 1) placed at floor(u T)."""
+        if how == "uniform":
+            return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
+        u = torch.sigmoid(torch.randn(n, device=device, generator=generator))
+        return (u * self.timesteps).long().clamp(max=self.timesteps - 1)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, timesteps={self.timesteps}"
+
+
+class FlowSchedule(nn.Module):
+    """Rectified flow: x_t = (1 - t) x0 + t eps for continuous t in [0, 1], t = 1 pure noise.
+
+    The network sees 1000 t (Stable Diffusion 3's convention), so the denoisers built for DDPM's timesteps take it
+    unchanged. Sampling walks t from 1 to 0 on levels shifted towards the noise by `shift` (SD3 Eq. 23).
+
+    Args:
+        shift: the sampling levels' shift s: t -> s t / (1 + (s - 1) t); 1 leaves them evenly spaced.
+    """
+
+    process = "flow"
+    timesteps = 1000  # the network's time scale
+
+    def __init__(self, shift: float = 1.0) -> None:
+        super().__init__()
+        if shift <= 0:
+            raise UserError(f"flow_shift must be positive, got {shift}")
+        self.shift = shift
+
+    def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+        """(1 - t, t), shaped to broadcast against `ndim` dimensions."""
+        t = t.reshape(-1, *([1] * (ndim - 1)))
+        return 1 - t, t
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_t = (1 - t) x0 + t eps."""
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return alpha * x0 + sigma * eps
+
+    def network_time(self, t: Tensor) -> Tensor:
+        return t * self.timesteps
+
+    def draw_t(self, n: int, how: TimeSampling, device, generator: torch.Generator | None = None) -> Tensor:
+        """n training times in (0, 1): uniform, or logit-normal with mean 0 and std 1 (SD3's default)."""
+        if how == "uniform":
+            return torch.rand(n, device=device, generator=generator)
+        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+
+    def shifted(self, t: Tensor) -> Tensor:
+        """SD3's timestep shift s t / (1 + (s - 1) t)."""
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def extra_repr(self) -> str:
+        return f"shift={self.shift}"

@@ -1,11 +1,11 @@
 """Fast deterministic solvers of the diffusion ODE: Euler, Heun (EDM's second order) and DPM-Solver++(2M).
 
-They walk a grid of noise levels, noisiest first, in EDM's variables (Karras et al. 2022): a VP state
-x_t = alpha x0 + sigma eps is x~ = x_t / alpha = x0 + s eps with s = sigma / alpha, and the last level is clean
-(s = 0). The network is asked for eps at the level's timestep t (a fractional one between two integers on a Karras
-grid) with its own input x_t = alpha x~, alpha = 1 / sqrt(1 + s²), and its answer becomes the data prediction
-x0 = x~ - s eps. In these variables one first-order step is x~' = (s'/s) x~ + (1 - s'/s) x0: Euler's step, DDIM's
-(eta 0) and first-order DPM-Solver++'s at once, which the tests show.
+They walk a grid of noise levels, noisiest first, for either process x_t = alpha x0 + sigma eps. Each grid names
+the variables its ODE is solved in: y = x_t / c with level k = sigma / c, so that dy/dk = (y - x0) / k while the
+data prediction x0 stays fixed. On VP, c = alpha gives EDM's variables (Karras et al. 2022: y = x0 + k eps); on the
+flow, c = 1 gives its own x_t and t. The last level is clean (k = 0). In these variables one first-order step is
+y' = (k'/k) y + (1 - k'/k) x0: Euler's step, DDIM's (eta 0) and first-order DPM-Solver++'s at once, on both
+processes, which the tests show.
 """
 
 from collections.abc import Callable
@@ -17,22 +17,38 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.schedule import NoiseSchedule
+from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
+from diffusion_lit.targets import Prediction, Process, inverse
 
-EpsModel = Callable[[Tensor, Tensor], Tensor]
+Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, network time) -> the network's prediction
 Spacing = Literal["linspace", "karras"]
 
 
 @dataclass
 class Grid:
-    """Noise levels, noisiest first: the network's timesteps t [N] and EDM's sigmas s [N + 1], the last 0."""
+    """Noise levels, noisiest first: the network's times t [N], and alpha, sigma and the ODE's scale c [N + 1] of
+    every level, the last one clean (alpha = c = 1, sigma = 0)."""
 
     t: Tensor
-    s: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    scale: Tensor
+    process: Process = "vp"
 
-    def alpha(self, i: int) -> float:
-        """The VP scale alpha = 1 / sqrt(1 + s²) of level i."""
-        return float(1 / (1 + self.s[i] ** 2).sqrt())
+    @classmethod
+    def vp(cls, t: Tensor, s: Tensor) -> "Grid":
+        """A VP grid from EDM's sigmas s = sigma / alpha [N + 1] (the last 0)."""
+        alpha = 1 / (1 + s.double() ** 2).sqrt()
+        return cls(torch.as_tensor(t).float(), alpha, alpha * s, alpha)
+
+    @property
+    def level(self) -> Tensor:
+        """k = sigma / c of every level: EDM's sigma on VP, t on the flow."""
+        return self.sigma / self.scale
+
+    def log_snr(self, i: int) -> float:
+        """lambda = log(alpha / sigma) of level i: DPM-Solver's time (-inf at the flow's t = 1, inf when clean)."""
+        return float((self.alpha[i] / self.sigma[i]).log())
 
 
 def edm_sigmas(schedule: NoiseSchedule) -> Tensor:
@@ -72,19 +88,40 @@ def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", 
         t = timestep_of(s, sigmas)
     else:
         raise UserError(f"unknown step spacing {spacing!r}: use 'linspace' or 'karras'")
-    return Grid(t.float(), torch.cat([s, s.new_zeros(1)]))
+    return Grid.vp(t, torch.cat([s, s.new_zeros(1)]))
 
 
-def data_prediction(model: EpsModel, x: Tensor, grid: Grid, i: int, clip_x0: bool) -> Tensor:
-    """x0 = x~ - s eps, with eps asked of the network at level i, optionally clipped to [-1, 1]."""
-    t = grid.t[i].to(x.device).expand(x.shape[0])
-    x0 = x - float(grid.s[i]) * model(grid.alpha(i) * x, t)
+def flow_grid(schedule: FlowSchedule, steps: int, spacing: Spacing = "linspace") -> Grid:
+    """`steps` levels of the flow, t = 1, 1 - 1/N, ..., 1/N (each shifted by the schedule's shift), then t = 0."""
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    if spacing != "linspace":
+        raise UserError(f"spacing {spacing!r} is for VP models; a flow model takes linspace (and its flow_shift)")
+    t = schedule.shifted(torch.linspace(1, 0, steps + 1, dtype=torch.float64))
+    return Grid(schedule.network_time(t[:-1]).float(), 1 - t, t, torch.ones_like(t), "flow")
+
+
+def grid_for(schedule: NoiseSchedule | FlowSchedule, steps: int, spacing: Spacing = "linspace") -> Grid:
+    """The solvers' grid for a model trained with `schedule` (a UserError for settings it does not take)."""
+    if isinstance(schedule, FlowSchedule):
+        return flow_grid(schedule, steps, spacing)
+    return vp_grid(schedule, steps, spacing)
+
+
+def data_prediction(model: Model, y: Tensor, grid: Grid, i: int, clip_x0: bool, prediction: Prediction) -> Tensor:
+    """The x0 the network predicts at level i for the ODE state y, optionally clipped to [-1, 1]."""
+    c = float(grid.scale[i])
+    t = grid.t[i].to(y.device).expand(y.shape[0])
+    # x0 = p x_t + q out with x_t = c y: the coefficients in float64, so that y = x_t / alpha is never formed in
+    # float32 where alpha is small (VP's noisiest levels)
+    p, q, _, _ = inverse(prediction, grid.process, float(grid.alpha[i]), float(grid.sigma[i]))
+    x0 = (p * c) * y + q * model(c * y, t)
     return x0.clamp(-1, 1) if clip_x0 else x0
 
 
-def first_order(x: Tensor, x0: Tensor, s: float, s_next: float) -> Tensor:
-    """x~' = (s'/s) x~ + (1 - s'/s) x0: Euler, DDIM (eta 0) and DPM-Solver++ (first order) alike."""
-    return (s_next / s) * x + (1 - s_next / s) * x0
+def first_order(y: Tensor, x0: Tensor, k: float, k_next: float) -> Tensor:
+    """y' = (k'/k) y + (1 - k'/k) x0: Euler, DDIM (eta 0) and DPM-Solver++ (first order) alike."""
+    return (k_next / k) * y + (1 - k_next / k) * x0
 
 
 def _finish(x: Tensor, states: list[Tensor], return_intermediates: bool):
@@ -92,63 +129,66 @@ def _finish(x: Tensor, states: list[Tensor], return_intermediates: bool):
 
 
 @torch.no_grad()
-def euler_sample(model: EpsModel, grid: Grid, x_T: Tensor, clip_x0: bool = False,
-                 return_intermediates: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """Euler's method on the probability-flow ODE dx~/ds = (x~ - x0) / s (EDM Alg. 1 without its second order):
-    one network call per level. x_T is the VP state at the first level; the states returned are VP states."""
-    x = x_T / grid.alpha(0)
+def euler_sample(model: Model, grid: Grid, x_T: Tensor, clip_x0: bool = False, return_intermediates: bool = False,
+                 prediction: Prediction = "eps") -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Euler's method on the probability-flow ODE dy/dk = (y - x0) / k (EDM Alg. 1 without its second order; on
+    the flow, SD3's sampler): one network call per level. x_T and the states returned are x_t."""
+    k, c = grid.level.tolist(), grid.scale.tolist()
+    y = x_T / c[0]
     states = [x_T]
     for i in range(len(grid.t)):
-        x0 = data_prediction(model, x, grid, i, clip_x0)
-        x = first_order(x, x0, float(grid.s[i]), float(grid.s[i + 1]))
-        states.append(grid.alpha(i + 1) * x)
-    return _finish(x, states, return_intermediates)
+        x0 = data_prediction(model, y, grid, i, clip_x0, prediction)
+        y = first_order(y, x0, k[i], k[i + 1])
+        states.append(c[i + 1] * y)
+    return _finish(y, states, return_intermediates)
 
 
 @torch.no_grad()
-def heun_sample(model: EpsModel, grid: Grid, x_T: Tensor, clip_x0: bool = False,
-                return_intermediates: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+def heun_sample(model: Model, grid: Grid, x_T: Tensor, clip_x0: bool = False, return_intermediates: bool = False,
+                prediction: Prediction = "eps") -> Tensor | tuple[Tensor, list[Tensor]]:
     """EDM's Heun sampler (Karras et al. 2022, Alg. 1, deterministic): an Euler step, then the average of the slopes
-    at both of its ends; the last step, onto s = 0, is Euler's alone. 2N - 1 network calls for N levels."""
-    x = x_T / grid.alpha(0)
+    at both of its ends; the last step, onto k = 0, is Euler's alone. 2N - 1 network calls for N levels."""
+    k, c = grid.level.tolist(), grid.scale.tolist()
+    y = x_T / c[0]
     states = [x_T]
     for i in range(len(grid.t)):
-        s, s_next = float(grid.s[i]), float(grid.s[i + 1])
-        d = (x - data_prediction(model, x, grid, i, clip_x0)) / s  # Alg. 1, line 7
-        x_euler = x + (s_next - s) * d  # line 8
-        if s_next > 0:  # lines 9-11: the slope at the Euler step's end, averaged in
-            d_next = (x_euler - data_prediction(model, x_euler, grid, i + 1, clip_x0)) / s_next
-            x = x + (s_next - s) * (d + d_next) / 2
+        d = (y - data_prediction(model, y, grid, i, clip_x0, prediction)) / k[i]  # Alg. 1, line 7
+        y_euler = y + (k[i + 1] - k[i]) * d  # line 8
+        if k[i + 1] > 0:  # lines 9-11: the slope at the Euler step's end, averaged in
+            d_next = (y_euler - data_prediction(model, y_euler, grid, i + 1, clip_x0, prediction)) / k[i + 1]
+            y = y + (k[i + 1] - k[i]) * (d + d_next) / 2
         else:
-            x = x_euler
-        states.append(grid.alpha(i + 1) * x)
-    return _finish(x, states, return_intermediates)
+            y = y_euler
+        states.append(c[i + 1] * y)
+    return _finish(y, states, return_intermediates)
 
 
 @torch.no_grad()
-def dpmpp_2m_sample(model: EpsModel, grid: Grid, x_T: Tensor, clip_x0: bool = False,
-                    return_intermediates: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): multistep, second order in lambda = -log s, on data predictions.
+def dpmpp_2m_sample(model: Model, grid: Grid, x_T: Tensor, clip_x0: bool = False, return_intermediates: bool = False,
+                    prediction: Prediction = "eps") -> Tensor | tuple[Tensor, list[Tensor]]:
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): multistep, second order in lambda = log(alpha / sigma), on data
+    predictions.
 
-    x~' = (s'/s) x~ + (1 - s'/s) D, with D = x0 at the first and the last step (the last lands on s = 0) and
-    D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev otherwise, r = h_prev / h, h = log(s / s'). One network call per level.
+    y' = (k'/k) y + (1 - k'/k) D, with D = x0 at the first and the last step (the last lands on k = 0) and
+    D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev otherwise, r = h_prev / h, h = lambda' - lambda. One network call per
+    level. (On the flow, whose first level has lambda = -inf, the second step is first order too.)
     """
-    x = x_T / grid.alpha(0)
+    k, c = grid.level.tolist(), grid.scale.tolist()
+    y = x_T / c[0]
     states = [x_T]
     x0_prev, h_prev = None, None
     for i in range(len(grid.t)):
-        s, s_next = float(grid.s[i]), float(grid.s[i + 1])
-        x0 = data_prediction(model, x, grid, i, clip_x0)
-        h = np.log(s / s_next) if s_next > 0 else None
-        if x0_prev is None or h is None:  # first order at the first step and onto s = 0
+        x0 = data_prediction(model, y, grid, i, clip_x0, prediction)
+        h = grid.log_snr(i + 1) - grid.log_snr(i) if k[i + 1] > 0 else None
+        if x0_prev is None or h is None:  # first order at the first step and onto k = 0
             d = x0
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = first_order(x, d, s, s_next)
+        y = first_order(y, d, k[i], k[i + 1])
         x0_prev, h_prev = x0, h
-        states.append(grid.alpha(i + 1) * x)
-    return _finish(x, states, return_intermediates)
+        states.append(c[i + 1] * y)
+    return _finish(y, states, return_intermediates)
 
 
 SOLVERS = {"euler": euler_sample, "heun": heun_sample, "dpmpp_2m": dpmpp_2m_sample}

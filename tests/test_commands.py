@@ -142,3 +142,42 @@ def test_conditional_fit_and_guided_sampling(tmp_path, checkpoint):
     for args in (["--labels", "all"], ["--guidance_scale", "2"]):  # from the unconditional checkpoint
         refused = cli("sample", "--ckpt_path", checkpoint, *args, "--out", tmp_path / "y.png")
         assert refused.returncode == 2 and "unconditional" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_checkpoint_from_before_v_and_flow_samples_as_it_did():
+    """tests/data/eps_ddpm_v1.ckpt was written by `fit` at commit ebebde6 (eps prediction, DDPM, no `process` or
+    `prediction` in its hyperparameters); the samples beside it were drawn from it by that code."""
+    from diffusion_lit.commands import load_checkpoint
+    from diffusion_lit.sampling import sample
+
+    data = REPO / "tests" / "data"
+    module, checkpoint = load_checkpoint(str(data / "eps_ddpm_v1.ckpt"))
+    assert "process" not in checkpoint["hyper_parameters"] and "prediction" not in checkpoint["hyper_parameters"]
+    assert module.schedule.process == "vp" and module.prediction == "eps" and module.t_sampling == "uniform"
+    old = torch.load(data / "eps_ddpm_v1_samples.pt", weights_only=True)
+    with module.sampling() as net:
+        ddim = sample(net, module.schedule, old["x_T"], "ddim", steps=10, labels=old["labels"], guidance_scale=2.0)
+        ddpm = sample(net, module.schedule, old["x_T"], "ddpm", generator=torch.Generator().manual_seed(2))
+        dpmpp = sample(net, module.schedule, old["x_T"], "dpmpp_2m", steps=8, spacing="karras")
+    torch.testing.assert_close(ddim, old["ddim"], rtol=0, atol=0)  # the same float32 operations as then
+    torch.testing.assert_close(ddpm, old["ddpm"], rtol=0, atol=0)
+    # the solvers now form x0 with float64 coefficients: a rounding apart, far below one grey level (1/127.5)
+    torch.testing.assert_close(dpmpp, old["dpmpp_2m"], rtol=0, atol=1e-5)
+
+
+def test_flow_fit_and_sample(tmp_path):
+    """A rectified-flow run through the CLI; `sample` learns the process from the checkpoint, needs no flag."""
+    images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)
+    fit = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", images,
+              "--data.batch_size", 8, "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+              "--model.process", "flow", "--model.loss_weighting", "min_snr")
+    assert fit.returncode == 0, fit.stderr
+    ckpt = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["process"] == "flow"
+    heun = cli("sample", "--ckpt_path", ckpt, "--num_samples", 3, "--sampler", "heun", "--steps", 3,
+               "--out", tmp_path / "h.npz")
+    assert heun.returncode == 0, heun.stderr
+    assert "(5 network evaluations per image)" in heun.stdout  # 3 levels: 2 + 2 + 1
+    assert np.load(tmp_path / "h.npz")["arr_0"].shape == (3, 16, 16, 1)
+    ddpm = cli("sample", "--ckpt_path", ckpt, "--sampler", "ddpm", "--out", tmp_path / "d.npz")
+    assert ddpm.returncode == 2 and "flow model" in ddpm.stderr and "Traceback" not in ddpm.stderr

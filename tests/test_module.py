@@ -24,13 +24,23 @@ class LossRecorder(Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def test_tiny_model_overfits_eight_images():
+OBJECTIVES = [
+    {},  # DDPM's: eps, uniform t, no weighting
+    {"prediction": "v", "loss_weighting": "min_snr"},
+    {"prediction": "x0", "loss_weighting": "min_snr", "t_sampling": "logit_normal"},
+    {"process": "flow"},  # rectified flow: v, logit-normal t
+    {"process": "flow", "prediction": "x0", "loss_weighting": "min_snr", "t_sampling": "uniform"},
+]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=["eps", "v-minsnr", "x0-minsnr-lognorm", "flow", "flow-x0"])
+def test_tiny_model_overfits_eight_images(objective):
     seed_everything(0)
     x = torch.zeros(8, 1, 8, 8) - 1
     for i in range(8):  # eight distinct images in [-1, 1]: a bright bar at row i
         x[i, 0, i] = 1
     loader = DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=8)
-    model = tiny_module(optimizer=partial(torch.optim.Adam, lr=2e-3), schedule="cosine")
+    model = tiny_module(optimizer=partial(torch.optim.Adam, lr=2e-3), schedule="cosine", **objective)
     recorder = LossRecorder()
     trainer = Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[recorder])
@@ -99,3 +109,9 @@ def test_bad_values_are_user_errors():
         tiny_module(warmup_steps=-1)
     with pytest.raises(UserError, match="ema_decay"):
         tiny_module(ema_decay=1.5)
+    with pytest.raises(UserError, match="unknown process"):
+        tiny_module(process="edm")
+    with pytest.raises(UserError, match="prediction eps cannot be sampled on the flow"):
+        tiny_module(process="flow", prediction="eps")
+    with pytest.raises(UserError, match="snr_gamma"):
+        tiny_module(loss_weighting="min_snr", snr_gamma=0)

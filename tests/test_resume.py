@@ -2,6 +2,7 @@
 
 from functools import partial
 
+import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -14,12 +15,12 @@ from conftest import tiny_unet, write_image_folder
 N = 6  # 32 training images in batches of 8: resuming mid-way through the second epoch
 
 
-def run(root, ckpt_dir, max_steps, ckpt_path=None):
+def run(root, ckpt_dir, max_steps, ckpt_path=None, **objective):
     seed_everything(0)
     data = DiffusionDataModule("folder", str(root), batch_size=8, num_workers=0, val_fraction=0.2)
     model = DiffusionModule(
         net=tiny_unet, image_size=data.image_size, channels=data.channels, ema_decay=0.99, warmup_steps=3,
-        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3), **objective,
     )
     model.net.down[0][0].dropout.p = 0.1  # dropout draws from the global generator: resume must restore it
     trainer = Trainer(
@@ -31,11 +32,12 @@ def run(root, ckpt_dir, max_steps, ckpt_path=None):
     return trainer, model
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("objective", [{}, {"process": "flow", "loss_weighting": "min_snr"}], ids=["ddpm", "flow"])
+def test_resumed_run_matches_uninterrupted_run(tmp_path, objective):
     root = write_image_folder(tmp_path / "images", n_per_class=20)  # 40 images: 32 train, 8 val
-    straight, straight_model = run(root, tmp_path / "a", 2 * N)
-    run(root, tmp_path / "b", N)
-    resumed, resumed_model = run(root, tmp_path / "b", 2 * N, ckpt_path=tmp_path / "b" / "last.ckpt")
+    straight, straight_model = run(root, tmp_path / "a", 2 * N, **objective)
+    run(root, tmp_path / "b", N, **objective)
+    resumed, resumed_model = run(root, tmp_path / "b", 2 * N, ckpt_path=tmp_path / "b" / "last.ckpt", **objective)
 
     assert resumed.global_step == straight.global_step == 2 * N
     assert resumed.current_epoch == straight.current_epoch

@@ -8,12 +8,14 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
 )
 
 from diffusion_lit.sampling import ddim_sample, network_evaluations, sample
-from diffusion_lit.schedule import NoiseSchedule
-from diffusion_lit.solvers import Grid, dpmpp_2m_sample, edm_sigmas, euler_sample, heun_sample, vp_grid
+from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
+from diffusion_lit.solvers import Grid, dpmpp_2m_sample, edm_sigmas, euler_sample, flow_grid, heun_sample, vp_grid
+from diffusion_lit.targets import split, target
 
 SCHEDULE = NoiseSchedule("linear", 1000)
 
@@ -25,7 +27,7 @@ def smooth_model(x_t, t):
 
 def grid_of(timesteps, sigmas) -> Grid:
     """Our grid from a diffusers scheduler's timesteps and EDM sigmas (the last 0)."""
-    return Grid(torch.as_tensor(timesteps).float(), torch.as_tensor(sigmas, dtype=torch.float64))
+    return Grid.vp(torch.as_tensor(timesteps).float(), torch.as_tensor(sigmas, dtype=torch.float64))
 
 
 def run_diffusers(scheduler, x: torch.Tensor, scale_input: bool) -> torch.Tensor:
@@ -74,12 +76,12 @@ def test_euler_and_heun_on_karras_sigmas_match_diffusers(solver, scheduler_class
     grid = vp_grid(SCHEDULE, 8, "karras")  # our own Karras grid: the same levels and timesteps as theirs
     reference = EulerDiscreteScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, use_karras_sigmas=True)
     reference.set_timesteps(8)
-    torch.testing.assert_close(grid.s.float(), reference.sigmas, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grid.level.float(), reference.sigmas, rtol=1e-5, atol=0)
     torch.testing.assert_close(grid.t, reference.timesteps.float(), rtol=0, atol=1e-3)
 
     noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     theirs = run_diffusers(scheduler, noise * scheduler.init_noise_sigma, scale_input=True)
-    ours = solver(smooth_model, grid, noise * scheduler.init_noise_sigma * grid.alpha(0))  # the same x~, as a VP state
+    ours = solver(smooth_model, grid, noise * scheduler.init_noise_sigma * float(grid.alpha[0]))  # their x~ as x_t
     torch.testing.assert_close(ours, theirs, **TOLERANCE)
 
 
@@ -94,42 +96,88 @@ def test_euler_on_ddims_steps_is_ddim():
     torch.testing.assert_close(dpmpp_2m_sample(smooth_model, one, x_T), euler_sample(smooth_model, one, x_T))
 
 
-def gaussian_denoiser(schedule: NoiseSchedule, mean: float, std: float):
-    """The exact eps predictor for data x0 ~ N(mean, std²): E[x0 | x_t] in closed form at the timestep's noise level
-    (a fractional t is placed by log-sigma, as the grids place it)."""
-    log_sigmas = edm_sigmas(schedule).log().numpy()
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_matches_diffusers(shift):
+    """Our Euler on a flow grid is FlowMatchEulerDiscreteScheduler's step, shift included (SD3's sampler)."""
+    steps = 10
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps))  # the unshifted levels our grid uses
+    grid = flow_grid(FlowSchedule(shift), steps)
+    torch.testing.assert_close(grid.sigma.float(), scheduler.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grid.t, scheduler.timesteps, rtol=0, atol=1e-3)
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs = run_diffusers(scheduler, x_T, scale_input=False)
+    ours = euler_sample(smooth_model, grid, x_T, prediction="v")
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+
+
+def test_euler_on_the_flow_is_ddim():
+    """DDIM's update x' = alpha' x0 + sigma' eps (eta 0), written out on the flow's levels, is Euler's step."""
+    grid = flow_grid(FlowSchedule(2.0), 12)
+    x = x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    for i in range(len(grid.t)):
+        alpha, sigma = float(grid.alpha[i]), float(grid.sigma[i])
+        x0, eps = split("v", "flow", smooth_model(x, grid.t[i].expand(2)), x, alpha, sigma)
+        x = float(grid.alpha[i + 1]) * x0 + float(grid.sigma[i + 1]) * eps
+    torch.testing.assert_close(euler_sample(smooth_model, grid, x_T, prediction="v"), x, **TOLERANCE)
+    # and the samplers take `ddim` on a flow model as that same step
+    torch.testing.assert_close(sample(smooth_model, FlowSchedule(2.0), x_T, "ddim", 12, prediction="v",
+                                      clip_x0=False), x, **TOLERANCE)
+
+
+def gaussian_model(schedule, prediction: str, mean: float, std: float):
+    """The exact model for data x0 ~ N(mean, std²): E[x0 | x_t] in closed form at the level's alpha and sigma, given
+    as the target `prediction` (a fractional VP timestep is placed by log-sigma, as the grids place it)."""
+    if schedule.process == "vp":
+        log_sigmas = edm_sigmas(schedule).log().numpy()
 
     def model(x_t, t):
-        s = torch.from_numpy(np.exp(np.interp(t.double().numpy(), np.arange(len(log_sigmas)), log_sigmas)))
-        alpha = (1 / (1 + s**2).sqrt()).view(-1, 1, 1, 1)
-        sigma = alpha * s.view(-1, 1, 1, 1)
-        x0 = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (x_t.double() - alpha * mean)
-        return ((x_t.double() - alpha * x0) / sigma).float()
+        x_t = x_t.double()
+        if schedule.process == "vp":
+            s = torch.from_numpy(np.exp(np.interp(t.double().numpy(), np.arange(len(log_sigmas)), log_sigmas)))
+            alpha = (1 / (1 + s**2).sqrt()).view(-1, 1, 1, 1)
+            sigma = alpha * s.view(-1, 1, 1, 1)
+        else:
+            alpha, sigma = schedule.alpha_sigma(t.double() / schedule.timesteps, 4)
+        x0 = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (x_t - alpha * mean)
+        eps = (x_t - alpha * x0) / sigma
+        return target(prediction, schedule.process, x0, eps, alpha, sigma).float()
 
     return model
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_every_solver_turns_noise_into_the_gaussian_data(kind):
-    """For x0 ~ N(m, std²) the probability-flow ODE is solved in closed form: x0 = m + std (x~_T - m) / sqrt(std² +
-    s_T²). Each solver's answer approaches it as its steps grow, and its samples have the data's mean and spread."""
-    schedule = NoiseSchedule(kind, 1000)
+VP_RUNS = [("ddim", "linspace"), ("euler", "karras"), ("heun", "linspace"), ("heun", "karras"),
+           ("dpmpp_2m", "linspace"), ("dpmpp_2m", "karras")]
+FLOW_RUNS = [("euler", "linspace"), ("heun", "linspace"), ("dpmpp_2m", "linspace")]
+
+
+@pytest.mark.parametrize("kind,prediction", [("linear", "eps"), ("cosine", "eps"), ("cosine", "v"), ("cosine", "x0"),
+                                             ("flow", "v"), ("flow", "x0")])
+def test_every_solver_turns_noise_into_the_gaussian_data(kind, prediction):
+    """For x0 ~ N(m, std²), x_t ~ N(alpha m, alpha² std² + sigma²) and the probability-flow ODE keeps
+    z = (x_t - alpha m) / sqrt(alpha² std² + sigma²): it ends at x0 = m + std z_T. Each solver's answer approaches
+    it as its steps grow, and its samples have the data's mean and spread, for every target of both processes."""
+    schedule = FlowSchedule(3.0) if kind == "flow" else NoiseSchedule(kind, 1000)
     mean, std = 0.3, 0.5
-    model = gaussian_denoiser(schedule, mean, std)
+    model = gaussian_model(schedule, prediction, mean, std)
     x_T = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
-    s_T = float(edm_sigmas(schedule)[-1])
-    exact = mean + std * (x_T * (1 + s_T**2) ** 0.5 - mean) / (std**2 + s_T**2) ** 0.5
-    for sampler, spacing in [("ddim", "linspace"), ("euler", "karras"), ("heun", "linspace"), ("heun", "karras"),
-                             ("dpmpp_2m", "linspace"), ("dpmpp_2m", "karras")]:
+    if kind == "flow":
+        exact = mean + std * x_T  # t = 1: x_T is the noise itself
+    else:
+        s_T = float(edm_sigmas(schedule)[-1])  # every VP grid starts at t = T-1
+        alpha_T, sigma_T = (1 + s_T**2) ** -0.5, s_T * (1 + s_T**2) ** -0.5
+        exact = mean + std * (x_T - alpha_T * mean) / (alpha_T**2 * std**2 + sigma_T**2) ** 0.5
+    for sampler, spacing in (FLOW_RUNS if kind == "flow" else VP_RUNS):
         errors = []
         for steps in (25, 100):
-            x = sample(model, schedule, x_T, sampler, steps, spacing=spacing, clip_x0=False)
+            x = sample(model, schedule, x_T, sampler, steps, spacing=spacing, clip_x0=False, prediction=prediction)
             errors.append((x - exact).abs().max().item())
         assert errors[1] < errors[0] and errors[1] < 0.2, (sampler, spacing, errors)
         # 20,000 draws: the sampling error is about 0.004 on the mean and 0.003 on the spread
         assert abs(x.mean().item() - mean) < 0.015 and abs(x.std().item() - std) < 0.05, (sampler, spacing)
-    second_order = sample(model, schedule, x_T, "heun", 25, spacing="karras", clip_x0=False)
-    first_order = sample(model, schedule, x_T, "euler", 25, spacing="karras", clip_x0=False)
+    spacing = "linspace" if kind == "flow" else "karras"
+    second_order = sample(model, schedule, x_T, "heun", 25, spacing=spacing, clip_x0=False, prediction=prediction)
+    first_order = sample(model, schedule, x_T, "euler", 25, spacing=spacing, clip_x0=False, prediction=prediction)
     assert (second_order - exact).abs().max() < (first_order - exact).abs().max()  # Heun's order shows
 
 

@@ -219,20 +219,26 @@ def evaluate(
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
                                       guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta,
                                       spacing=spacing)
-    fake = extract(features, fake_images, batch_size)
     if real is not None:
         real_features = extract(features, real_images, batch_size)
     else:
         real_features = checkpoint_reference(features, data, num_real, batch_size, cache_dir)
+    print(json.dumps(score(features, fake_images, real_features, y, batch_size)))
 
+
+def score(features: ImageFeatures, fake_images: Tensor, real_features: Tensor, labels: Tensor | None = None,
+          batch_size: int = 256) -> dict:
+    """FID and KID of uint8 images against reference features; with the digit judge also the share of confident
+    digits (and, given the labels asked for, of digits classified as asked)."""
+    fake = extract(features, fake_images, batch_size)
     fid, kid = (m.to(fake.device) for m in fid_and_kid(fake.shape[1], min(1000, len(fake), len(real_features))))
     for metric in (fid, kid):
         metric.update(real_features.to(fake.device), real=True)
         metric.update(fake, real=False)
     scores = {**compute(fid, kid), "num_samples": len(fake)}
     if (logits := features.judge(fake)) is not None:  # the digit judge also says how clear the digits are
-        scores |= judge_shares(judge_counts(logits, y), len(fake), y is not None)
-    print(json.dumps(scores))
+        scores |= judge_shares(judge_counts(logits, labels), len(fake), labels is not None)
+    return scores
 
 
 def shape_text(shape: tuple[int, int, int]) -> str:

@@ -9,6 +9,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
 )
 
@@ -108,6 +109,18 @@ def test_flow_euler_matches_diffusers(shift):
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     theirs = run_diffusers(scheduler, x_T, scale_input=False)
     ours = euler_sample(smooth_model, grid, x_T, prediction="v")
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+
+
+def test_flow_heun_matches_diffusers():
+    """Our Heun on the flow's own levels is FlowMatchHeunDiscreteScheduler's (Euler alone onto t = 0 on both sides)."""
+    scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(6)  # their levels: 1 to 1/1000, shifted; ours are taken from them
+    levels = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2], scheduler.sigmas[-1:]]).double()
+    grid = Grid(1000 * levels[:-1].float(), 1 - levels, levels, torch.ones_like(levels), "flow")
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs = run_diffusers(scheduler, x_T, scale_input=False)
+    ours = heun_sample(smooth_model, grid, x_T, prediction="v")
     torch.testing.assert_close(ours, theirs, **TOLERANCE)
 
 

@@ -16,8 +16,15 @@ import time
 
 import torch
 
-from diffusion_lit.commands import checkpoint_data, checkpoint_reference, generate_images, load_checkpoint, parse_labels
-from diffusion_lit.commands import score
+from diffusion_lit.commands import (
+    checkpoint_data,
+    checkpoint_reference,
+    generate_images,
+    load_checkpoint,
+    parse_labels,
+    score,
+    set_flow_shift,
+)
 from diffusion_lit.metrics import ImageFeatures
 from diffusion_lit.sampling import network_evaluations
 
@@ -39,14 +46,16 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--flow_shift", type=float, help="a flow model's sampling shift (default: its own)")
     args = parser.parse_args()
 
     module, checkpoint = load_checkpoint(args.ckpt_path)
+    set_flow_shift(module, args.flow_shift)
     features = ImageFeatures("digits").to(module.device)
     real = checkpoint_reference(features, checkpoint_data(checkpoint), 10000, 500, "~/.cache/diffusion_lit/fid")
     labels = parse_labels("all", args.num_samples, module.num_classes) if module.num_classes else None
     guided = labels is not None and args.guidance_scale not in (0.0, 1.0)
-    print(f"{args.ckpt_path}: step {checkpoint['global_step']}, {module.schedule.process}, {module.prediction}, "
+    print(f"{args.ckpt_path}: step {checkpoint['global_step']}, {module.schedule}, {module.prediction}, "
           f"{args.num_samples} samples" + (f", guidance {args.guidance_scale}" if labels is not None else ""))
     print("| solver | NFE | FID (judge) | confident | as asked | ms / image |")
     print("|---|---|---|---|---|---|")

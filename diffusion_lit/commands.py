@@ -22,6 +22,7 @@ from diffusion_lit.metrics import (
 )
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sampling import Sampler, generate, network_evaluations
+from diffusion_lit.schedule import FlowSchedule
 from diffusion_lit.solvers import Spacing
 from diffusion_lit.speed import Precision
 from diffusion_lit.trust import check_hparams, parse_trusted
@@ -58,6 +59,15 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = ()) -> tuple[DiffusionM
     device = _device()
     module.compile_denoisers(device)
     return module.to(device).eval(), checkpoint
+
+
+def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
+    """Sample a flow model with another shift than its own (None: keep it); a UserError for a VP model."""
+    if shift is None:
+        return
+    if module.schedule.process != "flow":
+        raise UserError("--flow_shift is for flow models (model.process flow); this one is a VP (DDPM) model")
+    module.schedule = FlowSchedule(shift)  # which checks it
 
 
 def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_size: int, ema: bool = True,
@@ -103,6 +113,7 @@ def sample(
     precision: Precision = "32-true",
     trust_class: str | None = None,
     spacing: Spacing = "linspace",
+    flow_shift: float | None = None,
 ) -> None:
     """Generate images from a checkpoint.
 
@@ -127,9 +138,11 @@ def sample(
         trust_class: your own network or optimizer classes that the checkpoint may name (import paths, separated
             by commas); without, only diffusion_lit's networks and torch.optim's optimizers are built.
         spacing: the ODE solvers' steps: ``linspace`` (evenly spaced timesteps) or ``karras`` (EDM's sigmas).
+        flow_shift: for a flow model, SD3's shift of the sampling levels (default: the one it was trained with).
     """
     check_output(out)  # before the work, not after it
     module, _ = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+    set_flow_shift(module, flow_shift)
     y = parse_labels(labels, num_samples, module.num_classes)
     images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, precision, labels=y,
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
@@ -156,6 +169,7 @@ def evaluate(
     cache_dir: str = "~/.cache/diffusion_lit/fid",
     trust_class: str | None = None,
     spacing: Spacing = "linspace",
+    flow_shift: float | None = None,
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
     the feature network (``--feature_extractor digits``) also the share of samples it classifies with confidence above
@@ -181,6 +195,7 @@ def evaluate(
         cache_dir: where the reference features of a checkpoint's dataset are cached.
         trust_class: your own network or optimizer classes that the checkpoint may name (see `sample`).
         spacing: the ODE solvers' steps, ``linspace`` or ``karras``.
+        flow_shift: for a flow model, SD3's shift of the sampling levels (default: the one it was trained with).
     """
     if (ckpt_path is None) == (samples is None):
         raise UserError("give exactly one of --ckpt_path (to generate images) and --samples (images to score)")
@@ -191,6 +206,7 @@ def evaluate(
     fake_images = load_images(samples) if samples is not None else None
     if ckpt_path is not None:
         module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+        set_flow_shift(module, flow_shift)
         data = checkpoint_data(checkpoint) if real is None else None
         hp = module.hparams
         fake_shape = (hp.channels, hp.image_size, hp.image_size)

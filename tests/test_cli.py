@@ -1,14 +1,20 @@
-"""The command line, run in subprocesses as a user would."""
+"""The command line, as a user runs it."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffusion_lit.cli import main
 
 from conftest import write_image_folder
 
@@ -17,6 +23,38 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def cli(*args, cwd=REPO, **env_vars) -> subprocess.CompletedProcess:
+    """`python -m diffusion_lit *args`, in this process (the interpreter's start and imports cost seconds a call).
+
+    A subprocess where one is needed: with environment variables of its own, and for DDP, whose launcher starts the
+    same command line again. A few tests always run one (`python_m`), so the module's entry point is covered too.
+    """
+    words = [str(a) for a in args]
+    if env_vars or any("ddp" in w for w in words):
+        return python_m(*words, cwd=cwd, **env_vars)
+    out, err = io.StringIO(), io.StringIO()
+    before_cwd, before_env, before_filters = os.getcwd(), dict(os.environ), warnings.filters[:]
+    code = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(words)
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+            except Exception:  # what a subprocess would die of: a traceback and status 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before_cwd)
+        os.environ.clear()
+        os.environ.update(before_env)  # seed_everything leaves PL_GLOBAL_SEED behind
+        warnings.filters[:] = before_filters
+        torch.set_grad_enabled(True)
+    return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue())
+
+
+def python_m(*args, cwd=REPO, **env_vars) -> subprocess.CompletedProcess:
+    """`python -m diffusion_lit *args` in a subprocess, as a user runs it."""
     # tests/ on the path for the feature network tests.features.TinyFeatures
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "2", **env_vars}
     return subprocess.run(
@@ -101,6 +139,6 @@ def test_missing_dataset_prints_one_message(tmp_path):
 
 
 def test_missing_image_folder_prints_one_message(tmp_path):
-    result = cli("fit", "--config", REPO / "configs/mnist.yaml", "--data.dataset", "folder", "--data.root", tmp_path / "x")
+    result = python_m("fit", "--config", REPO / "configs/mnist.yaml", "--data.dataset", "folder", "--data.root", tmp_path / "x")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr

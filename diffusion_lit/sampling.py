@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, gather
-from diffusion_lit.solvers import SOLVERS, Spacing, evenly_spaced, grid_for
+from diffusion_lit.solvers import SOLVERS, Spacing, ddim_grid_sample, evenly_spaced, grid_for
 from diffusion_lit.targets import Prediction, split
 from diffusion_lit.unet import null_labels
 
@@ -194,7 +194,8 @@ def sample(
         model = guided(model, labels, guidance_scale)
     check_sampler(sampler, schedule, steps, eta, spacing)
     if schedule.process == "flow" and sampler == "ddim":
-        sampler = "euler"  # DDIM (eta 0) on the flow is Euler's step: tests/test_solvers.py shows it
+        grid = grid_for(schedule, steps, spacing)
+        return ddim_grid_sample(model, grid, x_T, eta, generator, clip_x0, return_intermediates, prediction)
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
                            prediction=prediction)
@@ -208,15 +209,17 @@ def check_sampler(sampler: str, schedule: NoiseSchedule | FlowSchedule, steps: i
     """A UserError for settings no sampler takes, before any network call."""
     if sampler not in ("ddpm", "ddim", *SOLVERS):
         raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}")
-    if schedule.process == "flow" and (sampler == "ddpm" or (sampler == "ddim" and eta != 0)):
-        raise UserError(f"sampler {sampler}{' with eta > 0' if sampler == 'ddim' else ''} is for VP (DDPM) models; "
-                        "this is a flow model: use euler (DDIM with eta 0 on the flow), heun or dpmpp_2m")
+    if schedule.process == "flow" and sampler == "ddpm":
+        raise UserError("sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a flow model: use ddim "
+                        "(with --eta 1 for DDPM-like noise), euler, heun or dpmpp_2m")
     if sampler in SOLVERS or schedule.process == "flow":
         grid_for(schedule, steps, spacing)  # checks steps and spacing
     elif spacing != "linspace":
         raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own")
     if sampler == "ddim" and schedule.process == "vp":
         check_ddim(schedule, steps, eta)
+    elif sampler == "ddim" and not 0.0 <= eta <= 1.0:
+        raise UserError(f"eta must lie in [0, 1], got {eta}")
 
 
 def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale: float = 1.0,

@@ -191,4 +191,30 @@ def dpmpp_2m_sample(model: Model, grid: Grid, x_T: Tensor, clip_x0: bool = False
     return _finish(y, states, return_intermediates)
 
 
+@torch.no_grad()
+def ddim_grid_sample(model: Model, grid: Grid, x_T: Tensor, eta: float = 0.0, generator: torch.Generator | None = None,
+                     clip_x0: bool = False, return_intermediates: bool = False,
+                     prediction: Prediction = "eps") -> Tensor | tuple[Tensor, list[Tensor]]:
+    """DDIM (Song et al. 2021, Eq. 12) on any grid, in its alpha and sigma: x' = alpha' x0 + sqrt(sigma'² - s²) eps
+    + s z with s = eta sigma' sqrt(1 - (alpha sigma' / (alpha' sigma))²), which on VP is Eq. 16's sigma. eta 0 is
+    Euler's step; eta 1 draws x' from the posterior q(x' | x_t, x0), as DDPM does. It is how a flow model samples
+    with noise (`ddim` in `sample`); VP models use `sampling.ddim_sample` on their integer timesteps."""
+    alpha, sigma = grid.alpha.tolist(), grid.sigma.tolist()
+    x = x_T
+    states = [x_T]
+    for i in range(len(grid.t)):
+        p, q, r, u = inverse(prediction, grid.process, alpha[i], sigma[i])
+        out = model(x, grid.t[i].to(x.device).expand(x.shape[0]))
+        x0, eps = p * x + q * out, r * x + u * out
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        a_next, s_next = alpha[i + 1], sigma[i + 1]
+        noise = eta * s_next * max(0.0, 1 - (alpha[i] * s_next / (a_next * sigma[i])) ** 2) ** 0.5
+        x = a_next * x0 + max(0.0, s_next**2 - noise**2) ** 0.5 * eps
+        if noise > 0:
+            x = x + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        states.append(x)
+    return _finish(x, states, return_intermediates)
+
+
 SOLVERS = {"euler": euler_sample, "heun": heun_sample, "dpmpp_2m": dpmpp_2m_sample}

@@ -15,7 +15,16 @@ from diffusers import (
 
 from diffusion_lit.sampling import ddim_sample, network_evaluations, sample
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
-from diffusion_lit.solvers import Grid, dpmpp_2m_sample, edm_sigmas, euler_sample, flow_grid, heun_sample, vp_grid
+from diffusion_lit.solvers import (
+    Grid,
+    ddim_grid_sample,
+    dpmpp_2m_sample,
+    edm_sigmas,
+    euler_sample,
+    flow_grid,
+    heun_sample,
+    vp_grid,
+)
 from diffusion_lit.targets import split, target
 
 SCHEDULE = NoiseSchedule("linear", 1000)
@@ -138,6 +147,16 @@ def test_euler_on_the_flow_is_ddim():
                                       clip_x0=False), x, **TOLERANCE)
 
 
+def test_ddim_on_a_grid_is_ddim_with_noise_too():
+    """The grid form of DDIM (any process) takes VP's Eq. 12 and 16 step for step at eta 1, noise included."""
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    ddim = ddim_sample(smooth_model, SCHEDULE, x_T, steps=9, eta=1.0, generator=torch.Generator().manual_seed(2),
+                       clip_x0=False)
+    grid = ddim_grid_sample(smooth_model, vp_grid(SCHEDULE, 9), x_T, eta=1.0,
+                            generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(grid, ddim, **TOLERANCE)
+
+
 def gaussian_model(schedule, prediction: str, mean: float, std: float):
     """The exact model for data x0 ~ N(mean, std²): E[x0 | x_t] in closed form at the level's alpha and sigma, given
     as the target `prediction` (a fractional VP timestep is placed by log-sigma, as the grids place it)."""
@@ -188,6 +207,10 @@ def test_every_solver_turns_noise_into_the_gaussian_data(kind, prediction):
         assert errors[1] < errors[0] and errors[1] < 0.2, (sampler, spacing, errors)
         # 20,000 draws: the sampling error is about 0.004 on the mean and 0.003 on the spread
         assert abs(x.mean().item() - mean) < 0.015 and abs(x.std().item() - std) < 0.05, (sampler, spacing)
+    # DDIM with DDPM-like noise (eta 1) lands on the data's distribution, not on the ODE's answer
+    x = sample(model, schedule, x_T, "ddim", 100, eta=1.0, generator=torch.Generator().manual_seed(1), clip_x0=False,
+               prediction=prediction)
+    assert abs(x.mean().item() - mean) < 0.015 and abs(x.std().item() - std) < 0.05
     spacing = "linspace" if kind == "flow" else "karras"
     second_order = sample(model, schedule, x_T, "heun", 25, spacing=spacing, clip_x0=False, prediction=prediction)
     first_order = sample(model, schedule, x_T, "euler", 25, spacing=spacing, clip_x0=False, prediction=prediction)

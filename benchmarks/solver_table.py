@@ -28,7 +28,7 @@ from diffusion_lit.commands import (
 from diffusion_lit.metrics import ImageFeatures
 from diffusion_lit.sampling import network_evaluations
 
-SOLVERS = ["ddim", "euler", "heun", "dpmpp_2m", "heun:karras", "dpmpp_2m:karras"]
+SOLVERS = ["ddim", "ddim@1", "euler", "heun", "dpmpp_2m", "heun:karras", "dpmpp_2m:karras"]
 
 
 def steps_for(sampler: str, budget: int, guided: bool) -> int:
@@ -40,7 +40,8 @@ def steps_for(sampler: str, budget: int, guided: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt_path", required=True)
-    parser.add_argument("--solvers", default=",".join(SOLVERS), help="sampler[:spacing], separated by commas")
+    parser.add_argument("--solvers", default=",".join(SOLVERS),
+                        help="sampler[:spacing][@eta] (ddim@1: DDIM with eta 1), separated by commas")
     parser.add_argument("--nfe", default="5,10,15,20,50", help="budgets of network evaluations per sample")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--guidance_scale", type=float, default=1.0)
@@ -61,14 +62,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     rows = []
     for solver in args.solvers.split(","):
-        sampler, _, spacing = solver.partition(":")
+        solver_spacing, _, eta = solver.partition("@")
+        sampler, _, spacing = solver_spacing.partition(":")
         for budget in (int(b) for b in args.nfe.split(",")):
             steps = steps_for(sampler, budget, guided)
             nfe = network_evaluations(sampler, steps, module.schedule.timesteps, args.guidance_scale, labels is not None)
             start = time.perf_counter()
             images = generate_images(module, args.num_samples, 0, args.batch_size, precision=args.precision,
                                      labels=labels, guidance_scale=args.guidance_scale, sampler=sampler,
-                                     steps=steps, spacing=spacing or "linspace")
+                                     steps=steps, spacing=spacing or "linspace", eta=float(eta or 0))
             ms = 1000 * (time.perf_counter() - start) / args.num_samples
             scores = score(features, images, real, labels)
             row = {"solver": solver, "steps": steps, "nfe": nfe, "ms_per_image": round(ms, 1), **scores}

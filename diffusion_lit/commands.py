@@ -126,7 +126,7 @@ def sample(
         guidance_scale: classifier-free guidance w: 1 plain conditional, 0 unconditional, above 1 stronger.
         sampler: ``ddim``, ``ddpm`` (ancestral, all T steps), or an ODE solver: ``euler``, ``heun`` (EDM's second
             order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)). For a flow model, ddim
-            (eta 0) is Euler's step.
+            walks the flow's levels (eta 0: Euler's step) and ddpm is refused.
         steps: DDIM steps, or the solver's levels.
         eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM.
         seed: the same seed (and batch size) gives the same images.

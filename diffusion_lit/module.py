@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, ScheduleKind, TimeSampling
 from diffusion_lit.speed import autocast, compile_modules, grad_off
-from diffusion_lit.targets import Prediction, Process, Weighting, min_snr_weight, target
+from diffusion_lit.targets import PREDICTIONS, Prediction, Process, Weighting, min_snr_weight, target
 from diffusion_lit.unet import UNet, null_labels
 
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> out = net(x_t, t, y)
@@ -104,7 +104,7 @@ class DiffusionModule(LightningModule):
             raise UserError(f"p_uncond must lie in [0, 1], got {p_uncond}")
         if process not in ("vp", "flow"):
             raise UserError(f"unknown process {process!r}: use 'vp' (DDPM) or 'flow' (rectified flow)")
-        if prediction not in (None, "eps", "v", "x0"):
+        if prediction not in (None, *PREDICTIONS):
             raise UserError(f"unknown prediction {prediction!r}: use 'eps', 'v' or 'x0'")
         if process == "flow" and prediction == "eps":
             # At t = 1 the flow's x_t is the noise itself: an eps prediction says nothing about x0 there.

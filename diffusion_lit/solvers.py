@@ -18,7 +18,7 @@ from torch import Tensor
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
-from diffusion_lit.targets import Prediction, Process, inverse
+from diffusion_lit.targets import Prediction, Process, inverse, split
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, network time) -> the network's prediction
 Spacing = Literal["linspace", "karras"]
@@ -203,9 +203,8 @@ def ddim_grid_sample(model: Model, grid: Grid, x_T: Tensor, eta: float = 0.0, ge
     x = x_T
     states = [x_T]
     for i in range(len(grid.t)):
-        p, q, r, u = inverse(prediction, grid.process, alpha[i], sigma[i])
         out = model(x, grid.t[i].to(x.device).expand(x.shape[0]))
-        x0, eps = p * x + q * out, r * x + u * out
+        x0, eps = split(prediction, grid.process, out, x, alpha[i], sigma[i])
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         a_next, s_next = alpha[i + 1], sigma[i + 1]

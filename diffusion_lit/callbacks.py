@@ -36,7 +36,7 @@ def checked(sampler_kwargs: dict, pl_module, callback: str) -> dict:
     sampler settings stop before the first step, and a guidance scale for an unconditional model is dropped, said once."""
     check_sampler(sampler_kwargs["sampler"], pl_module.schedule, sampler_kwargs["steps"], sampler_kwargs["eta"],
                   sampler_kwargs["spacing"])
-    if not pl_module.num_classes and sampler_kwargs["guidance_scale"] != 1.0:
+    if not (pl_module.num_classes or pl_module.text) and sampler_kwargs["guidance_scale"] != 1.0:
         say(f"{callback}: guidance_scale {sampler_kwargs['guidance_scale']} is ignored, since this model is "
             "unconditional (model.conditional is false or the data has no labels)")
         return {**sampler_kwargs, "guidance_scale": 1.0}
@@ -55,10 +55,12 @@ class SampleGrid(Callback):
         sampler: ``ddim`` (the default), ``ddpm`` (all T steps), or an ODE solver: ``euler``, ``heun``, ``dpmpp_2m``.
         steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
-        guidance_scale: classifier-free guidance w for a conditional model (one row per class).
+        guidance_scale: classifier-free guidance w for a conditional model (one row per class) or a text model (one
+            row per prompt).
         seed: seed of the noise.
         denoising_strip: also log `samples/denoising`, one image at ten points of its denoising.
         spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
+        prompts: for a text model, the prompts of the rows (by default up to 8 distinct captions of the data).
     """
 
     def __init__(
@@ -72,15 +74,19 @@ class SampleGrid(Callback):
         seed: int = 0,
         denoising_strip: bool = True,
         spacing: Spacing = "linspace",
+        prompts: list[str] | None = None,
     ) -> None:
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
                                "spacing": spacing}
         self.denoising_strip = denoising_strip
+        self.prompts = prompts
         self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.sampler_kwargs = checked(self.sampler_kwargs, pl_module, "SampleGrid")
+        if pl_module.text and not self.prompts:
+            self.prompts = trainer.datamodule.example_prompts(8) if trainer.datamodule is not None else [""]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if _due(trainer, self.every_n_steps, self._last_step):
@@ -93,17 +99,23 @@ class SampleGrid(Callback):
     @rank_zero_only
     def log_grid(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
-        hp = pl_module.hparams
-        # A conditional model shows one row per class.
-        classes = pl_module.num_classes
-        per_row = max(1, self.num_samples // classes) if classes else None
-        labels = torch.arange(classes, device=pl_module.device).repeat_interleave(per_row) if classes else None
+        # A conditional model shows one row per class, a text model one row per prompt.
+        rows = self.prompts if pl_module.text else list(range(pl_module.num_classes))
+        per_row = max(1, self.num_samples // len(rows)) if rows else None
+        labels = [row for row in rows for _ in range(per_row)] if rows else None
+        if labels is not None and not pl_module.text:
+            labels = torch.tensor(labels, device=pl_module.device)
         n = self.num_samples if labels is None else len(labels)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-        x_T = torch.randn((n, hp.channels, hp.image_size, hp.image_size), generator=generator, device=pl_module.device)
+        x_T = torch.randn((n, *pl_module.shape), generator=generator, device=pl_module.device)
         with pl_module.sampling(trainer.precision) as model:
+            y = pl_module.condition(labels) if labels is not None else None
             x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True,
-                               labels=labels, prediction=pl_module.prediction, **self.sampler_kwargs)
+                               labels=y, **pl_module.sampler_kwargs(), **self.sampler_kwargs)
+            x = pl_module.decode(x)
+            if self.denoising_strip:
+                picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()
+                strip = pl_module.decode(torch.stack([states[i][0] for i in picks]))
         # The newest grid as a picture to open, beside the run's other files. The logger's folder, not
         # trainer.log_dir: that one is a collective under DDP, and only rank zero is here.
         if log_dir := getattr(trainer.logger, "log_dir", None):
@@ -113,8 +125,6 @@ class SampleGrid(Callback):
             return
         experiment.add_image("samples/grid", grid(to_uint8(x), per_row), trainer.global_step)
         if self.denoising_strip:
-            picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()
-            strip = torch.stack([states[i][0] for i in picks])
             experiment.add_image("samples/denoising", grid(to_uint8(strip.clamp(-1, 1)), nrow=10), trainer.global_step)
 
 
@@ -206,15 +216,15 @@ class FID(Callback):
 
         shares = [self.num_samples // world + (r < self.num_samples % world) for r in range(world)]
         generator = torch.Generator(device).manual_seed(self.seed + rank)
-        hp = pl_module.hparams
         made, judged = 0, torch.zeros(2, device=device)
-        # A conditional model is scored on balanced classes: sample i (over all ranks) gets label i mod classes.
+        # A conditional model is scored on balanced classes: sample i (over all ranks) gets label i mod classes. A text
+        # model is scored on its unconditional (empty prompt) samples.
         first = sum(shares[:rank])
         labels = torch.arange(first, first + shares[rank]) % pl_module.num_classes if pl_module.num_classes else None
         with pl_module.sampling(trainer.precision) as model:
-            for x in generate(model, pl_module.schedule, shares[rank], (hp.channels, hp.image_size, hp.image_size),
-                              generator, self.batch_size, labels=labels, prediction=pl_module.prediction,
-                              **self.sampler_kwargs):
+            for x in generate(model, pl_module.schedule, shares[rank], pl_module.shape, generator, self.batch_size,
+                              labels=labels, condition=pl_module.condition, decode=pl_module.decode,
+                              **pl_module.sampler_kwargs(), **self.sampler_kwargs):
                 feats = extract(self.features, to_uint8(x), self.batch_size)
                 for metric in self.metrics:
                     metric.update(feats, real=False)

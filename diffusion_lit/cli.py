@@ -1,4 +1,6 @@
-"""The command line: `python -m diffusion_lit fit --config configs/mnist.yaml` (LightningCLI)."""
+"""The command line: `python -m diffusion_lit fit --config configs/mnist.yaml` (LightningCLI), and
+`python -m diffusion_lit autoencoder fit --config configs/digits_autoencoder.yaml` for latent diffusion's
+autoencoder."""
 
 import os
 import sys
@@ -12,6 +14,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from diffusion_lit.autoencoder import AutoencoderModule
 from diffusion_lit.checkpointing import (
     SIGTERM_EXIT_STATUS,
     Checkpoint,
@@ -75,7 +78,8 @@ class DiffusionCLI(LightningCLI):
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        if issubclass(self.model_class, DiffusionModule):
+            parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyperparameters of a --ckpt_path file here, before any hook, and builds the classes
@@ -170,8 +174,11 @@ def main(args: list[str] | None = None) -> None:
         if words and words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False, parser_class=CommandParser)
             return
+        model_class = DiffusionModule
+        if words and words[0] == "autoencoder":  # the same CLI around the autoencoder's module
+            model_class, args = AutoencoderModule, words[1:]
         DiffusionCLI(
-            DiffusionModule,
+            model_class,
             DiffusionDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},

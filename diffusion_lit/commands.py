@@ -71,16 +71,35 @@ def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
 
 
 def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_size: int, ema: bool = True,
-                    precision: Precision = "32-true", **sampler_kwargs) -> Tensor:
-    """num_samples uint8 images [N, C, H, W] on the CPU, with a progress bar."""
+                    precision: Precision = "32-true", labels: Tensor | list[str] | None = None, clip_x0: bool = True,
+                    **sampler_kwargs) -> Tensor:
+    """num_samples uint8 images [N, C, H, W] on the CPU, with a progress bar; `labels` are class indices or prompts."""
     if num_samples < 1 or batch_size < 1:
         raise UserError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
-    hp = module.hparams
     generator = torch.Generator(module.device).manual_seed(seed)
     with module.sampling(precision, ema) as model:
-        batches = generate(model, module.schedule, num_samples, (hp.channels, hp.image_size, hp.image_size),
-                           generator, batch_size, progress=True, prediction=module.prediction, **sampler_kwargs)
+        batches = generate(model, module.schedule, num_samples, module.shape, generator, batch_size, progress=True,
+                           labels=labels, condition=lambda y: module.condition(y, ema), decode=module.decode,
+                           **module.sampler_kwargs(clip_x0), **sampler_kwargs)
         return torch.cat([to_uint8(x).cpu() for x in batches])
+
+
+def parse_prompts(prompt: str | None, prompts: str | None, num_samples: int, text: bool) -> list[str] | None:
+    """num_samples copies of each prompt, from --prompt and from the lines of the --prompts file; None for neither."""
+    if prompt is None and prompts is None:
+        return None
+    if not text:
+        raise UserError("--prompt / --prompts: this model was not trained on text (model.text_encoder is unset); "
+                        "leave them out, or give a class model --labels")
+    given = [] if prompt is None else [prompt]
+    if prompts is not None:
+        try:
+            given += [line.strip() for line in Path(prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as err:
+            raise UserError(f"--prompts {prompts}: cannot read it ({reason(err)}); give a text file, a prompt per line")
+        if not given:
+            raise UserError(f"--prompts {prompts} holds no prompts: write one per line")
+    return [text for text in given for _ in range(num_samples)]
 
 
 def parse_labels(labels: str | None, num_samples: int, num_classes: int) -> Tensor | None:
@@ -114,6 +133,8 @@ def sample(
     trust_class: str | None = None,
     spacing: Spacing = "linspace",
     flow_shift: float | None = None,
+    prompt: str | None = None,
+    prompts: str | None = None,
 ) -> None:
     """Generate images from a checkpoint.
 
@@ -139,16 +160,22 @@ def sample(
             by commas); without, only diffusion_lit's networks and torch.optim's optimizers are built.
         spacing: the ODE solvers' steps: ``linspace`` (evenly spaced timesteps) or ``karras`` (EDM's sigmas).
         flow_shift: for a flow model, SD3's shift of the sampling levels (default: the one it was trained with).
+        prompt: for a text model: num_samples images of this prompt (guided by guidance_scale against the empty
+            prompt); without, it samples from the empty prompt.
+        prompts: for a text model: a text file with a prompt per line; num_samples images of each, a row per prompt.
     """
     check_output(out)  # before the work, not after it
     module, _ = load_checkpoint(ckpt_path, parse_trusted(trust_class))
     set_flow_shift(module, flow_shift)
-    y = parse_labels(labels, num_samples, module.num_classes)
+    text = parse_prompts(prompt, prompts, num_samples, module.text)
+    y = text if text is not None else parse_labels(labels, num_samples, module.num_classes)
     images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, precision, labels=y,
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
                              spacing=spacing)
-    calls = network_evaluations(sampler, steps, module.schedule.timesteps, guidance_scale, y is not None)
-    print(f"wrote {len(images)} images to {save_images(images, out)} ({calls} network evaluations per image)")
+    guided = y is not None or module.text
+    calls = network_evaluations(sampler, steps, module.schedule.timesteps, guidance_scale, guided)
+    per_row = num_samples if text is not None else None
+    print(f"wrote {len(images)} images to {save_images(images, out, per_row)} ({calls} network evaluations per image)")
 
 
 def evaluate(
@@ -209,7 +236,7 @@ def evaluate(
         set_flow_shift(module, flow_shift)
         data = checkpoint_data(checkpoint) if real is None else None
         hp = module.hparams
-        fake_shape = (hp.channels, hp.image_size, hp.image_size)
+        fake_shape = (hp.channels, hp.image_size, hp.image_size)  # the images, after decoding latents
     else:
         fake_shape = tuple(fake_images.shape[1:])
     real_shape = tuple(real_images.shape[1:]) if real is not None else (data.channels, data.image_size, data.image_size)

@@ -2,6 +2,8 @@
 
 import contextlib
 import io
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -9,11 +11,12 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
-from diffusion_lit.digits import ShippedDigits
+from diffusion_lit.digits import ShippedDigits, digit_caption
 from diffusion_lit.errors import UserError, reason, say
 
 DatasetName = Literal["mnist", "cifar10", "folder", "digits"]
@@ -24,6 +27,7 @@ TORCHVISION = {  # name -> (class, image size, channels, classes, files that mus
 }
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
@@ -86,6 +90,57 @@ class FolderIndex:
         return f"{self.root}: of {len(self.files)} images, {' and '.join(said)}" if said else None
 
 
+def read_captions(root: Path, files: list[Path]) -> list[str | None]:
+    """Each image's caption: from a `metadata.jsonl` (Hugging Face's imagefolder layout: one JSON object per line
+    with `file_name`, relative to that file's folder, and `text`) anywhere below root, else from a `.txt` file of the
+    same name beside the image; None where there is neither."""
+    captions = {}
+    for meta in sorted(root.rglob("metadata.jsonl")):
+        for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[(meta.parent / row["file_name"]).resolve()] = str(row["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{meta}, line {number}: each line must be a JSON object with \"file_name\" and "
+                                f"\"text\", got {line[:80]!r}") from None
+    found = []
+    for path in files:
+        text = captions.get(path.resolve())
+        if text is None and (beside := path.with_suffix(".txt")).is_file():
+            text = beside.read_text(encoding="utf-8").strip()
+        found.append(text)
+    return found
+
+
+class Captioned(Dataset):
+    """(image, caption) pairs: a dataset's images with captions made by `caption(index, label)`."""
+
+    def __init__(self, dataset: Dataset, caption: Callable[[int, int], str]) -> None:
+        self.dataset, self.caption = dataset, caption
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return image, self.caption(i, label)
+
+
+class CachedSet(Dataset):
+    """Precomputed tensors (encoded images) with their labels or captions."""
+
+    def __init__(self, tensors: Tensor, others: list) -> None:
+        self.tensors, self.others = tensors, others
+
+    def __len__(self) -> int:
+        return len(self.others)
+
+    def __getitem__(self, i: int):
+        return self.tensors[i], self.others[i]
+
+
 class ImageFolder(Dataset):
     """The images of a FolderIndex, converted to grayscale (1 channel) or RGB, with their labels."""
 
@@ -137,6 +192,10 @@ class DiffusionDataModule(LightningDataModule):
         seed: seed of the train/validation split and of the shuffling.
         skip_unreadable: for ``folder``: leave out image files that cannot be read (with a warning) instead of
             stopping.
+        captions: serve a caption with each image instead of its label, for text-conditioned models. A folder's come
+            from a `metadata.jsonl` (`file_name`, `text`) or a `.txt` file beside each image (an image without one
+            gets the empty prompt, said once); the digits' are made from their labels in several phrasings ("7",
+            "seven", "the digit 7", "a handwritten seven", ...); cifar10's from the class names.
     """
 
     def __init__(
@@ -152,6 +211,7 @@ class DiffusionDataModule(LightningDataModule):
         download: bool = True,
         seed: int = 0,
         skip_unreadable: bool = False,
+        captions: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in ("mnist", "cifar10", "folder", "digits"):
@@ -178,6 +238,48 @@ class DiffusionDataModule(LightningDataModule):
         self.val_set: Dataset | None = None
         self.reference_set: Dataset | None = None
         self.mnist_missing: str | None = None  # what to do when mnist fell back to the shipped digits
+        self.captions = captions
+        if captions and dataset == "folder":
+            self.folder_captions = self.read_folder_captions()
+
+    def read_folder_captions(self) -> list[str]:
+        found = read_captions(self.folder.root, self.folder.files)
+        missing = sum(text is None for text in found)
+        if missing == len(found):
+            raise UserError(
+                f"--data.captions true: no captions in {self.folder.root}. Give a metadata.jsonl with a "
+                '{"file_name": ..., "text": ...} line per image, or a .txt file beside each image'
+            )
+        if missing:
+            say(f"{missing} of {len(found)} images in {self.folder.root} have no caption: they train with the empty "
+                "prompt")
+        return [text or "" for text in found]
+
+    def caption_of(self, index: int, label: int) -> str:
+        name = self.hparams.dataset
+        if name == "folder":
+            return self.folder_captions[index]
+        if name == "cifar10":
+            return ("{}", "a {}", "a photo of a {}")[index % 3].format(CIFAR10_CLASSES[label])
+        return digit_caption(label, index)
+
+    def example_prompts(self, count: int) -> list[str]:
+        """Up to `count` distinct captions of the training images, in their order (for sample grids)."""
+        if not self.captions:
+            return [""]
+        prompts = []
+        for i in self.train_set.indices:
+            if (text := self.caption_of(i, self.label_of(i))) not in prompts:
+                prompts.append(text)
+            if len(prompts) == count:
+                break
+        return prompts
+
+    def label_of(self, index: int) -> int:
+        if self.hparams.dataset == "folder":
+            return self.folder.labels[index]
+        dataset = self.train_set.dataset.dataset  # Subset -> Captioned -> the images
+        return int(dataset.labels[index] if hasattr(dataset, "labels") else dataset.targets[index])
 
     def _load(self, train: bool) -> Dataset:
         """The whole dataset with the train (flips) or the eval transform."""
@@ -190,6 +292,10 @@ class DiffusionDataModule(LightningDataModule):
             steps.append(transforms.RandomHorizontalFlip())
         steps += [transforms.ToTensor(), transforms.Normalize(0.5, 0.5)]  # [0, 1] -> [-1, 1]
         transform = transforms.Compose(steps)
+        dataset = self._images(transform)
+        return Captioned(dataset, self.caption_of) if self.captions else dataset
+
+    def _images(self, transform) -> Dataset:
         name, root = self.hparams.dataset, self.hparams.root
         if name == "folder":
             return ImageFolder(self.folder, self.channels, transform)
@@ -238,6 +344,19 @@ class DiffusionDataModule(LightningDataModule):
                 f"only {len(self.train_set)} training images for batch_size {self.hparams.batch_size}: "
                 "lower --data.batch_size or add images"
             )
+
+    @torch.no_grad()
+    def cache(self, encode: Callable[[Tensor], Tensor]) -> None:
+        """Replace the training and validation images by what `encode` makes of them (their latent distributions),
+        computed once with a progress bar; their labels or captions stay. Random flips are then fixed."""
+        for name in ("train_set", "val_set"):
+            dataset = getattr(self, name)
+            loader = DataLoader(dataset, batch_size=256, num_workers=self.hparams.num_workers)
+            encoded, others = [], []
+            for images, y in tqdm(loader, f"encoding the {name.split('_')[0]} images once", leave=False):
+                encoded.append(encode(images).cpu())
+                others.extend(y)
+            setattr(self, name, CachedSet(torch.cat(encoded) if encoded else torch.empty(0), others))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         trainer = self.trainer

@@ -54,6 +54,16 @@ class ShippedDigits(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[i])
 
 
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# How the captioned digits (--data.captions true) name their label; "number seven" and the like stay unseen.
+PHRASINGS = ("{digit}", "{word}", "the digit {digit}", "the digit {word}", "a handwritten {word}", "a handwritten {digit}")
+
+
+def digit_caption(label: int, index: int) -> str:
+    """A caption for a digit, one of PHRASINGS picked by the image's index."""
+    return PHRASINGS[index % len(PHRASINGS)].format(digit=label, word=WORDS[label])
+
+
 def held_out(num_digits: int = 10000, count: int = 1000, seed: int = 0) -> list[int]:
     """Indices of the digits the judge never trained on (its training script uses the rest)."""
     return torch.randperm(num_digits, generator=torch.Generator().manual_seed(seed))[:count].tolist()

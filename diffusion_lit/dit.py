@@ -1,4 +1,5 @@
-"""DiT (Peebles & Xie 2023): a transformer denoiser over image patches, eps = dit(x_t, t, y)."""
+"""DiT (Peebles & Xie 2023): a transformer denoiser over image patches, eps = dit(x_t, t, y), y class labels or
+text features (attended to after each block's self-attention, as PixArt-alpha does)."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.unet import null_labels, timestep_embedding, zero_init
+from diffusion_lit.unet import null_labels, text_context, timestep_embedding, zero_init
 
 
 def sincos_2d(grid_size: int, dim: int) -> Tensor:
@@ -26,7 +27,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class DiTBlock(nn.Module):
     """Self-attention and MLP, each scaled, shifted and gated by the condition (adaLN-Zero): the identity at init."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, context_dim: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -36,13 +37,25 @@ class DiTBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(dim, 6 * dim)))
+        if context_dim:  # cross-attention to the text, starting as the identity
+            self.cross_norm = nn.LayerNorm(dim, eps=1e-6)
+            self.cross_q = nn.Linear(dim, dim)
+            self.cross_kv = nn.Linear(context_dim, 2 * dim)
+            self.cross_proj = zero_init(nn.Linear(dim, dim))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def heads(self, z: Tensor) -> Tensor:
+        return z.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, D] -> [B, heads, N, D / heads]
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
         b, n, d = x.shape
         q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + gate1[:, None] * self.proj(attn)
+        if context is not None:
+            q = self.heads(self.cross_q(self.cross_norm(x)))
+            k, v = map(self.heads, self.cross_kv(context).chunk(2, dim=-1))
+            x = x + self.cross_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -60,6 +73,8 @@ class DiT(nn.Module):
         depth: transformer blocks.
         num_heads: attention heads; hidden_size must be divisible by it (and by 4, for the position embedding).
         mlp_ratio: MLP width as a multiple of hidden_size.
+        context_dim: width of the text features y [B, L, context_dim] (set by the model when it has a text encoder;
+            0: none).
     """
 
     def __init__(
@@ -72,6 +87,7 @@ class DiT(nn.Module):
         depth: int = 6,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -79,13 +95,13 @@ class DiT(nn.Module):
         if hidden_size % num_heads or hidden_size % 4:
             raise UserError(f"hidden_size {hidden_size} must be divisible by num_heads ({num_heads}) and by 4")
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
-        self.num_classes = num_classes
+        self.num_classes, self.context_dim = num_classes, context_dim
         self.grid = image_size // patch_size
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_2d(self.grid, hidden_size), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.class_emb = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(hidden_size, 2 * hidden_size)))
         self.out = zero_init(nn.Linear(hidden_size, patch_size * patch_size * in_channels))
@@ -96,8 +112,9 @@ class DiT(nn.Module):
         cond = self.time_mlp(timestep_embedding(t, self.hidden_size))
         if self.class_emb is not None:
             cond = cond + self.class_emb(null_labels(self.num_classes, t) if y is None else y)
+        context = text_context(self.context_dim, y)
         for block in self.blocks:
-            x = block(x, cond)
+            x = block(x, cond, context)
         shift, scale = self.ada_out(cond).chunk(2, dim=1)
         x = self.out(modulate(self.norm_out(x), shift, scale))  # [B, N, p*p*C]
         p, g = self.patch_size, self.grid

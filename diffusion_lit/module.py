@@ -1,7 +1,7 @@
 """DiffusionModule: the denoiser, its EMA copy and the noising process (DDPM's or rectified flow), trained with the
-diffusion objective."""
+diffusion objective, in pixel space or in an autoencoder's latent space, steered by class labels or text prompts."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 
@@ -12,13 +12,28 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.autoencoder import latent_shape, load_autoencoder
+from diffusion_lit.errors import UserError, say
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, ScheduleKind, TimeSampling
 from diffusion_lit.speed import autocast, compile_modules, grad_off
 from diffusion_lit.targets import PREDICTIONS, Prediction, Process, Weighting, min_snr_weight, target
+from diffusion_lit.text import text_encoder as build_text_encoder
 from diffusion_lit.unet import UNet, null_labels
 
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> out = net(x_t, t, y)
+SCALE_IMAGES = 512  # training images encoded to estimate the latents' scale
+
+
+def drop_frozen(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: the pretrained parts (`module.frozen`) are read from their own files, not saved again."""
+    for key in [k for k in state_dict if k.startswith(prefix + "frozen.")]:
+        del state_dict[key]
+
+
+def keep_frozen(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint without the pretrained parts keeps the ones already loaded."""
+    for key, value in module.frozen.state_dict(prefix=prefix + "frozen.").items():
+        state_dict.setdefault(key, value)
 
 
 def ema_update(max_decay: float, warmup: bool, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor):
@@ -65,6 +80,20 @@ class DiffusionModule(LightningModule):
         compile: `torch.compile` the denoiser and its EMA copy (skipped, with one line saying why, where it cannot
             run).
         inference_mode: sample under `torch.inference_mode` (under `torch.no_grad` when off).
+        text_encoder: condition on text prompts (the data's captions, `--data.captions true`) through cross-attention:
+            ``bytes`` for a small byte-level transformer trained with the denoiser, or a local folder with a CLIP
+            text model (`transformers`, frozen). Captions are dropped to the empty prompt with `p_uncond`.
+        text_width: width of the ``bytes`` text encoder.
+        text_depth: transformer layers of the ``bytes`` text encoder.
+        max_prompt_length: bytes of a prompt the ``bytes`` encoder reads (the rest is cut).
+        autoencoder: diffuse in the latent space of this autoencoder: a checkpoint of `diffusion_lit autoencoder fit`
+            or a local diffusers folder with an `AutoencoderKL` (SD's `vae`). Frozen, and read from there again when
+            the checkpoint is loaded (it is not saved in this model's checkpoints).
+        latent_scale: multiply the latents by this; unset, the autoencoder's own scaling factor (a diffusers
+            folder's), or for one of ours 1 / std of the latents of the first 512 training images, measured when fit
+            starts.
+        cache_latents: with an autoencoder, encode the training images once when fit starts (their latent
+            distributions, from which each step draws) instead of at every step: for datasets that fit in memory.
     """
 
     def __init__(
@@ -90,6 +119,13 @@ class DiffusionModule(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         inference_mode: bool = True,
+        text_encoder: str | None = None,
+        text_width: int = 128,
+        text_depth: int = 2,
+        max_prompt_length: int = 32,
+        autoencoder: str | None = None,
+        latent_scale: float | None = None,
+        cache_latents: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay <= 1.0:
@@ -112,14 +148,40 @@ class DiffusionModule(LightningModule):
         if loss_weighting not in ("none", "min_snr") or snr_gamma <= 0:
             raise UserError(f"loss_weighting must be 'none' or 'min_snr' with snr_gamma > 0, got {loss_weighting!r} "
                             f"and {snr_gamma}")
+        if text_encoder is not None and conditional:
+            raise UserError("conditional (class labels) and text_encoder (prompts) exclude each other: choose one")
+        if latent_scale is not None and latent_scale <= 0:
+            raise UserError(f"latent_scale must be positive, got {latent_scale}")
         self.save_hyperparameters()
         self.num_classes = num_classes if conditional else 0  # what the network is conditioned on
-        self.net = net(channels, image_size, self.num_classes)
+        self.frozen = nn.ModuleDict()  # pretrained parts, read from their own files (not saved in checkpoints)
+        self.register_state_dict_post_hook(drop_frozen)
+        self.register_load_state_dict_pre_hook(keep_frozen)
+        encoder = build_text_encoder(text_encoder, text_width, text_depth, max_prompt_length) if text_encoder else None
+        self.text_encoder = encoder if encoder is not None and encoder.trainable else None
+        if encoder is not None and not encoder.trainable:
+            self.frozen["text_encoder"] = encoder
+        self.shape = (channels, image_size, image_size)  # what the denoiser works on: images, or their latents
+        self.cached = False  # the data serves latent distributions (cache_latents), not images
+        if autoencoder:
+            vae, own_scale, self.latent_shift = load_autoencoder(autoencoder)
+            self.frozen["autoencoder"] = vae
+            latent_channels, latent_size = latent_shape(vae, image_size)
+            self.shape = (latent_channels, latent_size, latent_size)
+            # 0 until measured when fit starts; saved, so a resumed or loaded model uses the same scale.
+            self.register_buffer("latent_scale", torch.tensor(float(latent_scale or own_scale or 0.0)))
+        text = {"context_dim": encoder.width} if encoder is not None else {}
+        self.net = net(self.shape[0], self.shape[1], self.num_classes, **text)
         if channels_last:  # before the EMA copy is made, which then has the same format and hook
             self.net.to(memory_format=torch.channels_last)
             self.net.register_forward_pre_hook(to_channels_last)
         self.ema = AveragedModel(self.net, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup), use_buffers=False)
         self.ema.requires_grad_(False)
+        self.text_ema = None
+        if self.text_encoder is not None:  # trained with the denoiser, and averaged with it
+            self.text_ema = AveragedModel(self.text_encoder, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup),
+                                          use_buffers=False)
+            self.text_ema.requires_grad_(False)
         self.schedule = NoiseSchedule(schedule, timesteps) if process == "vp" else FlowSchedule(flow_shift)
         self.prediction = prediction or ("eps" if process == "vp" else "v")
         self.t_sampling = t_sampling or ("uniform" if process == "vp" else "logit_normal")
@@ -130,8 +192,95 @@ class DiffusionModule(LightningModule):
         """The EMA denoiser's prediction (eps, v or x0: `self.prediction`), the one sampling uses."""
         return self.ema.module(x_t, t, y)
 
+    @property
+    def text(self) -> bool:
+        """Conditioned on text prompts."""
+        return self.hparams.text_encoder is not None
+
+    @property
+    def latent(self) -> bool:
+        """Diffusing the latents of an autoencoder."""
+        return "autoencoder" in self.frozen
+
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and datamodule is not None and bool(getattr(datamodule, "captions", False)) != self.text:
+            raise UserError(
+                "model.text_encoder is set but the data serves labels: add --data.captions true" if self.text else
+                "the data serves captions (data.captions true) but the model has no text encoder: set "
+                "--model.text_encoder bytes (or a CLIP folder), or leave data.captions false"
+            )
         self.compile_denoisers(self.trainer.strategy.root_device)
+
+    def on_fit_start(self) -> None:
+        data = self.trainer.datamodule
+        if self.latent and not self.latent_scale:
+            if data is None:
+                raise UserError("the latents' scale is measured on a DiffusionDataModule's images: train with one, "
+                                "or give model.latent_scale")
+            self.latent_scale.fill_(self.measure_latent_scale(data.train_set))
+            say(f"latent_scale: {self.latent_scale.item():.4g} (1 / std of the latents of "
+                f"{min(SCALE_IMAGES, len(data.train_set))} training images)")
+        if self.latent and self.hparams.cache_latents and not self.cached:
+            data.cache(lambda x: self.frozen["autoencoder"].encode(x.to(self.device)).latent_dist.parameters)
+            self.cached = True
+
+    @torch.no_grad()
+    def measure_latent_scale(self, dataset) -> float:
+        """1 / std of the autoencoder's latents (drawn from their distributions, with a fixed seed) of the first
+        images of `dataset`: the same on every rank."""
+        images = torch.stack([dataset[i][0] for i in range(min(SCALE_IMAGES, len(dataset)))]).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(0)
+        vae = self.frozen["autoencoder"]
+        latents = torch.cat([vae.encode(x).latent_dist.sample(generator) for x in images.split(64)])
+        return 1.0 / (latents - self.latent_shift).std().item()
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """What the denoiser learns from: the images, or their scaled latents drawn from the latent distribution
+        (computed here, or cached: `cache_latents`) with `generator`."""
+        if not self.latent:
+            return images
+        if self.cached:  # [B, 2C, h, w]: the mean and log-variance, as diffusers keeps them
+            mean, logvar = images.chunk(2, dim=1)
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            latents = mean + (0.5 * logvar.clamp(-30, 20)).exp() * noise
+        else:
+            latents = self.frozen["autoencoder"].encode(images).latent_dist.sample(generator)
+        return (latents - self.latent_shift) * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] from what the denoiser made (latents are decoded)."""
+        if not self.latent:
+            return x
+        return self.frozen["autoencoder"].decode(x / self.latent_scale + self.latent_shift).sample.float().clamp(-1, 1)
+
+    def encode_prompts(self, prompts: Sequence[str], ema: bool = True) -> Tensor:
+        """Text features [B, L, width] of the prompts (the averaged text encoder's, with `ema`)."""
+        if "text_encoder" in self.frozen:
+            encoder = self.frozen["text_encoder"]
+        else:
+            encoder = self.text_ema.module if ema else self.text_encoder
+        return encoder(encoder.tokenize(list(prompts)).to(self.device))
+
+    def condition(self, y, ema: bool = True) -> Tensor | None:
+        """What the network is given as y for a batch's labels or prompts (None when unconditional)."""
+        if self.text:
+            if isinstance(y, Tensor):
+                raise UserError("this model reads prompts, not labels: give it captions (--data.captions true) or "
+                                "prompts (--prompt)")
+            return self.encode_prompts(y, ema)
+        return y if self.num_classes else None
+
+    def null_condition(self) -> Tensor | None:
+        """The unconditional y of classifier-free guidance for a text model: the empty prompt's features [1, L, D]."""
+        return self.encode_prompts([""]) if self.text else None
+
+    def sampler_kwargs(self, clip_x0: bool = True) -> dict:
+        """What every sampler call on this model takes beside the solver's settings: the prediction, x0 clipping
+        (off in latent space, whose values are not bounded by [-1, 1]) and the empty prompt's features."""
+        return {"prediction": self.prediction, "clip_x0": clip_x0 and not self.latent, "null": self.null_condition()}
 
     def compile_denoisers(self, device: torch.device) -> None:
         """With `compile` on, torch.compile the training and the EMA denoiser for `device` (once; nothing when it
@@ -167,14 +316,17 @@ class DiffusionModule(LightningModule):
         weight = min_snr_weight(self.prediction, self.schedule.process, alpha, sigma, self.hparams.snr_gamma)
         return (weight.flatten() * (out.float() - goal).pow(2).flatten(1).mean(1)).mean()
 
-    def drop_labels(self, y: Tensor) -> Tensor:
-        """Each label replaced by the null class (index num_classes) with probability p_uncond."""
-        drop = torch.rand(y.shape, device=y.device) < self.hparams.p_uncond
+    def drop_labels(self, y):
+        """Each label replaced by the null class (index num_classes), each prompt by the empty one, with probability
+        p_uncond."""
+        drop = torch.rand(len(y), device=self.device) < self.hparams.p_uncond
+        if self.text:
+            return ["" if dropped else prompt for prompt, dropped in zip(y, drop.tolist())]
         return torch.where(drop, null_labels(self.num_classes, y), y)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0, y = batch[0], (self.drop_labels(batch[1]) if self.num_classes else None)
-        loss = self.diffusion_loss(self.net, x0, y)
+        y = self.drop_labels(batch[1]) if self.num_classes or self.text else None
+        loss = self.diffusion_loss(self.net, self.encode(batch[0]), self.condition(y, ema=False))
         if not torch.isfinite(loss):
             # Stop before the optimizer spreads it into the weights; the last checkpoint is still good.
             raise UserError(
@@ -182,27 +334,34 @@ class DiffusionModule(LightningModule):
                 "learning rate (--model.optimizer.init_args.lr) or lengthen the warm-up (--model.warmup_steps), "
                 "then resume from the last good checkpoint with --ckpt_path last"
             )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[0]))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         # Fixed t and noise per batch, so val/loss moves only when the EMA weights do.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
-        loss = self.diffusion_loss(self.ema.module, batch[0], batch[1] if self.num_classes else None, generator)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        x0 = self.encode(batch[0], generator)
+        loss = self.diffusion_loss(self.ema.module, x0, self.condition(batch[1]), generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trained_parameters() if p.grad is not None]
         self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.net)
+        if self.text_ema is not None:
+            self.text_ema.update_parameters(self.text_encoder)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The denoiser's parameters, and the text encoder's when it is trained with it."""
+        return [*self.net.parameters(), *(self.text_encoder.parameters() if self.text_encoder is not None else ())]
 
     def configure_optimizers(self):
         try:
-            optimizer = self.optimizer(self.net.parameters())
+            optimizer = self.optimizer(self.trained_parameters())
         except ValueError as err:  # torch's own checks: a negative learning rate, betas outside [0, 1), ...
             raise UserError(f"optimizer: {err}; fix it under model.optimizer.init_args in the config") from None
         warmup = self.hparams.warmup_steps

@@ -5,7 +5,7 @@ sampler, with labels and guidance.
 randomness comes from `generator`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -140,14 +140,15 @@ def ddim_sample(
 Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
 
 
-def guided(net: nn.Module, y: Tensor, guidance_scale: float) -> Model:
+def guided(net: nn.Module, y: Tensor, guidance_scale: float, null: Tensor | None = None) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022) as a model for the samplers.
 
-    out = out_uncond + w (out_cond - out_uncond), with the conditional and the unconditional ("null" label) passes
-    batched into one call of the network. w = 1 is plain conditional sampling, w = 0 unconditional. The mix is the
-    same on eps, v or x0: each is linear in the others at a given x_t.
+    out = out_uncond + w (out_cond - out_uncond), with the conditional and the unconditional (the "null" label, or
+    `null`: the empty prompt's text features [1, L, D]) passes batched into one call of the network. w = 1 is plain
+    conditional sampling, w = 0 unconditional. The mix is the same on eps, v or x0: each is linear in the others at a
+    given x_t.
     """
-    null = null_labels(net.num_classes, y)
+    null = null_labels(net.num_classes, y) if null is None else null.expand(len(y), *null.shape[1:])
 
     def eps(x_t: Tensor, t: Tensor) -> Tensor:
         if guidance_scale in (0.0, 1.0):  # one of the two passes alone is the answer: half the work
@@ -172,15 +173,20 @@ def sample(
     guidance_scale: float = 1.0,
     spacing: Spacing = "linspace",
     prediction: Prediction = "eps",
+    null: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
     solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``), for a
     model that predicts `prediction` under `schedule`'s process (DDPM / DDIM: VP only).
 
     With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
-    a conditional model samples unconditionally (its "null" class).
+    a conditional model samples unconditionally (its "null" class). A text model takes its prompts' features as
+    `labels` ([B, L, D]) and the empty prompt's as `null` ([1, L, D]; without `labels`, it samples from that).
     """
-    if labels is not None or guidance_scale != 1.0:
+    if null is not None:  # a text model
+        labels = null.expand(len(x_T), *null.shape[1:]) if labels is None else labels
+        model = guided(model, labels, guidance_scale, null)
+    elif labels is not None or guidance_scale != 1.0:
         num_classes = getattr(model, "num_classes", 0)
         if not num_classes:
             raise UserError(
@@ -238,13 +244,16 @@ def generate(
     generator: torch.Generator,
     batch_size: int = 256,
     progress: bool = False,
-    labels: Tensor | None = None,
+    labels: Tensor | Sequence[str] | None = None,
+    condition: Callable | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
     **sampler_kwargs,
 ):
     """Yields batches of images in [-1, 1] until `num_samples` are made; the noise comes from `generator` in order.
 
-    The same generator state and batch size give the same images. `labels` ([num_samples], optional) and
-    `sampler_kwargs` go to `sample`.
+    The same generator state and batch size give the same images. `labels` ([num_samples] class indices, or
+    prompts), made into the network's y by `condition` batch by batch, and `sampler_kwargs` go to `sample`;
+    `decode` turns what the sampler made (latents) into images.
     """
     from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
@@ -253,6 +262,9 @@ def generate(
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             x_T = torch.randn((n, *shape), generator=generator, device=device)
-            y = None if labels is None else labels[start : start + n].to(device)
-            yield sample(model, schedule, x_T, generator=generator, labels=y, **sampler_kwargs)
+            y = None if labels is None else labels[start : start + n]
+            y = condition(y) if condition is not None and y is not None else y
+            x = sample(model, schedule, x_T, generator=generator, labels=None if y is None else y.to(device),
+                       **sampler_kwargs)
+            yield decode(x) if decode is not None else x
             bar.update(n)

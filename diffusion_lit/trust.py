@@ -25,7 +25,7 @@ OPTIMIZERS = {
 PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Optimizer)}  # key -> (allowed, base)
 BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer"}
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI writes into every checkpoint
-MODULE = "diffusion_lit.module.DiffusionModule"
+MODULES = {"diffusion_lit.module.DiffusionModule", "diffusion_lit.autoencoder.AutoencoderModule"}
 
 
 def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:
@@ -47,7 +47,7 @@ def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:
 def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the checkpoint") -> None:
     """Raises UserError unless every class the hyperparameters name is allowed at its place (see the module doc)."""
     trusted = set(trusted)
-    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or hparams.get("_class_path", MODULE) != MODULE:
+    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or hparams.get("_class_path") not in (None, *MODULES):
         raise UserError(f"{source} asks to be built by {hparams.get('_instantiator') or hparams.get('_class_path')!r}, "
                         "which diffusion_lit does not use: refused (a crafted or foreign checkpoint)")
     for key, name in class_paths({k: v for k, v in hparams.items() if not k.startswith("_")}):

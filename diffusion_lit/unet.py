@@ -1,4 +1,5 @@
-"""The DDPM UNet (Ho et al. 2020): eps = unet(x_t, t). It knows nothing about betas or sampling."""
+"""The DDPM UNet (Ho et al. 2020): eps = unet(x_t, t, y), with class labels or, through cross-attention, text
+features as y. It knows nothing about betas or sampling."""
 
 import math
 from collections.abc import Sequence
@@ -22,6 +23,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 def null_labels(num_classes: int, like: Tensor) -> Tensor:
     """The "null" label (index num_classes) for every item of a batch shaped like `like` [B]."""
     return torch.full(like.shape, num_classes, dtype=torch.long, device=like.device)
+
+
+def text_context(context_dim: int, y: Tensor | None) -> Tensor | None:
+    """The text features a text-conditioned network attends to (a ValueError when they are missing)."""
+    if context_dim and (y is None or y.ndim != 3 or y.shape[-1] != context_dim):
+        raise ValueError(f"this network attends to text features [B, L, {context_dim}]: encode the prompts (the empty "
+                         "prompt for an unconditional pass) and give them as y")
+    return y if context_dim else None
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -65,6 +74,26 @@ class AttnBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class CrossAttnBlock(nn.Module):
+    """The pixels of a feature map attend to text features [B, L, context_dim] (SD's cross-attention)."""
+
+    def __init__(self, ch: int, context_dim: int, groups: int, head_channels: int = 32) -> None:
+        super().__init__()
+        self.heads = max(1, ch // head_channels) if ch % head_channels == 0 else 1
+        self.norm = nn.GroupNorm(groups, ch)
+        self.q = nn.Linear(ch, ch)
+        self.kv = nn.Linear(context_dim, 2 * ch)
+        self.proj = zero_init(nn.Linear(ch, ch))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        heads = lambda z: z.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, N, C] -> [B, heads, N, C/heads]
+        q = heads(self.q(self.norm(x).flatten(2).transpose(1, 2)))
+        k, v = map(heads, self.kv(context).chunk(2, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [B, HW, C]
+        return x + self.proj(out).transpose(1, 2).reshape(b, c, h, w)
+
+
 class Downsample(nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()
@@ -99,6 +128,10 @@ class UNet(nn.Module):
         attention_resolutions: feature-map sizes (e.g. 16) at which self-attention follows each block.
         dropout: dropout inside the residual blocks.
         norm_groups: GroupNorm groups; every level's channel count must be divisible by it.
+        context_dim: width of the text features y [B, L, context_dim] the network attends to (set by the model when
+            it has a text encoder; 0: none).
+        cross_attention_resolutions: feature-map sizes at which cross-attention to the text follows each block (and
+            always in the middle); by default every size but the full one.
     """
 
     def __init__(
@@ -112,6 +145,8 @@ class UNet(nn.Module):
         attention_resolutions: Sequence[int] = (16,),
         dropout: float = 0.1,
         norm_groups: int = 32,
+        context_dim: int = 0,
+        cross_attention_resolutions: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
@@ -124,6 +159,11 @@ class UNet(nn.Module):
             raise UserError(
                 f"attention_resolutions {sorted(missing)} are not feature-map sizes of this network ({resolutions})"
             )
+        cross = resolutions[1:] if cross_attention_resolutions is None else cross_attention_resolutions
+        if missing := set(cross) - set(resolutions):
+            raise UserError(
+                f"cross_attention_resolutions {sorted(missing)} are not feature-map sizes of this network ({resolutions})"
+            )
         if bad := [base_channels * m for m in channel_mult if (base_channels * m) % norm_groups]:
             raise UserError(f"channel counts {bad} are not divisible by norm_groups={norm_groups}")
 
@@ -132,7 +172,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
-        self.num_classes = num_classes
+        self.num_classes, self.context_dim = num_classes, context_dim
         self.class_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
@@ -140,6 +180,8 @@ class UNet(nn.Module):
             layers = [ResBlock(in_ch, out_ch, temb_dim, dropout, norm_groups)]
             if res in attention_resolutions:
                 layers.append(AttnBlock(out_ch, norm_groups))
+            if context_dim and res in cross:
+                layers.append(CrossAttnBlock(out_ch, context_dim, norm_groups))
             return nn.ModuleList(layers)
 
         self.down = nn.ModuleList()
@@ -158,6 +200,7 @@ class UNet(nn.Module):
             [
                 ResBlock(ch, ch, temb_dim, dropout, norm_groups),
                 AttnBlock(ch, norm_groups),
+                *([CrossAttnBlock(ch, context_dim, norm_groups)] if context_dim else []),
                 ResBlock(ch, ch, temb_dim, dropout, norm_groups),
             ]
         )
@@ -175,23 +218,29 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     @staticmethod
-    def _run(layers: nn.ModuleList, h: Tensor, temb: Tensor) -> Tensor:
+    def _run(layers: nn.ModuleList, h: Tensor, temb: Tensor, context: Tensor | None) -> Tensor:
         for layer in layers:
-            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, temb)
+            elif isinstance(layer, CrossAttnBlock):
+                h = layer(h, context)
+            else:
+                h = layer(h)
         return h
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.class_emb is not None:
             temb = temb + self.class_emb(null_labels(self.num_classes, t) if y is None else y)
+        context = text_context(self.context_dim, y)
         h = self.conv_in(x_t)
         skips = [h]
         for layers in self.down:
-            h = self._run(layers, h, temb)
+            h = self._run(layers, h, temb, context)
             skips.append(h)
-        h = self._run(self.mid, h, temb)
+        h = self._run(self.mid, h, temb, context)
         for layers in self.up:
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(layers, h, temb)
+            h = self._run(layers, h, temb, context)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -43,16 +43,19 @@ def test_one_writer_per_run_and_sigterm_saves_the_step_it_reached(images, tmp_pa
     assert loser.returncode == 2 and "Traceback" not in stderr, stderr
     assert "is in use by another fit" in stderr and f"process {winner.pid}" in stderr
 
-    wait_for(lambda: (ckpt_dir / "step00000003.ckpt").is_file())
+    wait_for(lambda: (ckpt_dir / "step00000003.ckpt").is_file() or winner.poll() is not None)
+    assert winner.poll() is None, winner.stderr.read()  # still training
     time.sleep(1.0)  # a few more steps past the periodic checkpoint
     winner.send_signal(signal.SIGTERM)
     stderr = winner.communicate(timeout=120)[1]
     assert winner.returncode == 143, stderr
     assert "Traceback" not in stderr and "stopped by SIGTERM at step" in stderr and "--ckpt_path last" in stderr
     step = int(stderr.split("stopped by SIGTERM at step ")[1].split(":")[0])
-    assert step >= 3 and torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == step
+    saved = torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"]
+    assert step >= 3 and saved == step, (saved, stderr)
     run_dir = tmp_path / "runs" / "tiny_cpu"
-    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one run's events: the loser wrote none
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert len(events) == 1, (events, stderr)  # one run's events: the loser wrote none
 
     resumed = cli("fit", *args[:-1], step + 2, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr

@@ -1,0 +1,109 @@
+"""Latent diffusion: the autoencoder stage (diffusers' AutoencoderKL), and diffusion on its scaled latents."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+from diffusion_lit.autoencoder import AutoencoderModule, psnr
+from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.errors import UserError
+from diffusion_lit.module import DiffusionModule
+
+from conftest import tiny_unet, write_image_folder
+from test_cli import cli
+from test_module import LossRecorder
+
+diffusers = pytest.importorskip("diffusers")
+TINY_AE = {"block_out_channels": (8, 16), "latent_channels": 2, "norm_num_groups": 4}
+
+
+def test_encode_decode_shapes_and_psnr():
+    ae = AutoencoderModule(image_size=16, channels=3, **TINY_AE)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    posterior = ae.vae.encode(x).latent_dist
+    assert posterior.mean.shape == (2, 2, 8, 8)  # two levels: half the size
+    assert ae.vae.decode(posterior.mode()).sample.shape == x.shape
+    noisy = x + 0.1 * torch.randn_like(x)  # PSNR on the [0, 1] scale: 10 log10(1 / mse)
+    expected = -10 * torch.log10(((noisy - x) / 2).pow(2).flatten(1).mean(1))
+    torch.testing.assert_close(psnr(noisy, x), expected)
+    assert psnr(x, x).min() > 90
+
+
+def test_tiny_autoencoder_lowers_its_reconstruction_loss():
+    seed_everything(0)
+    x = torch.zeros(8, 1, 8, 8) - 1
+    for i in range(8):
+        x[i, 0, i] = 1
+    ae = AutoencoderModule(image_size=8, channels=1, optimizer=partial(torch.optim.Adam, lr=2e-3), **TINY_AE)
+    recorder = LossRecorder()
+    trainer = Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(ae, DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=8))
+    first, last = sum(recorder.losses[:5]) / 5, sum(recorder.losses[-5:]) / 5
+    assert last < first / 2, (first, last)
+
+
+def test_a_diffusers_folder_loads_through_model_autoencoder(tmp_path):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  norm_num_groups=4, scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "sd" / "vae")  # SD's layout: the autoencoder in a vae sub-folder
+    model = DiffusionModule(tiny_unet, image_size=16, channels=1, autoencoder=str(tmp_path / "sd"))
+    assert model.shape == (2, 8, 8) and model.latent_scale.item() == 0.5  # its own scaling factor
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        assert z.shape == (3, 2, 8, 8)
+        torch.testing.assert_close(model.decode(z), vae.decode(z / 0.5).sample.clamp(-1, 1))
+    assert not any(k.startswith("frozen.") for k in model.state_dict())
+    with pytest.raises(UserError, match="does not exist"):
+        DiffusionModule(tiny_unet, image_size=16, channels=1, autoencoder=str(tmp_path / "nothing"))
+
+
+def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path):
+    root = write_image_folder(tmp_path / "images", n_per_class=16, size=16)
+    runs = tmp_path / "runs"
+    common = ["--data.dataset", "folder", "--data.root", root, "--data.batch_size", 8,
+              "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", runs]
+    result = cli("autoencoder", "fit", "--config", "configs/digits_autoencoder.yaml", *common,
+                 "--model.block_out_channels", "[8, 16]", "--model.norm_num_groups", 4, "--trainer.max_steps", 4,
+                 "--trainer.max_time", "null", "--trainer.logger.init_args.name", "ae")
+    assert result.returncode == 0, result.stderr
+    ae_ckpt = runs / "ae" / "checkpoints" / "last.ckpt"
+
+    def fit(name: str, steps: int, *extra):
+        return cli("fit", "--config", "configs/tiny_cpu.yaml", *common, "--model.autoencoder", ae_ckpt,
+                   "--trainer.logger.init_args.name", name, "--trainer.max_steps", steps, "--trainer.val_check_interval",
+                   2, "--checkpoint.every_n_train_steps", 2, "--trainer.callbacks.init_args.steps", 2,
+                   "--trainer.callbacks.init_args.every_n_steps", 2, *extra)
+
+    straight = fit("straight", 4)
+    assert straight.returncode == 0, straight.stderr
+    assert "latent_scale:" in straight.stderr
+    assert fit("resumed", 2).returncode == 0
+    resumed = fit("resumed", 4, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "latent_scale:" not in resumed.stderr  # measured once, then carried in the checkpoint
+    a = torch.load(runs / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(runs / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and not any(k.startswith("frozen.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+    # The measured scale brings the training latents to unit variance.
+    model = DiffusionModule.load_from_checkpoint(runs / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    data = DiffusionDataModule("folder", str(root), batch_size=8, num_workers=0)
+    data.setup("fit")
+    images = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])
+    assert abs(model.encode(images).std().item() - 1.0) < 0.1
+
+    out = tmp_path / "samples.npz"
+    result = cli("sample", "--ckpt_path", runs / "straight" / "checkpoints" / "last.ckpt", "--num_samples", 3,
+                 "--steps", 2, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert np.load(out)["arr_0"].shape == (3, 16, 16, 1)  # the data's size, through the decoder

@@ -177,6 +177,7 @@ def main(args: list[str] | None = None) -> None:
         model_class = DiffusionModule
         if words and words[0] == "autoencoder":  # the same CLI around the autoencoder's module
             model_class, args = AutoencoderModule, words[1:]
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are argv's, less one
         DiffusionCLI(
             model_class,
             DiffusionDataModule,

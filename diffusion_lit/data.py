@@ -264,22 +264,14 @@ class DiffusionDataModule(LightningDataModule):
         return digit_caption(label, index)
 
     def example_prompts(self, count: int) -> list[str]:
-        """Up to `count` distinct captions of the training images, in their order (for sample grids)."""
-        if not self.captions:
-            return [""]
+        """Up to `count` distinct captions among the first 1,000 training images (for sample grids)."""
         prompts = []
-        for i in self.train_set.indices:
-            if (text := self.caption_of(i, self.label_of(i))) not in prompts:
+        for i in range(min(len(self.train_set), 1000) if self.captions else 0):
+            if (text := self.train_set[i][1]) not in prompts:
                 prompts.append(text)
             if len(prompts) == count:
                 break
-        return prompts
-
-    def label_of(self, index: int) -> int:
-        if self.hparams.dataset == "folder":
-            return self.folder.labels[index]
-        dataset = self.train_set.dataset.dataset  # Subset -> Captioned -> the images
-        return int(dataset.labels[index] if hasattr(dataset, "labels") else dataset.targets[index])
+        return prompts or [""]
 
     def _load(self, train: bool) -> Dataset:
         """The whole dataset with the train (flips) or the eval transform."""

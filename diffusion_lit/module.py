@@ -168,6 +168,10 @@ class DiffusionModule(LightningModule):
             self.frozen["autoencoder"] = vae
             latent_channels, latent_size = latent_shape(vae, image_size)
             self.shape = (latent_channels, latent_size, latent_size)
+            if self.prediction_of(process, prediction) == "eps":
+                say("model.autoencoder with eps prediction: samplers cannot clip x0 in latent space, and at the "
+                    "noisiest VP step x0 = (x_t - sigma eps) / alpha divides the error of eps by alpha (0.006 linear, "
+                    "5e-5 cosine); --model.prediction v or --model.process flow sample far better there")
             # 0 until measured when fit starts; saved, so a resumed or loaded model uses the same scale.
             self.register_buffer("latent_scale", torch.tensor(float(latent_scale or own_scale or 0.0)))
         text = {"context_dim": encoder.width} if encoder is not None else {}
@@ -183,7 +187,7 @@ class DiffusionModule(LightningModule):
                                           use_buffers=False)
             self.text_ema.requires_grad_(False)
         self.schedule = NoiseSchedule(schedule, timesteps) if process == "vp" else FlowSchedule(flow_shift)
-        self.prediction = prediction or ("eps" if process == "vp" else "v")
+        self.prediction = self.prediction_of(process, prediction)
         self.t_sampling = t_sampling or ("uniform" if process == "vp" else "logit_normal")
         self.optimizer = optimizer
         self._compiled = False
@@ -191,6 +195,11 @@ class DiffusionModule(LightningModule):
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The EMA denoiser's prediction (eps, v or x0: `self.prediction`), the one sampling uses."""
         return self.ema.module(x_t, t, y)
+
+    @staticmethod
+    def prediction_of(process: Process, prediction: Prediction | None) -> Prediction:
+        """What the network predicts: the one asked for, or the process's own (eps for vp, v for flow)."""
+        return prediction or ("eps" if process == "vp" else "v")
 
     @property
     def text(self) -> bool:

@@ -1,5 +1,6 @@
 """Latent diffusion: the autoencoder stage (diffusers' AutoencoderKL), and diffusion on its scaled latents."""
 
+import sys
 from functools import partial
 
 import numpy as np
@@ -65,7 +66,8 @@ def test_a_diffusers_folder_loads_through_model_autoencoder(tmp_path):
         DiffusionModule(tiny_unet, image_size=16, channels=1, autoencoder=str(tmp_path / "nothing"))
 
 
-def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path):
+@pytest.mark.parametrize("cache", ["false", "true"], ids=["encoded-each-step", "cached"])
+def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path, cache):
     root = write_image_folder(tmp_path / "images", n_per_class=16, size=16)
     runs = tmp_path / "runs"
     common = ["--data.dataset", "folder", "--data.root", root, "--data.batch_size", 8,
@@ -80,7 +82,7 @@ def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path):
         return cli("fit", "--config", "configs/tiny_cpu.yaml", *common, "--model.autoencoder", ae_ckpt,
                    "--trainer.logger.init_args.name", name, "--trainer.max_steps", steps, "--trainer.val_check_interval",
                    2, "--checkpoint.every_n_train_steps", 2, "--trainer.callbacks.init_args.steps", 2,
-                   "--trainer.callbacks.init_args.every_n_steps", 2, *extra)
+                   "--trainer.callbacks.init_args.every_n_steps", 2, "--model.cache_latents", cache, *extra)
 
     straight = fit("straight", 4)
     assert straight.returncode == 0, straight.stderr
@@ -107,3 +109,11 @@ def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path):
                  "--steps", 2, "--out", out)
     assert result.returncode == 0, result.stderr
     assert np.load(out)["arr_0"].shape == (3, 16, 16, 1)  # the data's size, through the decoder
+
+
+@pytest.mark.parametrize("package, setting", [("diffusers", "autoencoder"), ("transformers", "text_encoder")])
+def test_without_the_sd_extra_latent_and_clip_models_say_what_to_install(monkeypatch, tmp_path, package, setting):
+    monkeypatch.setitem(sys.modules, package, None)  # as if it were not installed
+    with pytest.raises(UserError, match=rf'needs the {package} package: pip install -e "\.\[sd\]"'):
+        DiffusionModule(tiny_unet, image_size=16, channels=1, **{setting: str(tmp_path)})
+    DiffusionModule(tiny_unet, image_size=16, channels=1, text_encoder="bytes")  # the pixel trainer needs neither

@@ -182,3 +182,8 @@ def test_text_fit_and_sample_with_prompts(tmp_path):
     result = cli("fit", "--config", "configs/tiny_cpu.yaml", "--model.text_encoder", "bytes",
                  "--trainer.logger.init_args.save_dir", tmp_path / "other", "--trainer.max_steps", 1)
     assert result.returncode == 2 and "--data.captions true" in result.stderr
+
+
+def test_prompts_for_a_model_without_text_are_refused(tmp_path):
+    result = cli("sample", "--ckpt_path", "tests/data/eps_ddpm_v1.ckpt", "--prompt", "seven", "--out", tmp_path / "x.png")
+    assert result.returncode == 2 and "was not trained on text" in result.stderr and "Traceback" not in result.stderr

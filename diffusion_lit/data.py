@@ -343,7 +343,9 @@ class DiffusionDataModule(LightningDataModule):
         computed once with a progress bar; their labels or captions stay. Random flips are then fixed."""
         for name in ("train_set", "val_set"):
             dataset = getattr(self, name)
-            loader = DataLoader(dataset, batch_size=256, num_workers=self.hparams.num_workers)
+            # Its own generator: a loader draws a seed, which must not come from the stream training draws from.
+            loader = DataLoader(dataset, batch_size=256, num_workers=self.hparams.num_workers,
+                                generator=torch.Generator().manual_seed(0))
             encoded, others = [], []
             for images, y in tqdm(loader, f"encoding the {name.split('_')[0]} images once", leave=False):
                 encoded.append(encode(images).cpu())

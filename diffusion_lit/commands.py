@@ -54,6 +54,8 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = ()) -> tuple[DiffusionM
     check_hparams(checkpoint["hyper_parameters"], trusted, str(path))
     try:
         module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
+        raise
     except Exception as err:
         raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
     device = _device()
@@ -80,7 +82,7 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
     with module.sampling(precision, ema) as model:
         batches = generate(model, module.schedule, num_samples, module.shape, generator, batch_size, progress=True,
                            labels=labels, condition=lambda y: module.condition(y, ema), decode=module.decode,
-                           **module.sampler_kwargs(clip_x0), **sampler_kwargs)
+                           **module.sampler_kwargs(clip_x0, ema), **sampler_kwargs)
         return torch.cat([to_uint8(x).cpu() for x in batches])
 
 
@@ -168,13 +170,14 @@ def sample(
     module, _ = load_checkpoint(ckpt_path, parse_trusted(trust_class))
     set_flow_shift(module, flow_shift)
     text = parse_prompts(prompt, prompts, num_samples, module.text)
+    if module.text and labels is not None:
+        raise UserError("this model reads prompts, not labels: give --prompt TEXT or --prompts FILE instead of --labels")
     y = text if text is not None else parse_labels(labels, num_samples, module.num_classes)
     images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, precision, labels=y,
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
                              spacing=spacing)
-    guided = y is not None or module.text
-    calls = network_evaluations(sampler, steps, module.schedule.timesteps, guidance_scale, guided)
-    per_row = num_samples if text is not None else None
+    calls = network_evaluations(sampler, steps, module.schedule.timesteps, guidance_scale, y is not None)
+    per_row = num_samples if text is not None and len(text) > num_samples else None  # a row per prompt
     print(f"wrote {len(images)} images to {save_images(images, out, per_row)} ({calls} network evaluations per image)")
 
 

@@ -96,22 +96,32 @@ def read_captions(root: Path, files: list[Path]) -> list[str | None]:
     same name beside the image; None where there is neither."""
     captions = {}
     for meta in sorted(root.rglob("metadata.jsonl")):
-        for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(read_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                captions[(meta.parent / row["file_name"]).resolve()] = str(row["text"])
+                if not isinstance(row["text"], str):
+                    raise TypeError
+                captions[(meta.parent / row["file_name"]).resolve()] = row["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{meta}, line {number}: each line must be a JSON object with \"file_name\" and "
-                                f"\"text\", got {line[:80]!r}") from None
+                                f"\"text\" (a string), got {line[:80]!r}") from None
     found = []
     for path in files:
         text = captions.get(path.resolve())
         if text is None and (beside := path.with_suffix(".txt")).is_file():
-            text = beside.read_text(encoding="utf-8").strip()
+            text = read_text(beside).strip()
         found.append(text)
     return found
+
+
+def read_text(path: Path) -> str:
+    """A caption file's text (UTF-8); a UserError when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"caption file {path} cannot be read as UTF-8 text ({reason(err)}): fix or remove it") from None
 
 
 class Captioned(Dataset):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.unet import null_labels, text_context, timestep_embedding, zero_init
+from diffusion_lit.unet import CrossAttention, null_labels, text_context, timestep_embedding, zero_init
 
 
 def sincos_2d(grid_size: int, dim: int) -> Tensor:
@@ -39,12 +39,7 @@ class DiTBlock(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(dim, 6 * dim)))
         if context_dim:  # cross-attention to the text, starting as the identity
             self.cross_norm = nn.LayerNorm(dim, eps=1e-6)
-            self.cross_q = nn.Linear(dim, dim)
-            self.cross_kv = nn.Linear(context_dim, 2 * dim)
-            self.cross_proj = zero_init(nn.Linear(dim, dim))
-
-    def heads(self, z: Tensor) -> Tensor:
-        return z.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, D] -> [B, heads, N, D / heads]
+            self.cross = CrossAttention(dim, context_dim, num_heads)
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
@@ -53,9 +48,7 @@ class DiTBlock(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + gate1[:, None] * self.proj(attn)
         if context is not None:
-            q = self.heads(self.cross_q(self.cross_norm(x)))
-            k, v = map(self.heads, self.cross_kv(context).chunk(2, dim=-1))
-            x = x + self.cross_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+            x = x + self.cross.attend(self.cross_norm(x), context)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 

@@ -4,6 +4,7 @@ diffusion objective, in pixel space or in an autoencoder's latent space, steered
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lit.autoencoder import latent_shape, load_autoencoder
-from diffusion_lit.errors import UserError, say
+from diffusion_lit.errors import UserError, reason, say
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, ScheduleKind, TimeSampling
 from diffusion_lit.speed import autocast, compile_modules, grad_off
 from diffusion_lit.targets import PREDICTIONS, Prediction, Process, Weighting, min_snr_weight, target
@@ -22,6 +23,13 @@ from diffusion_lit.unet import UNet, null_labels
 
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> out = net(x_t, t, y)
 SCALE_IMAGES = 512  # training images encoded to estimate the latents' scale
+
+
+def absolute(spec: str | None) -> str | None:
+    """An existing path made absolute; anything else (None, ``bytes``, a missing path) as it is."""
+    if spec in (None, "bytes") or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
 
 
 def drop_frozen(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -152,6 +160,11 @@ class DiffusionModule(LightningModule):
             raise UserError("conditional (class labels) and text_encoder (prompts) exclude each other: choose one")
         if latent_scale is not None and latent_scale <= 0:
             raise UserError(f"latent_scale must be positive, got {latent_scale}")
+        if not autoencoder and (latent_scale is not None or cache_latents):
+            raise UserError("latent_scale and cache_latents are for latent diffusion: give model.autoencoder too")
+        # Pretrained parts are read again whenever the model is built: by absolute path, so `sample` and `evaluate`
+        # find them from any folder.
+        autoencoder, text_encoder = (absolute(spec) for spec in (autoencoder, text_encoder))
         self.save_hyperparameters()
         self.num_classes = num_classes if conditional else 0  # what the network is conditioned on
         self.frozen = nn.ModuleDict()  # pretrained parts, read from their own files (not saved in checkpoints)
@@ -165,6 +178,9 @@ class DiffusionModule(LightningModule):
         self.cached = False  # the data serves latent distributions (cache_latents), not images
         if autoencoder:
             vae, own_scale, self.latent_shift = load_autoencoder(autoencoder)
+            if vae.config.in_channels != channels:
+                raise UserError(f"the autoencoder {autoencoder} takes {vae.config.in_channels}-channel images and the "
+                                f"data has {channels}: set --data.channels {vae.config.in_channels}")
             self.frozen["autoencoder"] = vae
             latent_channels, latent_size = latent_shape(vae, image_size)
             self.shape = (latent_channels, latent_size, latent_size)
@@ -175,7 +191,13 @@ class DiffusionModule(LightningModule):
             # 0 until measured when fit starts; saved, so a resumed or loaded model uses the same scale.
             self.register_buffer("latent_scale", torch.tensor(float(latent_scale or own_scale or 0.0)))
         text = {"context_dim": encoder.width} if encoder is not None else {}
-        self.net = net(self.shape[0], self.shape[1], self.num_classes, **text)
+        try:
+            self.net = net(self.shape[0], self.shape[1], self.num_classes, **text)
+        except TypeError as err:
+            if not text:
+                raise
+            raise UserError(f"the network does not take text features (context_dim) ({reason(err)}): use "
+                            "diffusion_lit's UNet or DiT for a text model") from None
         if channels_last:  # before the EMA copy is made, which then has the same format and hook
             self.net.to(memory_format=torch.channels_last)
             self.net.register_forward_pre_hook(to_channels_last)
@@ -227,17 +249,18 @@ class DiffusionModule(LightningModule):
             if data is None:
                 raise UserError("the latents' scale is measured on a DiffusionDataModule's images: train with one, "
                                 "or give model.latent_scale")
-            self.latent_scale.fill_(self.measure_latent_scale(data.train_set))
+            self.latent_scale.fill_(self.measure_latent_scale(data.reference_set))
             say(f"latent_scale: {self.latent_scale.item():.4g} (1 / std of the latents of "
-                f"{min(SCALE_IMAGES, len(data.train_set))} training images)")
+                f"{min(SCALE_IMAGES, len(data.reference_set))} training images)")
         if self.latent and self.hparams.cache_latents and not self.cached:
-            data.cache(lambda x: self.frozen["autoencoder"].encode(x.to(self.device)).latent_dist.parameters)
+            with torch.random.fork_rng(devices=[]):  # random flips must not move the stream training draws from
+                data.cache(lambda x: self.frozen["autoencoder"].encode(x.to(self.device)).latent_dist.parameters)
             self.cached = True
 
     @torch.no_grad()
     def measure_latent_scale(self, dataset) -> float:
         """1 / std of the autoencoder's latents (drawn from their distributions, with a fixed seed) of the first
-        images of `dataset`: the same on every rank."""
+        images of `dataset` (the training images without augmentation): the same on every rank."""
         images = torch.stack([dataset[i][0] for i in range(min(SCALE_IMAGES, len(dataset)))]).to(self.device)
         generator = torch.Generator(self.device).manual_seed(0)
         vae = self.frozen["autoencoder"]
@@ -282,14 +305,15 @@ class DiffusionModule(LightningModule):
             return self.encode_prompts(y, ema)
         return y if self.num_classes else None
 
-    def null_condition(self) -> Tensor | None:
+    def null_condition(self, ema: bool = True) -> Tensor | None:
         """The unconditional y of classifier-free guidance for a text model: the empty prompt's features [1, L, D]."""
-        return self.encode_prompts([""]) if self.text else None
+        return self.encode_prompts([""], ema) if self.text else None
 
-    def sampler_kwargs(self, clip_x0: bool = True) -> dict:
+    def sampler_kwargs(self, clip_x0: bool = True, ema: bool = True) -> dict:
         """What every sampler call on this model takes beside the solver's settings: the prediction, x0 clipping
         (off in latent space, whose values are not bounded by [-1, 1]) and the empty prompt's features."""
-        return {"prediction": self.prediction, "clip_x0": clip_x0 and not self.latent, "null": self.null_condition()}
+        return {"prediction": self.prediction, "clip_x0": clip_x0 and not self.latent,
+                "null": self.null_condition(ema)}
 
     def compile_denoisers(self, device: torch.device) -> None:
         """With `compile` on, torch.compile the training and the EMA denoiser for `device` (once; nothing when it

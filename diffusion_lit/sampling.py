@@ -184,7 +184,8 @@ def sample(
     `labels` ([B, L, D]) and the empty prompt's as `null` ([1, L, D]; without `labels`, it samples from that).
     """
     if null is not None:  # a text model
-        labels = null.expand(len(x_T), *null.shape[1:]) if labels is None else labels
+        if labels is None:  # the empty prompt alone: guiding it against itself would change nothing
+            labels, guidance_scale = null.expand(len(x_T), *null.shape[1:]), 1.0
         model = guided(model, labels, guidance_scale, null)
     elif labels is not None or guidance_scale != 1.0:
         num_classes = getattr(model, "num_classes", 0)

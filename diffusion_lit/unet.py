@@ -74,24 +74,33 @@ class AttnBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
-class CrossAttnBlock(nn.Module):
-    """The pixels of a feature map attend to text features [B, L, context_dim] (SD's cross-attention)."""
+class CrossAttention(nn.Module):
+    """Tokens [B, N, dim] attend to text features [B, L, context_dim]; the output projection starts at zero."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = zero_init(nn.Linear(dim, dim))
+
+    def attend(self, x: Tensor, context: Tensor) -> Tensor:
+        split = lambda z: z.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731 [B, N, D] -> [B, h, N, D/h]
+        q, (k, v) = split(self.q(x)), map(split, self.kv(context).chunk(2, dim=-1))
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class CrossAttnBlock(CrossAttention):
+    """The pixels of a feature map attend to text features (SD's cross-attention), as a residual branch."""
 
     def __init__(self, ch: int, context_dim: int, groups: int, head_channels: int = 32) -> None:
-        super().__init__()
-        self.heads = max(1, ch // head_channels) if ch % head_channels == 0 else 1
+        super().__init__(ch, context_dim, max(1, ch // head_channels) if ch % head_channels == 0 else 1)
         self.norm = nn.GroupNorm(groups, ch)
-        self.q = nn.Linear(ch, ch)
-        self.kv = nn.Linear(context_dim, 2 * ch)
-        self.proj = zero_init(nn.Linear(ch, ch))
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        heads = lambda z: z.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, N, C] -> [B, heads, N, C/heads]
-        q = heads(self.q(self.norm(x).flatten(2).transpose(1, 2)))
-        k, v = map(heads, self.kv(context).chunk(2, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [B, HW, C]
-        return x + self.proj(out).transpose(1, 2).reshape(b, c, h, w)
+        out = self.attend(self.norm(x).flatten(2).transpose(1, 2), context)  # [B, HW, C]
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

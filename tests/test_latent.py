@@ -64,6 +64,10 @@ def test_a_diffusers_folder_loads_through_model_autoencoder(tmp_path):
     assert not any(k.startswith("frozen.") for k in model.state_dict())
     with pytest.raises(UserError, match="does not exist"):
         DiffusionModule(tiny_unet, image_size=16, channels=1, autoencoder=str(tmp_path / "nothing"))
+    with pytest.raises(UserError, match="takes 1-channel images and the data has 3"):
+        DiffusionModule(tiny_unet, image_size=16, channels=3, autoencoder=str(tmp_path / "sd"))
+    with pytest.raises(UserError, match="give model.autoencoder too"):
+        DiffusionModule(tiny_unet, image_size=16, channels=1, cache_latents=True)
 
 
 @pytest.mark.parametrize("cache", ["false", "true"], ids=["encoded-each-step", "cached"])

@@ -95,8 +95,10 @@ def test_cross_attention_follows_the_prompt_and_guidance_mixes_the_two_passes(ne
             torch.testing.assert_close(guided(model.net, seven, w, null)(x, t), expected, atol=1e-5, rtol=1e-5)
         # Without prompts a text model samples from the empty prompt: guidance then changes nothing.
         x_T = torch.randn(2, 1, 8, 8)
-        draw = lambda **kw: sample(model.net, model.schedule, x_T, steps=3, null=null, **kw)  # noqa: E731
-        torch.testing.assert_close(draw(), draw(labels=empty, guidance_scale=4.0), atol=1e-4, rtol=1e-4)
+        for sampler in ("ddim", "euler", "heun", "dpmpp_2m"):  # every solver takes prompts the same way
+            draw = lambda **kw: sample(model.net, model.schedule, x_T, sampler, 3, null=null, **kw)  # noqa: E731
+            torch.testing.assert_close(draw(), draw(labels=empty, guidance_scale=4.0), atol=1e-4, rtol=1e-4)
+            assert (draw(labels=seven, guidance_scale=2.0) - draw()).abs().max() > 1e-3
     with pytest.raises(ValueError, match="attends to text features"):
         model.net(x, t)
 

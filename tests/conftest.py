@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
 from PIL import Image
 
 from diffusion_lit.unet import UNet
@@ -34,3 +35,29 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)
+
+
+def bars() -> torch.Tensor:
+    """Eight distinct images [8, 1, 8, 8] in [-1, 1]: a bright bar at row i; seeds everything first."""
+    seed_everything(0)
+    x = torch.zeros(8, 1, 8, 8) - 1
+    for i in range(8):
+        x[i, 0, i] = 1
+    return x
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item() if isinstance(outputs, dict) else outputs.item())
+
+
+def assert_halves_its_loss(model, loader, steps: int = 100, window: int = 10) -> None:
+    """Trains for `steps` steps: the mean loss of the last `window` steps is below half that of the first."""
+    recorder = LossRecorder()
+    Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[recorder]).fit(model, loader)
+    first, last = sum(recorder.losses[:window]) / window, sum(recorder.losses[-window:]) / window
+    assert last < first / 2, (first, last)

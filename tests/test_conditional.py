@@ -4,7 +4,6 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.dit import DiT
@@ -13,8 +12,7 @@ from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sampling import ddim_sample, guided, sample
 from diffusion_lit.schedule import NoiseSchedule
 
-from conftest import tiny_unet
-from test_module import LossRecorder
+from conftest import assert_halves_its_loss, bars, tiny_unet
 
 tiny_dit = partial(DiT, patch_size=2, hidden_size=32, depth=2, num_heads=2)
 
@@ -115,15 +113,7 @@ def test_unpatchify_inverts_patchify():
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
 def test_tiny_dit_overfits_eight_images(conditional):
-    seed_everything(0)
-    x = torch.zeros(8, 1, 8, 8) - 1
-    for i in range(8):
-        x[i, 0, i] = 1
-    loader = DataLoader(TensorDataset(x, torch.arange(8) % 2), batch_size=8)
+    loader = DataLoader(TensorDataset(bars(), torch.arange(8) % 2), batch_size=8)
     model = DiffusionModule(net=tiny_dit, image_size=8, channels=1, num_classes=2, conditional=conditional,
                             optimizer=partial(torch.optim.Adam, lr=2e-3), schedule="cosine")
-    recorder = LossRecorder()
-    Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[recorder]).fit(model, loader)
-    first, last = sum(recorder.losses[:10]) / 10, sum(recorder.losses[-10:]) / 10
-    assert last < first / 2, (first, last)
+    assert_halves_its_loss(model, loader)

@@ -6,7 +6,6 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.autoencoder import AutoencoderModule, psnr
@@ -14,9 +13,8 @@ from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 
-from conftest import tiny_unet, write_image_folder
+from conftest import assert_halves_its_loss, bars, tiny_unet, write_image_folder
 from test_cli import cli
-from test_module import LossRecorder
 
 diffusers = pytest.importorskip("diffusers")
 TINY_AE = {"block_out_channels": (8, 16), "latent_channels": 2, "norm_num_groups": 4}
@@ -35,17 +33,8 @@ def test_encode_decode_shapes_and_psnr():
 
 
 def test_tiny_autoencoder_lowers_its_reconstruction_loss():
-    seed_everything(0)
-    x = torch.zeros(8, 1, 8, 8) - 1
-    for i in range(8):
-        x[i, 0, i] = 1
     ae = AutoencoderModule(image_size=8, channels=1, optimizer=partial(torch.optim.Adam, lr=2e-3), **TINY_AE)
-    recorder = LossRecorder()
-    trainer = Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=[recorder])
-    trainer.fit(ae, DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=8))
-    first, last = sum(recorder.losses[:5]) / 5, sum(recorder.losses[-5:]) / 5
-    assert last < first / 2, (first, last)
+    assert_halves_its_loss(ae, DataLoader(TensorDataset(bars(), torch.zeros(8)), batch_size=8), steps=60, window=5)
 
 
 def test_a_diffusers_folder_loads_through_model_autoencoder(tmp_path):

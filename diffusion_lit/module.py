@@ -201,13 +201,9 @@ class DiffusionModule(LightningModule):
         if channels_last:  # before the EMA copy is made, which then has the same format and hook
             self.net.to(memory_format=torch.channels_last)
             self.net.register_forward_pre_hook(to_channels_last)
-        self.ema = AveragedModel(self.net, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup), use_buffers=False)
-        self.ema.requires_grad_(False)
-        self.text_ema = None
-        if self.text_encoder is not None:  # trained with the denoiser, and averaged with it
-            self.text_ema = AveragedModel(self.text_encoder, multi_avg_fn=partial(ema_update, ema_decay, ema_warmup),
-                                          use_buffers=False)
-            self.text_ema.requires_grad_(False)
+        self.ema = self.averaged(self.net)
+        # A text encoder trained with the denoiser is averaged with it.
+        self.text_ema = self.averaged(self.text_encoder) if self.text_encoder is not None else None
         self.schedule = NoiseSchedule(schedule, timesteps) if process == "vp" else FlowSchedule(flow_shift)
         self.prediction = self.prediction_of(process, prediction)
         self.t_sampling = t_sampling or ("uniform" if process == "vp" else "logit_normal")
@@ -217,6 +213,12 @@ class DiffusionModule(LightningModule):
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The EMA denoiser's prediction (eps, v or x0: `self.prediction`), the one sampling uses."""
         return self.ema.module(x_t, t, y)
+
+    def averaged(self, module: nn.Module) -> AveragedModel:
+        """The EMA copy of a trained module (no gradients), updated after each optimizer step."""
+        hp = self.hparams
+        ema = AveragedModel(module, multi_avg_fn=partial(ema_update, hp.ema_decay, hp.ema_warmup), use_buffers=False)
+        return ema.requires_grad_(False)
 
     @staticmethod
     def prediction_of(process: Process, prediction: Prediction | None) -> Prediction:

@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError, build_optimizer, reason
 from diffusion_lit.images import grid, to_uint8
 from diffusion_lit.text import need
 
@@ -99,10 +99,7 @@ class AutoencoderModule(LightningModule):
             experiment.add_image("reconstructions", grid(to_uint8(pair), 8), self.global_step)
 
     def configure_optimizers(self):
-        try:
-            return self.optimizer(self.parameters())
-        except ValueError as err:
-            raise UserError(f"optimizer: {err}; fix it under model.optimizer.init_args in the config") from None
+        return build_optimizer(self.optimizer, self.parameters())
 
 
 def load_autoencoder(spec: str) -> tuple[nn.Module, float | None, float]:

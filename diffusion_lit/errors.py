@@ -22,3 +22,12 @@ def say(message: str) -> None:
     """One line to the user on stderr, from the first process only (under DDP every rank runs the same code)."""
     if rank_zero_only.rank == 0:
         print(message, file=sys.stderr)
+
+
+def build_optimizer(factory, parameters):
+    """The optimizer of a config's `model.optimizer`; torch's own checks of its values (a negative learning rate,
+    betas outside [0, 1), ...) become a UserError."""
+    try:
+        return factory(parameters)
+    except ValueError as err:
+        raise UserError(f"optimizer: {err}; fix it under model.optimizer.init_args in the config") from None

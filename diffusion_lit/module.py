@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lit.autoencoder import latent_shape, load_autoencoder
-from diffusion_lit.errors import UserError, reason, say
+from diffusion_lit.errors import UserError, build_optimizer, reason, say
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, ScheduleKind, TimeSampling
 from diffusion_lit.speed import autocast, compile_modules, grad_off
 from diffusion_lit.targets import PREDICTIONS, Prediction, Process, Weighting, min_snr_weight, target
@@ -395,10 +395,7 @@ class DiffusionModule(LightningModule):
         return [*self.net.parameters(), *(self.text_encoder.parameters() if self.text_encoder is not None else ())]
 
     def configure_optimizers(self):
-        try:
-            optimizer = self.optimizer(self.trained_parameters())
-        except ValueError as err:  # torch's own checks: a negative learning rate, betas outside [0, 1), ...
-            raise UserError(f"optimizer: {err}; fix it under model.optimizer.init_args in the config") from None
+        optimizer = build_optimizer(self.optimizer, self.trained_parameters())
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -128,18 +128,28 @@ def measure(args, cfg: dict) -> dict:
     hp = module.hparams
     x0 = torch.rand(batch_size, hp.channels, hp.image_size, hp.image_size, device=device) * 2 - 1
 
-    def train_step():
+    def train_step(guide: bool = True):  # with the config's guide (model.guide), as fit trains it, or without
+        guide = guide and module.guide is not None
         with autocast(device, args.precision):
             loss = module.diffusion_loss(module.net, x0)
+            if guide:
+                loss = loss + module.diffusion_loss(module.guide.net, x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         module.ema.update_parameters(module.net)
+        if guide:
+            module.guide.ema.update_parameters(module.guide.net)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train_s, first_train_s = timed(train_step, device, args.warmup, args.repeats)
     train_memory = peak_memory(device)
+    guide = {}
+    if module.guide is not None:  # what the guide trained beside the model costs: its share of the step
+        alone_s, _ = timed(lambda: train_step(guide=False), device, args.warmup, args.repeats)
+        guide = {"guide_params": sum(p.numel() for p in module.guide.net.parameters()),
+                 "guide_share_of_step": 1 - alone_s / train_s}
 
     k = args.sample_steps
     x_T = torch.randn_like(x0)
@@ -163,6 +173,7 @@ def measure(args, cfg: dict) -> dict:
         "peak_sample_mib": peak_memory(device),
         "first_train_step_s": first_train_s,  # with --compile: the compilation
         "first_ddim_run_s": first_ddim_s,
+        **guide,
     }
 
 
@@ -228,6 +239,10 @@ def main() -> None:
                 "threads": torch.get_num_threads()}
     print(", ".join(f"{k}={v}" for k, v in settings.items()) + f"; median of {args.repeats} after {args.warmup} warm-up")
     print(table(rows, args.device))
+    for row in rows:
+        if "guide_share_of_step" in row:
+            print(f"{row['config']} / {row['network']}: its guide ({row['guide_params']:,} parameters) takes "
+                  f"{100 * row['guide_share_of_step']:.0f}% of a training step")
     print(json.dumps({**settings, "results": rows}))
 
 

@@ -4,12 +4,13 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason, say
+from diffusion_lit.guidance import Interval, check_interval
 from diffusion_lit.images import grid, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
@@ -25,20 +26,52 @@ from diffusion_lit.sampling import Sampler, check_sampler, generate, sample
 from diffusion_lit.solvers import Spacing
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar, whose epoch reads `Epoch 10/-2` when no epoch count is set (a run limited by max_time
+    or max_steps): then it reads `Epoch 10`."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs < 0:
+            description = description.replace(f"/{max_epochs - 1}", "", 1)
+        return description
+
+
 def _due(trainer, every_n_steps: int, last_step: int) -> bool:
     """True once per optimizer step that is a multiple of every_n_steps (not on each accumulated micro-batch)."""
     step = trainer.global_step
     return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and step != last_step
 
 
-def checked(sampler_kwargs: dict, pl_module, callback: str) -> dict:
+def setup_guidance(callback, pl_module, name: str) -> None:
+    """Checks a callback's sampler settings and loads its guide checkpoint, when fit starts (see `checked`)."""
+    from diffusion_lit.commands import load_guide  # the commands' checks, not the other way round
+
+    callback.guide = load_guide(callback.guide_ckpt, pl_module) if callback.guide_ckpt else None
+    callback.sampler_kwargs = checked(callback.sampler_kwargs, pl_module, name, callback.guide is not None)
+
+
+def sampling_kwargs(callback, pl_module) -> dict:
+    """What a callback's sampler calls take: the model's own settings, the callback's, and its guide checkpoint's
+    denoiser in place of the model's guide."""
+    kwargs = pl_module.sampler_kwargs() | callback.sampler_kwargs
+    if callback.guide is not None:
+        kwargs["guide"] = callback.guide.to(pl_module.device)
+    return kwargs
+
+
+def checked(sampler_kwargs: dict, pl_module, callback: str, guide_ckpt: bool = False) -> dict:
     """A callback's sampler settings, checked against the model when fit starts rather than at the first grid: bad
     sampler settings stop before the first step, and a guidance scale for an unconditional model is dropped, said once."""
     check_sampler(sampler_kwargs["sampler"], pl_module.schedule, sampler_kwargs["steps"], sampler_kwargs["eta"],
                   sampler_kwargs["spacing"])
-    if not (pl_module.num_classes or pl_module.text) and sampler_kwargs["guidance_scale"] != 1.0:
+    check_interval(sampler_kwargs["guidance_interval"])
+    guided = pl_module.num_classes or pl_module.text or pl_module.guide is not None or guide_ckpt
+    if not guided and sampler_kwargs["guidance_scale"] != 1.0:
         say(f"{callback}: guidance_scale {sampler_kwargs['guidance_scale']} is ignored, since this model is "
-            "unconditional (model.conditional is false or the data has no labels)")
+            "unconditional (model.conditional is false or the data has no labels) and has no guide "
+            "(model.guide, or the callback's guide_ckpt)")
         return {**sampler_kwargs, "guidance_scale": 1.0}
     return sampler_kwargs
 
@@ -55,12 +88,14 @@ class SampleGrid(Callback):
         sampler: ``ddim`` (the default), ``ddpm`` (all T steps), or an ODE solver: ``euler``, ``heun``, ``dpmpp_2m``.
         steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
-        guidance_scale: classifier-free guidance w for a conditional model (one row per class) or a text model (one
-            row per prompt).
+        guidance_scale: guidance w: classifier-free for a conditional model (one row per class) or a text model (one
+            row per prompt), autoguidance for a model with a guide.
         seed: seed of the noise.
         denoising_strip: also log `samples/denoising`, one image at ten points of its denoising.
         spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
         prompts: for a text model, the prompts of the rows (by default up to 8 distinct captions of the data).
+        guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
+        guide_ckpt: autoguidance from this checkpoint (an earlier or smaller run of the same kind).
     """
 
     def __init__(
@@ -75,16 +110,19 @@ class SampleGrid(Callback):
         denoising_strip: bool = True,
         spacing: Spacing = "linspace",
         prompts: list[str] | None = None,
+        guidance_interval: Interval | None = None,
+        guide_ckpt: str | None = None,
     ) -> None:
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                               "spacing": spacing}
+                               "spacing": spacing, "guidance_interval": guidance_interval}
+        self.guide_ckpt, self.guide = guide_ckpt, None
         self.denoising_strip = denoising_strip
         self.prompts = prompts
         self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.sampler_kwargs = checked(self.sampler_kwargs, pl_module, "SampleGrid")
+        setup_guidance(self, pl_module, "SampleGrid")
         if pl_module.text and not self.prompts:
             self.prompts = trainer.datamodule.example_prompts(8) if trainer.datamodule is not None else [""]
 
@@ -111,7 +149,7 @@ class SampleGrid(Callback):
         with pl_module.sampling(trainer.precision) as model:
             y = pl_module.condition(labels) if labels is not None else None
             x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True,
-                               labels=y, **pl_module.sampler_kwargs(), **self.sampler_kwargs)
+                               labels=y, **sampling_kwargs(self, pl_module))
             x = pl_module.decode(x)
             if self.denoising_strip:
                 picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()
@@ -153,6 +191,8 @@ class FID(Callback):
         cache_dir: where reference features are cached.
         seed: seed of the noise (each rank adds its rank).
         spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
+        guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
+        guide_ckpt: autoguidance from this checkpoint (an earlier or smaller run of the same kind).
     """
 
     def __init__(
@@ -170,10 +210,13 @@ class FID(Callback):
         cache_dir: str = "~/.cache/diffusion_lit/fid",
         seed: int = 0,
         spacing: Spacing = "linspace",
+        guidance_interval: Interval | None = None,
+        guide_ckpt: str | None = None,
     ) -> None:
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
         self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                               "spacing": spacing}
+                               "spacing": spacing, "guidance_interval": guidance_interval}
+        self.guide_ckpt, self.guide = guide_ckpt, None
         self.batch_size, self.seed = batch_size, seed
         self.feature_extractor, self.weights_path, self.cache_dir = feature_extractor, weights_path, cache_dir
         self.features: ImageFeatures | None = None
@@ -184,7 +227,7 @@ class FID(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self.features is not None:
             return
-        self.sampler_kwargs = checked(self.sampler_kwargs, pl_module, "FID")
+        setup_guidance(self, pl_module, "FID")
         try:
             self.features = ImageFeatures(self.feature_extractor, self.weights_path)
         except UserError:
@@ -224,7 +267,7 @@ class FID(Callback):
         with pl_module.sampling(trainer.precision) as model:
             for x in generate(model, pl_module.schedule, shares[rank], pl_module.shape, generator, self.batch_size,
                               labels=labels, condition=pl_module.condition, decode=pl_module.decode,
-                              **pl_module.sampler_kwargs(), **self.sampler_kwargs):
+                              **sampling_kwargs(self, pl_module)):
                 feats = extract(self.features, to_uint8(x), self.batch_size)
                 for metric in self.metrics:
                     metric.update(feats, real=False)

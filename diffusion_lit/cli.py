@@ -1,6 +1,7 @@
-"""The command line: `python -m diffusion_lit fit --config configs/mnist.yaml` (LightningCLI), and
-`python -m diffusion_lit autoencoder fit --config configs/digits_autoencoder.yaml` for latent diffusion's
-autoencoder."""
+"""The command line: `python -m diffusion_lit fit --config configs/mnist.yaml` (LightningCLI). A config names the
+LightningModule it trains under `model.class_path` (LightningCLI's subclass mode), as
+`configs/digits_autoencoder.yaml` names latent diffusion's autoencoder; without one it is a `DiffusionModule`.
+`python -m diffusion_lit autoencoder fit ...` is a synonym that trains the autoencoder."""
 
 import os
 import sys
@@ -8,13 +9,18 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion_lit.autoencoder import AutoencoderModule
+from diffusion_lit.callbacks import ProgressBar
 from diffusion_lit.checkpointing import (
     SIGTERM_EXIT_STATUS,
     Checkpoint,
@@ -25,6 +31,7 @@ from diffusion_lit.checkpointing import (
 from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError, reason
+from diffusion_lit.export import export
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.trust import check_hparams, class_paths, parse_trusted
 
@@ -76,10 +83,21 @@ class DiffusionCLI(LightningCLI):
         )
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
-        parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
-        parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
+        model = "model.init_args" if self.subclass_mode_model else "model"
+        parser.link_arguments("data.image_size", f"{model}.image_size", apply_on="instantiate")
+        parser.link_arguments("data.channels", f"{model}.channels", apply_on="instantiate")
         if issubclass(self.model_class, DiffusionModule):
-            parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+            parser.link_arguments("data.num_classes", f"{model}.num_classes", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's trainer, with our epoch-count fix of its rich progress bar where that bar would be its default."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        wants_default_bar = config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBarBase) for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
+        if _RICH_AVAILABLE and wants_default_bar:
+            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), ProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyperparameters of a --ckpt_path file here, before any hook, and builds the classes
@@ -162,7 +180,35 @@ def check_checkpoint(path: Path, trusted: list[str]) -> None:
     check_hparams(checkpoint.get("hyper_parameters") or {}, trusted, str(path))
 
 
-COMMANDS = {"sample": sample, "evaluate": evaluate}  # beside LightningCLI's fit, validate, ...
+COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export}  # beside LightningCLI's fit, validate, ...
+MODULE_CLASSES = {"diffusion_lit.module.DiffusionModule": DiffusionModule,
+                  "diffusion_lit.autoencoder.AutoencoderModule": AutoencoderModule}
+
+
+def config_files(words: list[str]) -> list[Path]:
+    """The files given with --config FILE or --config=FILE, in order."""
+    files = [after for before, after in zip(words, words[1:]) if before == "--config"]
+    files += [word.split("=", 1)[1] for word in words if word.startswith("--config=")]
+    return [Path(f) for f in files]
+
+
+def named_module(words: list[str]) -> tuple[str, type] | None:
+    """(config, class) of the LightningModule the last --config file that names one names under model.class_path;
+    None when no config names one (a DiffusionModule then)."""
+    named = None
+    for path in config_files(words):
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # LightningCLI says what is wrong with the file
+        model = config.get("model") if isinstance(config, dict) else None
+        if isinstance(model, dict) and "class_path" in model:
+            name = model["class_path"]
+            if name not in MODULE_CLASSES:
+                raise UserError(f"{path}: model.class_path {name!r} is not one of diffusion_lit's modules "
+                                f"({', '.join(MODULE_CLASSES)})")
+            named = (str(path), MODULE_CLASSES[name])
+    return named
 
 
 def main(args: list[str] | None = None) -> None:
@@ -170,17 +216,32 @@ def main(args: list[str] | None = None) -> None:
     words = sys.argv[1:] if args is None else args
     # ResumableSampler restarts an epoch where the checkpoint left it, which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # A run keeps its checkpoints in runs/<name>/checkpoints/ and resumes into it: not a surprise to warn about.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     try:
         if words and words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False, parser_class=CommandParser)
             return
-        model_class = DiffusionModule
-        if words and words[0] == "autoencoder":  # the same CLI around the autoencoder's module
-            model_class, args = AutoencoderModule, words[1:]
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are argv's, less one
+        model_class, subclass_mode, args = DiffusionModule, False, list(words)
+        named = named_module(words)
+        if words and words[0] == "autoencoder":  # the synonym: the same CLI around the autoencoder's module
+            args = words[1:]
+            if named and named[1] is not AutoencoderModule:
+                raise UserError(f"{named[0]} trains a {named[1].__name__}, not the autoencoder: run "
+                                f"`python -m diffusion_lit {' '.join(args)}`")
+            if named is None and (found := config_files(words)):
+                raise UserError(f"{found[-1]} is a diffusion config (its model names no class_path): run "
+                                f"`python -m diffusion_lit {' '.join(args)}`; `autoencoder fit` trains an autoencoder")
+            model_class = AutoencoderModule
+        if named:  # the config names its module: LightningCLI's subclass mode, for that module only
+            model_class, subclass_mode = named[1], True
+        # The in-process CLI is given argv's words itself (less `autoencoder`); LightningCLI warns whenever they
+        # differ from sys.argv, which says nothing to a user.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         DiffusionCLI(
             model_class,
             DiffusionDataModule,
+            subclass_mode_model=subclass_mode,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             parser_class=Parser,

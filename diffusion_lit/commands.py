@@ -1,14 +1,16 @@
 """The `sample` and `evaluate` commands: generate images from a checkpoint, and score images with FID and KID."""
 
 import json
+import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason
+from diffusion_lit.guidance import Evaluations, Interval
 from diffusion_lit.images import check_output, load_images, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
@@ -21,7 +23,7 @@ from diffusion_lit.metrics import (
     save_features,
 )
 from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sampling import Sampler, generate, network_evaluations
+from diffusion_lit.sampling import Sampler, generate
 from diffusion_lit.schedule import FlowSchedule
 from diffusion_lit.solvers import Spacing
 from diffusion_lit.speed import Precision
@@ -52,6 +54,10 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = ()) -> tuple[DiffusionM
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise UserError(f"{path} is not a checkpoint written by diffusion_lit's `fit` (no hyperparameters in it)")
     check_hparams(checkpoint["hyper_parameters"], trusted, str(path))
+    if "block_out_channels" in checkpoint["hyper_parameters"]:  # AutoencoderModule's, not DiffusionModule's
+        raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.autoencoder "
+                        "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
+                        "run's checkpoint")
     try:
         module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
@@ -61,6 +67,32 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = ()) -> tuple[DiffusionM
     device = _device()
     module.compile_denoisers(device)
     return module.to(device).eval(), checkpoint
+
+
+def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[str] = ()) -> nn.Module | None:
+    """The EMA denoiser of a guide checkpoint for autoguidance (None without one), checked to be a model of the same
+    process, prediction, image shape and conditioning as `module`'s: a UserError naming the first difference."""
+    if guide_ckpt is None:
+        return None
+    guide, _ = load_checkpoint(guide_ckpt, trusted)
+
+    def kind(m: DiffusionModule) -> dict:
+        schedule = m.schedule
+        return {"process": schedule.process, "schedule": getattr(schedule, "kind", None),
+                "timesteps": schedule.timesteps, "prediction": m.prediction, "shape": m.shape,
+                "classes": m.num_classes, "text encoder": m.hparams.text_encoder,
+                "autoencoder": m.hparams.autoencoder}
+
+    ours, theirs = kind(module), kind(guide)
+    for key in ours:
+        if ours[key] != theirs[key]:
+            raise UserError(f"--guide_ckpt {guide_ckpt}: its {key} is {theirs[key]!r} and this model's "
+                            f"{ours[key]!r}; a guide is a weaker model of the same process, prediction, image shape "
+                            "and conditioning (an earlier or smaller run on the same data)")
+    if module.text:
+        raise UserError("--guide_ckpt: a text model's guide would need its own text encoder; train one beside it "
+                        "instead (model.guide)")
+    return guide.ema.module.eval()
 
 
 def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
@@ -74,15 +106,19 @@ def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
 
 def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_size: int, ema: bool = True,
                     precision: Precision = "32-true", labels: Tensor | list[str] | None = None, clip_x0: bool = True,
-                    **sampler_kwargs) -> Tensor:
-    """num_samples uint8 images [N, C, H, W] on the CPU, with a progress bar; `labels` are class indices or prompts."""
+                    guide: nn.Module | None = None, counts: Evaluations | None = None, **sampler_kwargs) -> Tensor:
+    """num_samples uint8 images [N, C, H, W] on the CPU, with a progress bar; `labels` are class indices or prompts.
+    `guide` (a guide checkpoint's denoiser) replaces the model's own guide; `counts` adds up the network passes."""
     if num_samples < 1 or batch_size < 1:
         raise UserError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
     generator = torch.Generator(module.device).manual_seed(seed)
+    own = module.sampler_kwargs(clip_x0, ema)
+    if guide is not None:
+        own["guide"] = guide
     with module.sampling(precision, ema) as model:
         batches = generate(model, module.schedule, num_samples, module.shape, generator, batch_size, progress=True,
                            labels=labels, condition=lambda y: module.condition(y, ema), decode=module.decode,
-                           **module.sampler_kwargs(clip_x0, ema), **sampler_kwargs)
+                           counts=counts, **own, **sampler_kwargs)
         return torch.cat([to_uint8(x).cpu() for x in batches])
 
 
@@ -137,6 +173,8 @@ def sample(
     flow_shift: float | None = None,
     prompt: str | None = None,
     prompts: str | None = None,
+    guide_ckpt: str | None = None,
+    guidance_interval: Interval | None = None,
 ) -> None:
     """Generate images from a checkpoint.
 
@@ -146,7 +184,9 @@ def sample(
         num_samples: how many images (with a list of labels: one image per label).
         labels: for a conditional model: class indices such as ``3,3,7``, or ``all`` for num_samples images cycling
             through every class; without, a conditional model samples unconditionally.
-        guidance_scale: classifier-free guidance w: 1 plain conditional, 0 unconditional, above 1 stronger.
+        guidance_scale: guidance w: D_weak + w (D - D_weak), where D_weak is the model at the null condition
+            (classifier-free guidance) or, for a model trained with a guide (model.guide) or given --guide_ckpt, the
+            guide (autoguidance, for any model); 1 is the model alone, 0 the weak one alone, above 1 stronger.
         sampler: ``ddim``, ``ddpm`` (ancestral, all T steps), or an ODE solver: ``euler``, ``heun`` (EDM's second
             order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)). For a flow model, ddim
             walks the flow's levels (eta 0: Euler's step) and ddpm is refused.
@@ -165,20 +205,35 @@ def sample(
         prompt: for a text model: num_samples images of this prompt (guided by guidance_scale against the empty
             prompt); without, it samples from the empty prompt.
         prompts: for a text model: a text file with a prompt per line; num_samples images of each, a row per prompt.
+        guide_ckpt: autoguidance from this checkpoint's EMA denoiser: an earlier or smaller model of the same
+            process, prediction, image shape and conditioning (it replaces a guide trained beside the model).
+        guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (the same scale on VP
+            and flow models; x_t / alpha = x0 + (sigma / alpha) eps), one pass of the model elsewhere.
     """
     check_output(out)  # before the work, not after it
-    module, _ = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+    trusted = parse_trusted(trust_class)
+    module, _ = load_checkpoint(ckpt_path, trusted)
+    guide = load_guide(guide_ckpt, module, trusted)
     set_flow_shift(module, flow_shift)
     text = parse_prompts(prompt, prompts, num_samples, module.text)
     if module.text and labels is not None:
         raise UserError("this model reads prompts, not labels: give --prompt TEXT or --prompts FILE instead of --labels")
     y = text if text is not None else parse_labels(labels, num_samples, module.num_classes)
+    counts, start = Evaluations(), time.perf_counter()
     images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, precision, labels=y,
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
-                             spacing=spacing)
-    calls = network_evaluations(sampler, steps, module.schedule.timesteps, guidance_scale, y is not None)
+                             spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval)
+    seconds = time.perf_counter() - start
     per_row = num_samples if text is not None and len(text) > num_samples else None  # a row per prompt
-    print(f"wrote {len(images)} images to {save_images(images, out, per_row)} ({calls} network evaluations per image)")
+    print(f"wrote {len(images)} images to {save_images(images, out, per_row)} ({evaluations_text(counts)}; "
+          f"{1000 * seconds / len(images):.1f} ms per image)")
+
+
+def evaluations_text(counts: Evaluations) -> str:
+    """'20 network evaluations per image (10 of the model, 10 of the guide)'."""
+    model, guide = counts.per_image()
+    total = f"{model + guide:g} network evaluations per image"
+    return f"{total} ({model:g} of the model, {guide:g} of the guide)" if guide else total
 
 
 def evaluate(
@@ -200,6 +255,8 @@ def evaluate(
     trust_class: str | None = None,
     spacing: Spacing = "linspace",
     flow_shift: float | None = None,
+    guide_ckpt: str | None = None,
+    guidance_interval: Interval | None = None,
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
     the feature network (``--feature_extractor digits``) also the share of samples it classifies with confidence above
@@ -211,7 +268,7 @@ def evaluate(
         samples: score these images instead: a `.npz` file (uint8 NHWC under `arr_0`) or a folder of images.
         real: the reference images: a folder of images or a `.npz` file.
         num_samples: images to generate from the checkpoint (a conditional one: balanced over the classes).
-        guidance_scale: classifier-free guidance w for a conditional checkpoint.
+        guidance_scale: guidance w (classifier-free for a conditional checkpoint, autoguidance with a guide).
         sampler: ``ddim``, ``ddpm``, ``euler``, ``heun`` or ``dpmpp_2m``.
         steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
@@ -226,6 +283,8 @@ def evaluate(
         trust_class: your own network or optimizer classes that the checkpoint may name (see `sample`).
         spacing: the ODE solvers' steps, ``linspace`` or ``karras``.
         flow_shift: for a flow model, SD3's shift of the sampling levels (default: the one it was trained with).
+        guide_ckpt: autoguidance from this checkpoint (see `sample`).
+        guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (see `sample`).
     """
     if (ckpt_path is None) == (samples is None):
         raise UserError("give exactly one of --ckpt_path (to generate images) and --samples (images to score)")
@@ -236,6 +295,7 @@ def evaluate(
     fake_images = load_images(samples) if samples is not None else None
     if ckpt_path is not None:
         module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+        guide = load_guide(guide_ckpt, module, parse_trusted(trust_class))
         set_flow_shift(module, flow_shift)
         data = checkpoint_data(checkpoint) if real is None else None
         hp = module.hparams
@@ -262,14 +322,18 @@ def evaluate(
     y = None
     if ckpt_path is not None:
         y = parse_labels("all", num_samples, module.num_classes) if module.num_classes else None
+        counts, start = Evaluations(), time.perf_counter()
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
                                       guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta,
-                                      spacing=spacing)
+                                      spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval)
+        model_calls, guide_calls = counts.per_image()
+        sampling = {"model_evaluations": model_calls, "guide_evaluations": guide_calls,
+                    "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}
     if real is not None:
         real_features = extract(features, real_images, batch_size)
     else:
         real_features = checkpoint_reference(features, data, num_real, batch_size, cache_dir)
-    print(json.dumps(score(features, fake_images, real_features, y, batch_size)))
+    print(json.dumps(score(features, fake_images, real_features, y, batch_size) | (sampling if ckpt_path else {})))
 
 
 def score(features: ImageFeatures, fake_images: Tensor, real_features: Tensor, labels: Tensor | None = None,

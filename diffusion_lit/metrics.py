@@ -102,7 +102,9 @@ def compute(fid: FrechetInceptionDistance, kid: KernelInceptionDistance) -> dict
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         kid_mean, kid_std = kid.compute()
-    return {"fid": fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item()}
+    # Both are distances, zero for one distribution. FID from sample covariances (a matrix square root in floating
+    # point) and KID's unbiased estimate can land a hair below zero for alike sets: reported as 0.
+    return {"fid": max(fid.compute().item(), 0.0), "kid_mean": max(kid_mean.item(), 0.0), "kid_std": kid_std.item()}
 
 
 def extract(features: ImageFeatures, images: Tensor, batch_size: int = 256) -> Tensor:

@@ -3,7 +3,6 @@ diffusion objective, in pixel space or in an autoencoder's latent space, steered
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,17 +10,17 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lit.autoencoder import latent_shape, load_autoencoder
 from diffusion_lit.errors import UserError, build_optimizer, reason, say
+from diffusion_lit.guidance import Guide, NetFactory, averaged
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, ScheduleKind, TimeSampling
 from diffusion_lit.speed import autocast, compile_modules, grad_off
 from diffusion_lit.targets import PREDICTIONS, Prediction, Process, Weighting, min_snr_weight, target
 from diffusion_lit.text import text_encoder as build_text_encoder
 from diffusion_lit.unet import UNet, null_labels
 
-NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> out = net(x_t, t, y)
+GuideFactory = Callable[[int, int, int], Guide]  # (in_channels, image_size, num_classes) -> Guide
 SCALE_IMAGES = 512  # training images encoded to estimate the latents' scale
 
 
@@ -42,14 +41,6 @@ def keep_frozen(module: nn.Module, state_dict: dict, prefix: str, *args) -> None
     """Load-state-dict pre-hook: a checkpoint without the pretrained parts keeps the ones already loaded."""
     for key, value in module.frozen.state_dict(prefix=prefix + "frozen.").items():
         state_dict.setdefault(key, value)
-
-
-def ema_update(max_decay: float, warmup: bool, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor):
-    """ema <- decay * ema + (1 - decay) * param, with decay = min(max_decay, (1 + n) / (10 + n)) when warming up."""
-    n = int(num_averaged)
-    decay = min(max_decay, (1 + n) / (10 + n)) if warmup else max_decay
-    for ema, param in zip(ema_params, params):
-        ema.lerp_(param, 1 - decay)
 
 
 def to_channels_last(net: nn.Module, args: tuple) -> tuple:
@@ -102,6 +93,12 @@ class DiffusionModule(LightningModule):
             starts.
         cache_latents: with an autoencoder, encode the training images once when fit starts (their latent
             distributions, from which each step draws) instead of at every step: for datasets that fit in memory.
+        init_from: start from the weights of a local diffusers `UNet2DModel` (a folder written by save_pretrained,
+            or a pipeline folder with `unet/`), loaded into the UNet and its EMA copy when a new fit starts, after
+            checking that the plans match and that the pipeline's scheduler (when there is one) is this model's
+            process and prediction.
+        guide: autoguidance's weak model trained beside this one (`diffusion_lit.guidance.Guide`: a smaller network
+            and a shorter EMA); sampling with guidance_scale w then gives D_guide + w (D - D_guide).
     """
 
     def __init__(
@@ -134,6 +131,8 @@ class DiffusionModule(LightningModule):
         autoencoder: str | None = None,
         latent_scale: float | None = None,
         cache_latents: bool = False,
+        init_from: str | None = None,
+        guide: GuideFactory | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay <= 1.0:
@@ -164,7 +163,7 @@ class DiffusionModule(LightningModule):
             raise UserError("latent_scale and cache_latents are for latent diffusion: give model.autoencoder too")
         # Pretrained parts are read again whenever the model is built: by absolute path, so `sample` and `evaluate`
         # find them from any folder.
-        autoencoder, text_encoder = (absolute(spec) for spec in (autoencoder, text_encoder))
+        autoencoder, text_encoder, init_from = (absolute(spec) for spec in (autoencoder, text_encoder, init_from))
         self.save_hyperparameters()
         self.num_classes = num_classes if conditional else 0  # what the network is conditioned on
         self.frozen = nn.ModuleDict()  # pretrained parts, read from their own files (not saved in checkpoints)
@@ -201,9 +200,10 @@ class DiffusionModule(LightningModule):
         if channels_last:  # before the EMA copy is made, which then has the same format and hook
             self.net.to(memory_format=torch.channels_last)
             self.net.register_forward_pre_hook(to_channels_last)
-        self.ema = self.averaged(self.net)
+        self.ema = averaged(self.net, ema_decay, ema_warmup)
         # A text encoder trained with the denoiser is averaged with it.
-        self.text_ema = self.averaged(self.text_encoder) if self.text_encoder is not None else None
+        self.text_ema = averaged(self.text_encoder, ema_decay, ema_warmup) if self.text_encoder is not None else None
+        self.guide = guide(self.shape[0], self.shape[1], self.num_classes, **text) if guide is not None else None
         self.schedule = NoiseSchedule(schedule, timesteps) if process == "vp" else FlowSchedule(flow_shift)
         self.prediction = self.prediction_of(process, prediction)
         self.t_sampling = t_sampling or ("uniform" if process == "vp" else "logit_normal")
@@ -213,12 +213,6 @@ class DiffusionModule(LightningModule):
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The EMA denoiser's prediction (eps, v or x0: `self.prediction`), the one sampling uses."""
         return self.ema.module(x_t, t, y)
-
-    def averaged(self, module: nn.Module) -> AveragedModel:
-        """The EMA copy of a trained module (no gradients), updated after each optimizer step."""
-        hp = self.hparams
-        ema = AveragedModel(module, multi_avg_fn=partial(ema_update, hp.ema_decay, hp.ema_warmup), use_buffers=False)
-        return ema.requires_grad_(False)
 
     @staticmethod
     def prediction_of(process: Process, prediction: Prediction | None) -> Prediction:
@@ -246,6 +240,8 @@ class DiffusionModule(LightningModule):
         self.compile_denoisers(self.trainer.strategy.root_device)
 
     def on_fit_start(self) -> None:
+        if self.hparams.init_from and self.trainer.ckpt_path is None:  # a new run (a resumed one has its weights)
+            self.load_diffusers_unet(self.hparams.init_from)
         data = self.trainer.datamodule
         if self.latent and not self.latent_scale:
             if data is None:
@@ -258,6 +254,25 @@ class DiffusionModule(LightningModule):
             with torch.random.fork_rng(devices=[]):  # random flips must not move the stream training draws from
                 data.cache(lambda x: self.frozen["autoencoder"].encode(x.to(self.device)).latent_dist.parameters)
             self.cached = True
+
+    def load_diffusers_unet(self, spec: str) -> None:
+        """The weights of a diffusers UNet2DModel folder into the denoiser and its EMA copy (see `init_from`)."""
+        from diffusion_lit.diffusers_io import load_unet_weights, process_of
+
+        if not isinstance(self.net, UNet):
+            raise UserError(f"init_from loads a UNet2DModel into diffusion_lit's UNet; this model's net is a "
+                            f"{type(self.net).__name__}")
+        scheduler = load_unet_weights(self.net, spec)
+        if scheduler is not None:
+            ours = {"process": self.schedule.process, "prediction": self.prediction}
+            if self.schedule.process == "vp":
+                ours |= {"schedule": self.schedule.kind, "timesteps": self.schedule.timesteps}
+            for key, value in process_of(scheduler).items():
+                if ours.get(key, value) != value:
+                    raise UserError(f"init_from {spec}: its scheduler says {key} {value!r} and this model has "
+                                    f"{ours[key]!r}: set --model.{key} {value}")
+        self.ema.module.load_state_dict(self.net.state_dict())
+        say(f"init_from: the UNet starts from {spec}")
 
     @torch.no_grad()
     def measure_latent_scale(self, dataset) -> float:
@@ -314,8 +329,9 @@ class DiffusionModule(LightningModule):
     def sampler_kwargs(self, clip_x0: bool = True, ema: bool = True) -> dict:
         """What every sampler call on this model takes beside the solver's settings: the prediction, x0 clipping
         (off in latent space, whose values are not bounded by [-1, 1]) and the empty prompt's features."""
+        guide = None if self.guide is None else (self.guide.ema.module if ema else self.guide.net)
         return {"prediction": self.prediction, "clip_x0": clip_x0 and not self.latent,
-                "null": self.null_condition(ema)}
+                "null": self.null_condition(ema), "guide": guide}
 
     def compile_denoisers(self, device: torch.device) -> None:
         """With `compile` on, torch.compile the training and the EMA denoiser for `device` (once; nothing when it
@@ -328,13 +344,16 @@ class DiffusionModule(LightningModule):
         """The denoiser to sample with (the EMA one, or the training one) in eval mode, with gradients off and
         autocast for a mixed `precision` ("bf16-mixed"); back in its former mode afterwards."""
         model = self.ema.module if ema else self.net
-        was_training = model.training
-        model.eval()
+        guide = [] if self.guide is None else [self.guide.ema.module if ema else self.guide.net]
+        was_training = [m.training for m in (model, *guide)]
+        for m in (model, *guide):
+            m.eval()
         try:
             with grad_off(self.hparams.inference_mode), autocast(self.device, precision):
                 yield model
         finally:
-            model.train(was_training)
+            for m, mode in zip((model, *guide), was_training):
+                m.train(mode)
 
     def diffusion_loss(
         self, net: nn.Module, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
@@ -361,17 +380,22 @@ class DiffusionModule(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         y = self.drop_labels(batch[1]) if self.num_classes or self.text else None
-        loss = self.diffusion_loss(self.net, self.encode(batch[0]), self.condition(y, ema=False))
-        if not torch.isfinite(loss):
+        x0, y = self.encode(batch[0]), self.condition(y, ema=False)
+        loss = total = self.diffusion_loss(self.net, x0, y)
+        if self.guide is not None:  # the same images and conditions, its own t and noise
+            guide_loss = self.diffusion_loss(self.guide.net, x0, y)
+            self.log("train/guide_loss", guide_loss, batch_size=len(batch[0]))
+            total = loss + guide_loss
+        if not torch.isfinite(total):
             # Stop before the optimizer spreads it into the weights; the last checkpoint is still good.
             raise UserError(
-                f"the training loss became {loss.item()} at step {self.global_step}: training diverged. Lower the "
+                f"the training loss became {total.item()} at step {self.global_step}: training diverged. Lower the "
                 "learning rate (--model.optimizer.init_args.lr) or lengthen the warm-up (--model.warmup_steps), "
                 "then resume from the last good checkpoint with --ckpt_path last"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[0]))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+        return total
 
     def validation_step(self, batch, batch_idx: int) -> None:
         # Fixed t and noise per batch, so val/loss moves only when the EMA weights do.
@@ -389,10 +413,13 @@ class DiffusionModule(LightningModule):
         self.ema.update_parameters(self.net)
         if self.text_ema is not None:
             self.text_ema.update_parameters(self.text_encoder)
+        if self.guide is not None:
+            self.guide.ema.update_parameters(self.guide.net)
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        """The denoiser's parameters, and the text encoder's when it is trained with it."""
-        return [*self.net.parameters(), *(self.text_encoder.parameters() if self.text_encoder is not None else ())]
+        """The denoiser's parameters, the text encoder's when it is trained with it, and the guide's."""
+        return [*self.net.parameters(), *(self.text_encoder.parameters() if self.text_encoder is not None else ()),
+                *(self.guide.net.parameters() if self.guide is not None else ())]
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer, self.trained_parameters())

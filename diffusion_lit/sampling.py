@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
+from diffusion_lit.guidance import Evaluations, Interval, guided  # noqa: F401 (guided: part of sampling's API)
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, gather
-from diffusion_lit.solvers import SOLVERS, Spacing, ddim_grid_sample, evenly_spaced, grid_for
+from diffusion_lit.solvers import SOLVERS, Spacing, ddim_grid_sample, evenly_spaced, grid_for, trailing
 from diffusion_lit.targets import Prediction, split
-from diffusion_lit.unet import null_labels
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's prediction
 Variance = Literal["posterior", "beta"]
@@ -75,18 +75,21 @@ def ddpm_sample(
     return (x, states) if return_intermediates else x
 
 
-def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly spaced over [0, T-1], both ends included, ascending."""
+def ddim_timesteps(timesteps: int, steps: int, spacing: Spacing = "linspace") -> list[int]:
+    """`steps` timesteps, ascending: evenly spaced over [0, T-1], both ends included (``linspace``), or T - 1 and
+    every T/N below it (``trailing``, diffusers' DDIM with timestep_spacing="trailing")."""
     if not 1 <= steps <= timesteps:
         raise UserError(f"DDIM steps must lie in [1, {timesteps}], got {steps}")
-    return evenly_spaced(timesteps, steps).tolist()
+    if spacing not in ("linspace", "trailing"):
+        raise UserError(f"DDIM takes spacing 'linspace' or 'trailing', got {spacing!r}")
+    return (evenly_spaced if spacing == "linspace" else trailing)(timesteps, steps).tolist()
 
 
-def check_ddim(schedule: NoiseSchedule, steps: int, eta: float) -> list[int]:
+def check_ddim(schedule: NoiseSchedule, steps: int, eta: float, spacing: Spacing = "linspace") -> list[int]:
     """DDIM's timesteps, after checking its settings (a UserError when they are out of range)."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
-    return ddim_timesteps(schedule.timesteps, steps)
+    return ddim_timesteps(schedule.timesteps, steps, spacing)
 
 
 @torch.no_grad()
@@ -100,8 +103,9 @@ def ddim_sample(
     clip_x0: bool = True,
     return_intermediates: bool = False,
     prediction: Prediction = "eps",
+    spacing: Spacing = "linspace",
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """DDIM (Song et al. 2021, Eq. 12) over `steps` evenly spaced timesteps.
+    """DDIM (Song et al. 2021, Eq. 12) over `steps` timesteps spaced by `spacing` (``linspace`` or ``trailing``).
 
     Args:
         model: the network (its prediction named by `prediction`: eps, v or x0).
@@ -117,7 +121,7 @@ def ddim_sample(
     Returns:
         x_0, or (x_0, states) with return_intermediates.
     """
-    ts = check_ddim(schedule, steps, eta)
+    ts = check_ddim(schedule, steps, eta, spacing)
     x = x_T
     states = [x]
     for i in reversed(range(len(ts))):
@@ -140,25 +144,6 @@ def ddim_sample(
 Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
 
 
-def guided(net: nn.Module, y: Tensor, guidance_scale: float, null: Tensor | None = None) -> Model:
-    """Classifier-free guidance (Ho & Salimans 2022) as a model for the samplers.
-
-    out = out_uncond + w (out_cond - out_uncond), with the conditional and the unconditional (the "null" label, or
-    `null`: the empty prompt's text features [1, L, D]) passes batched into one call of the network. w = 1 is plain
-    conditional sampling, w = 0 unconditional. The mix is the same on eps, v or x0: each is linear in the others at a
-    given x_t.
-    """
-    null = null_labels(net.num_classes, y) if null is None else null.expand(len(y), *null.shape[1:])
-
-    def eps(x_t: Tensor, t: Tensor) -> Tensor:
-        if guidance_scale in (0.0, 1.0):  # one of the two passes alone is the answer: half the work
-            return net(x_t, t, null if guidance_scale == 0.0 else y)
-        cond, uncond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    return eps
-
-
 def sample(
     model: Model,
     schedule: NoiseSchedule | FlowSchedule,
@@ -174,6 +159,9 @@ def sample(
     spacing: Spacing = "linspace",
     prediction: Prediction = "eps",
     null: Tensor | None = None,
+    guide: nn.Module | None = None,
+    guidance_interval: Interval | None = None,
+    counts: Evaluations | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
     solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``), for a
@@ -182,23 +170,29 @@ def sample(
     With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
     a conditional model samples unconditionally (its "null" class). A text model takes its prompts' features as
     `labels` ([B, L, D]) and the empty prompt's as `null` ([1, L, D]; without `labels`, it samples from that).
+    With a `guide` (a weaker denoiser of the same data), `guidance_scale` guides away from it instead of from the
+    null condition (autoguidance), on any model; `guidance_interval` (lo, hi] limits guidance to those noise levels
+    sigma / alpha. `counts` adds up the network passes made, the model's and the guide's.
     """
-    if null is not None:  # a text model
-        if labels is None:  # the empty prompt alone: guiding it against itself would change nothing
-            labels, guidance_scale = null.expand(len(x_T), *null.shape[1:]), 1.0
-        model = guided(model, labels, guidance_scale, null)
-    elif labels is not None or guidance_scale != 1.0:
+    if null is not None and labels is None:  # a text model's empty prompt
+        labels = null.expand(len(x_T), *null.shape[1:])
+        if guide is None:  # guiding the empty prompt against itself would change nothing
+            guidance_scale = 1.0
+    if null is None and (labels is not None or (guidance_scale != 1.0 and guide is None)):
         num_classes = getattr(model, "num_classes", 0)
         if not num_classes:
             raise UserError(
                 "this model is unconditional (trained without labels): leave out labels and guidance_scale, "
-                "or train a conditional one (--model.conditional true on labelled data)"
+                "or train a conditional one (--model.conditional true on labelled data), or guide it with a weaker "
+                "model of the same data (autoguidance: model.guide, or --guide_ckpt)"
             )
         if labels is None:
             raise UserError("guidance_scale needs labels to guide towards: give them with --labels (or --labels all)")
         if labels.min() < 0 or labels.max() >= num_classes:
             raise UserError(f"labels must lie in [0, {num_classes - 1}] for this model, got {labels.unique().tolist()}")
-        model = guided(model, labels, guidance_scale)
+    if counts is not None:
+        counts.images += len(x_T)
+    model = guided(model, labels, guidance_scale, null, guide, guidance_interval, schedule, counts)
     check_sampler(sampler, schedule, steps, eta, spacing)
     if schedule.process == "flow" and sampler == "ddim":
         grid = grid_for(schedule, steps, spacing)
@@ -207,7 +201,8 @@ def sample(
         return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
                            prediction=prediction)
     if sampler == "ddim":
-        return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction)
+        return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction,
+                           spacing)
     grid = grid_for(schedule, steps, spacing)
     return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates, prediction)
 
@@ -221,18 +216,19 @@ def check_sampler(sampler: str, schedule: NoiseSchedule | FlowSchedule, steps: i
                         "(with --eta 1 for DDPM-like noise), euler, heun or dpmpp_2m")
     if sampler in SOLVERS or schedule.process == "flow":
         grid_for(schedule, steps, spacing)  # checks steps and spacing
-    elif spacing != "linspace":
-        raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own")
+    elif spacing != "linspace" and not (sampler == "ddim" and spacing == "trailing"):
+        raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own"
+                        + (" or 'trailing'" if sampler == "ddim" else ""))
     if sampler == "ddim" and schedule.process == "vp":
-        check_ddim(schedule, steps, eta)
+        check_ddim(schedule, steps, eta, spacing)
     elif sampler == "ddim" and not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
 
 
 def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale: float = 1.0,
                         guided: bool = False) -> int:
-    """Network evaluations per sample: one per step (Heun: two, but one onto the last level; DDPM: all T steps),
-    twice that under classifier-free guidance, whose conditional and unconditional passes both run."""
+    """Network evaluations per sample planned for a sampler: one per step (Heun: two, but one onto the last level;
+    DDPM: all T steps), twice that under guidance on every level (`sample` counts the ones made: `Evaluations`)."""
     calls = {"ddpm": timesteps, "heun": 2 * steps - 1}.get(sampler, steps)
     return calls * (2 if guided and guidance_scale not in (0.0, 1.0) else 1)
 

@@ -21,7 +21,7 @@ from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
 from diffusion_lit.targets import Prediction, Process, inverse, split
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, network time) -> the network's prediction
-Spacing = Literal["linspace", "karras"]
+Spacing = Literal["linspace", "trailing", "karras"]
 
 
 @dataclass
@@ -67,10 +67,17 @@ def evenly_spaced(timesteps: int, steps: int) -> Tensor:
     return torch.linspace(0, timesteps - 1, steps).round().long().unique()
 
 
+def trailing(timesteps: int, steps: int) -> Tensor:
+    """`steps` integer timesteps T - 1, T - 1 - T/N, ... (rounded), ascending: the "trailing" spacing of Lin et al.
+    2024 and diffusers, which starts at the noisiest timestep and leaves the clean end's gap of T/N to the last step."""
+    return torch.from_numpy(np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1).flip(0)
+
+
 def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", rho: float = 7.0) -> Grid:
     """`steps` levels of a VP schedule and then clean.
 
-    ``linspace``: the integer timesteps evenly spaced over [0, T-1], both ends included (DDIM's). ``karras``: EDM's
+    ``linspace``: the integer timesteps evenly spaced over [0, T-1], both ends included (DDIM's). ``trailing``: T - 1
+    and every T/N below it (see `trailing`). ``karras``: EDM's
     sigmas, s_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho between the sigmas of t = T-1 and
     t = 0 (Karras et al. 2022, Eq. 5), each at its fractional timestep.
     """
@@ -78,8 +85,8 @@ def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", 
     if not 1 <= steps <= timesteps:
         raise UserError(f"steps must lie in [1, {timesteps}], got {steps}")
     sigmas = edm_sigmas(schedule)
-    if spacing == "linspace":
-        t = evenly_spaced(timesteps, steps).flip(0)
+    if spacing in ("linspace", "trailing"):
+        t = (evenly_spaced if spacing == "linspace" else trailing)(timesteps, steps).flip(0)
         s = sigmas[t]
     elif spacing == "karras":
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -87,7 +94,7 @@ def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", 
         s = (s_max + ramp * (s_min - s_max)) ** rho
         t = timestep_of(s, sigmas)
     else:
-        raise UserError(f"unknown step spacing {spacing!r}: use 'linspace' or 'karras'")
+        raise UserError(f"unknown step spacing {spacing!r}: use 'linspace', 'trailing' or 'karras'")
     return Grid.vp(t, torch.cat([s, s.new_zeros(1)]))
 
 

@@ -22,7 +22,9 @@ OPTIMIZERS = {
     for name, obj in vars(torch.optim).items()
     if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
 }
-PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Optimizer)}  # key -> (allowed, base)
+GUIDES = {"diffusion_lit.guidance.Guide"}
+PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Optimizer),  # key -> (allowed, base)
+          "guide": (GUIDES, nn.Module)}
 BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer"}
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI writes into every checkpoint
 MODULES = {"diffusion_lit.module.DiffusionModule", "diffusion_lit.autoencoder.AutoencoderModule"}

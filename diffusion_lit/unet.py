@@ -11,13 +11,16 @@ from torch import Tensor, nn
 from diffusion_lit.errors import UserError
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of integer timesteps, [B] -> [B, dim] (Transformer positional encoding)."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 0.0) -> Tensor:
+    """Sinusoidal embedding of integer timesteps, [B] -> [B, dim] (Transformer positional encoding): sines then
+    cosines (cosines first with flip_sin_to_cos) at frequencies max_period^(-i / (dim/2 - freq_shift))."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
+    freqs = torch.exp(-math.log(max_period) * exponent)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    return F.pad(emb, (0, dim % 2))
+    waves = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    return F.pad(torch.cat(waves, dim=1), (0, dim % 2))
 
 
 def null_labels(num_classes: int, like: Tensor) -> Tensor:
@@ -41,12 +44,12 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -61,9 +64,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the pixels of a feature map."""
 
-    def __init__(self, ch: int, groups: int) -> None:
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
 
@@ -93,9 +96,9 @@ class CrossAttention(nn.Module):
 class CrossAttnBlock(CrossAttention):
     """The pixels of a feature map attend to text features (SD's cross-attention), as a residual branch."""
 
-    def __init__(self, ch: int, context_dim: int, groups: int, head_channels: int = 32) -> None:
+    def __init__(self, ch: int, context_dim: int, groups: int, head_channels: int = 32, eps: float = 1e-5) -> None:
         super().__init__(ch, context_dim, max(1, ch // head_channels) if ch % head_channels == 0 else 1)
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -104,12 +107,15 @@ class CrossAttnBlock(CrossAttention):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int) -> None:
+    """A stride-2 convolution; padding 0 pads right and bottom only (TensorFlow's "SAME", the DDPM paper's code)."""
+
+    def __init__(self, ch: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.padding == 0 else x)
 
 
 class Upsample(nn.Module):
@@ -141,6 +147,10 @@ class UNet(nn.Module):
             it has a text encoder; 0: none).
         cross_attention_resolutions: feature-map sizes at which cross-attention to the text follows each block (and
             always in the middle); by default every size but the full one.
+        norm_eps: the GroupNorms' epsilon (the DDPM paper's models: 1e-6).
+        downsample_padding: 1, or 0 for right-and-bottom padding (the DDPM paper's models).
+        flip_sin_to_cos: the timestep embedding's cosines first.
+        freq_shift: its frequencies max_period^(-i / (half - freq_shift)) (the DDPM paper's models: 1).
     """
 
     def __init__(
@@ -156,8 +166,21 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         context_dim: int = 0,
         cross_attention_resolutions: Sequence[int] | None = None,
+        norm_eps: float = 1e-5,
+        downsample_padding: int = 1,
+        flip_sin_to_cos: bool = False,
+        freq_shift: float = 0.0,
     ) -> None:
         super().__init__()
+        # The architecture, as diffusers_io reads it (UNet2DModel's config).
+        self.plan = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes,
+                     "base_channels": base_channels, "channel_mult": list(channel_mult),
+                     "num_res_blocks": num_res_blocks, "attention_resolutions": list(attention_resolutions),
+                     "dropout": dropout, "norm_groups": norm_groups, "context_dim": context_dim, "norm_eps": norm_eps,
+                     "downsample_padding": downsample_padding, "flip_sin_to_cos": flip_sin_to_cos,
+                     "freq_shift": freq_shift}
+        if downsample_padding not in (0, 1):
+            raise UserError(f"downsample_padding must be 0 or 1, got {downsample_padding}")
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
         if image_size % 2 ** (len(channel_mult) - 1):
             raise UserError(
@@ -186,11 +209,11 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, res: int) -> nn.ModuleList:
-            layers = [ResBlock(in_ch, out_ch, temb_dim, dropout, norm_groups)]
+            layers = [ResBlock(in_ch, out_ch, temb_dim, dropout, norm_groups, norm_eps)]
             if res in attention_resolutions:
-                layers.append(AttnBlock(out_ch, norm_groups))
+                layers.append(AttnBlock(out_ch, norm_groups, norm_eps))
             if context_dim and res in cross:
-                layers.append(CrossAttnBlock(out_ch, context_dim, norm_groups))
+                layers.append(CrossAttnBlock(out_ch, context_dim, norm_groups, eps=norm_eps))
             return nn.ModuleList(layers)
 
         self.down = nn.ModuleList()
@@ -202,15 +225,15 @@ class UNet(nn.Module):
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if level < len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(nn.ModuleList([Downsample(ch, downsample_padding)]))
                 skip_channels.append(ch)
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(ch, ch, temb_dim, dropout, norm_groups),
-                AttnBlock(ch, norm_groups),
-                *([CrossAttnBlock(ch, context_dim, norm_groups)] if context_dim else []),
-                ResBlock(ch, ch, temb_dim, dropout, norm_groups),
+                ResBlock(ch, ch, temb_dim, dropout, norm_groups, norm_eps),
+                AttnBlock(ch, norm_groups, norm_eps),
+                *([CrossAttnBlock(ch, context_dim, norm_groups, eps=norm_eps)] if context_dim else []),
+                ResBlock(ch, ch, temb_dim, dropout, norm_groups, norm_eps),
             ]
         )
 
@@ -223,7 +246,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(nn.ModuleList([Upsample(ch)]))
 
-        self.norm_out = nn.GroupNorm(norm_groups, ch)
+        self.norm_out = nn.GroupNorm(norm_groups, ch, norm_eps)
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     @staticmethod
@@ -238,7 +261,9 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        temb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        plan = self.plan
+        temb = self.time_mlp(timestep_embedding(t, self.base_channels, flip_sin_to_cos=plan["flip_sin_to_cos"],
+                                                freq_shift=plan["freq_shift"]))
         if self.class_emb is not None:
             temb = temb + self.class_emb(null_labels(self.num_classes, t) if y is None else y)
         context = text_context(self.context_dim, y)

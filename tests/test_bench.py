@@ -46,3 +46,15 @@ def test_one_measurement_reports_every_number(tmp_path):
         assert result[key] > 0, key
     # DDPM takes 1000 steps to DDIM's 50, each one network call: about 20 times slower per image.
     assert 5 < result["ddim50_img_s"] / result["ddpm_img_s"] < 80
+
+
+def test_the_share_of_a_training_step_the_guide_takes_is_measured(tmp_path):
+    cfg = config("tiny_cpu.yaml", tmp_path)
+    cfg["model"]["guide"] = {"class_path": "diffusion_lit.guidance.Guide", "init_args": {"net": {
+        "class_path": "diffusion_lit.unet.UNet", "init_args": {"base_channels": 8, "channel_mult": [1],
+                                                              "attention_resolutions": [], "norm_groups": 4}}}}
+    args = Namespace(config="configs/tiny_cpu.yaml", network="ours", device="cpu", batch_size=2, precision="32-true",
+                     channels_last=False, compile=False, no_inference_mode=False, warmup=0, repeats=3, sample_steps=1)
+    result = bench.measure(args, cfg)
+    assert 0 < result["guide_params"] < result["params"]
+    assert -1 < result["guide_share_of_step"] < 1  # a time ratio: its value is the benchmark's to print, not a test's

@@ -65,11 +65,13 @@ def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path, ca
     runs = tmp_path / "runs"
     common = ["--data.dataset", "folder", "--data.root", root, "--data.batch_size", 8,
               "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", runs]
-    result = cli("autoencoder", "fit", "--config", "configs/digits_autoencoder.yaml", *common,
+    result = cli("fit", "--config", "configs/digits_autoencoder.yaml", *common,
                  "--model.block_out_channels", "[8, 16]", "--model.norm_num_groups", 4, "--trainer.max_steps", 4,
                  "--trainer.max_time", "null", "--trainer.logger.init_args.name", "ae")
     assert result.returncode == 0, result.stderr
     ae_ckpt = runs / "ae" / "checkpoints" / "last.ckpt"
+    wrong = cli("sample", "--ckpt_path", ae_ckpt, "--out", tmp_path / "x.png")  # not a diffusion checkpoint
+    assert wrong.returncode == 2 and "an autoencoder's checkpoint" in wrong.stderr and "model.autoencoder" in wrong.stderr
 
     def fit(name: str, steps: int, *extra):
         return cli("fit", "--config", "configs/tiny_cpu.yaml", *common, "--model.autoencoder", ae_ckpt,

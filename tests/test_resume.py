@@ -11,6 +11,7 @@ from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.module import DiffusionModule
 
 from conftest import tiny_unet, write_image_folder
+from test_guidance import tiny_guide
 
 N = 6  # 32 training images in batches of 8: resuming mid-way through the second epoch
 
@@ -32,7 +33,8 @@ def run(root, ckpt_dir, max_steps, ckpt_path=None, **objective):
     return trainer, model
 
 
-@pytest.mark.parametrize("objective", [{}, {"process": "flow", "loss_weighting": "min_snr"}], ids=["ddpm", "flow"])
+@pytest.mark.parametrize("objective", [{}, {"process": "flow", "loss_weighting": "min_snr"}, {"guide": tiny_guide}],
+                         ids=["ddpm", "flow", "guide"])
 def test_resumed_run_matches_uninterrupted_run(tmp_path, objective):
     root = write_image_folder(tmp_path / "images", n_per_class=20)  # 40 images: 32 train, 8 val
     straight, straight_model = run(root, tmp_path / "a", 2 * N, **objective)
@@ -45,6 +47,10 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, objective):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for a, b in zip(straight_model.net.parameters(), resumed_model.net.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    straight_state, resumed_state = straight_model.state_dict(), resumed_model.state_dict()
+    assert straight_state.keys() == resumed_state.keys()
+    for key in straight_state:  # every tensor, the guide's and its EMA's too
+        torch.testing.assert_close(straight_state[key], resumed_state[key], rtol=0, atol=1e-6, msg=key)
     opt_a, opt_b = straight.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
     for i, state in opt_a["state"].items():
         assert state["step"] == opt_b["state"][i]["step"] == 2 * N

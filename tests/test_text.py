@@ -88,7 +88,9 @@ def test_cross_attention_follows_the_prompt_and_guidance_mixes_the_two_passes(ne
         out_seven, out_three, out_empty = (model.net(x, t, c) for c in (seven, three, empty))
         assert (out_seven - out_three).abs().max() > 1e-3  # the output changes with the prompt
         null = model.null_condition()
-        assert torch.equal(null[0], empty[0])
+        # The null condition is the empty prompt's features, encoded alone; here it sits in a batch of two, which
+        # takes other matrix-product kernels on some CPUs: equal to float32 rounding, not bit for bit.
+        torch.testing.assert_close(null[0], empty[0], rtol=1e-5, atol=1e-6)
         for w, expected in [(0.0, out_empty), (1.0, out_seven), (3.0, out_empty + 3 * (out_seven - out_empty))]:
             torch.testing.assert_close(guided(model.net, seven, w, null)(x, t), expected, atol=1e-5, rtol=1e-5)
         # Without prompts a text model samples from the empty prompt: guidance then changes nothing.
@@ -166,7 +168,7 @@ def test_text_fit_and_sample_with_prompts(tmp_path):
     result = cli("sample", "--ckpt_path", ckpt, "--prompts", prompts, "--prompt", "a", "--num_samples", 3,
                  "--steps", 2, "--guidance_scale", 2, "--out", tmp_path / "grid.npz")
     assert result.returncode == 0, result.stderr
-    assert "wrote 9 images" in result.stdout and "(4 network evaluations per image)" in result.stdout
+    assert "wrote 9 images" in result.stdout and "(4 network evaluations per image;" in result.stdout
 
     result = cli("sample", "--ckpt_path", ckpt, "--labels", "1", "--out", tmp_path / "x.png")
     assert result.returncode == 2 and "reads prompts, not labels" in result.stderr

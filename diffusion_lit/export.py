@@ -1,0 +1,132 @@
+"""The `export` command: a checkpoint as a diffusers pipeline folder (`model_index.json`, `unet/` with its weights in
+safetensors, `scheduler/`, a model card), which `diffusers.DiffusionPipeline.from_pretrained` loads with no network.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from diffusion_lit.commands import load_checkpoint
+from diffusion_lit.diffusers_io import scheduler_for, to_diffusers, unet2d_config
+from diffusion_lit.errors import UserError, reason
+from diffusion_lit.text import need
+from diffusion_lit.trust import parse_trusted
+from diffusion_lit.unet import UNet
+
+CARD = """---
+library_name: diffusers
+tags: [diffusion_lit, {pipeline}, unconditional-image-generation]
+---
+# {name}
+
+A {process} diffusion model ({prediction_words}) trained with diffusion_lit for {steps:,} steps on {data}
+({channels}x{size}x{size} images), exported from `{ckpt}` ({weights} weights). {schedule_words}
+
+Samplers that suit it: {samplers}.
+
+```python
+import torch
+from diffusers import {pipeline}{extra_import}
+
+pipe = {pipeline}.from_pretrained("{folder}")
+{scheduler_line}images = pipe(batch_size=16, num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
+```
+{conditional}{config}"""
+
+CONDITIONAL = """
+The UNet is class-conditional: `num_class_embeds` is {embeds}, classes 0 to {last} and the null class {null} (what
+classifier-free guidance contrasts with). `DDPMPipeline` does not pass labels, so sample with the UNet directly:
+
+```python
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{folder}", subfolder="unet")
+scheduler = DDIMScheduler.from_pretrained("{folder}", subfolder="scheduler")
+scheduler.set_timesteps(20)
+labels, w = torch.tensor([3, 3, 7]), 1.5  # the digits asked for, and the guidance scale
+x = torch.randn(len(labels), {channels}, {size}, {size}, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        both = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, {null})])).sample
+        cond, uncond = both.chunk(2)
+        x = scheduler.step(uncond + w * (cond - uncond), t, x).prev_sample
+images = (x / 2 + 0.5).clamp(0, 1)
+```
+"""
+
+
+def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None = None) -> None:
+    """Write a checkpoint of `fit` as a diffusers pipeline folder (`DDPMPipeline`: `unet/` as a `UNet2DModel`,
+    `scheduler/` with the same betas and prediction type, or `FlowMatchEulerDiscreteScheduler` for a flow model).
+
+    Args:
+        ckpt_path: a checkpoint written by `fit`.
+        out: the folder to write (new, or empty).
+        ema: export the EMA weights (the trained ones with --ema false).
+        trust_class: your own network classes the checkpoint may name (see `sample`).
+    """
+    diffusers = need("diffusers")
+    folder = Path(out)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
+    module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+    if not isinstance(module.net, UNet):
+        raise UserError(f"a {type(module.net).__name__} denoiser has no diffusers counterpart that this export writes "
+                        "(only the UNet, as UNet2DModel)")
+    if module.latent:
+        raise UserError("a latent model decodes through its autoencoder with our latent scale, which no diffusers "
+                        "pipeline for UNet2DModel applies: only pixel-space models export")
+    net = module.ema.module if ema else module.net
+    config = unet2d_config(net)  # refuses a text model
+    scheduler = scheduler_for(module)  # refuses what diffusers' schedulers cannot express
+    unet = diffusers.UNet2DModel(**config)
+    unet.load_state_dict(to_diffusers(net, net.state_dict()))
+    pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")  # renamed into place once whole
+    try:
+        pipeline.save_pretrained(str(partial), safe_serialization=True)
+        (partial / "README.md").write_text(card(module, checkpoint, Path(ckpt_path), folder, ema), encoding="utf-8")
+        run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+        if run_config.is_file():
+            shutil.copyfile(run_config, partial / "diffusion_lit_config.yaml")
+        if folder.exists():
+            folder.rmdir()
+        partial.rename(folder)
+    except OSError as err:
+        raise UserError(f"could not write {folder} ({reason(err)}); nothing was left there") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    if module.guide is not None:
+        print("the checkpoint's guide (model.guide) is not exported: diffusers has no autoguidance", file=sys.stderr)
+    print(f"exported {'EMA' if ema else 'trained'} weights to {folder} (DDPMPipeline: {type(scheduler).__name__})")
+
+
+def card(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -> str:
+    """The model card: what it is, how it was trained, how to sample it with diffusers."""
+    hp, schedule = module.hparams, module.schedule
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    flow = schedule.process == "flow"
+    words = {"eps": "predicts the noise (epsilon)", "v": "predicts v" if not flow else "predicts the velocity",
+             "x0": "predicts the clean image"}
+    num_classes = module.num_classes
+    run_config = ckpt.resolve().parent.parent / "config.yaml"
+    return CARD.format(
+        name=folder.name, pipeline="DDPMPipeline", process="rectified-flow" if flow else "DDPM (VP)",
+        prediction_words=words[module.prediction], steps=checkpoint.get("global_step", 0),
+        data=f"the {data.get('dataset', 'unknown')} dataset" + (f" in {data['root']}" if data.get("root") else ""),
+        channels=hp.channels, size=hp.image_size, ckpt=ckpt.name, weights="EMA" if ema else "trained",
+        schedule_words=(f"Rectified flow, shift {schedule.shift}." if flow else
+                        f"{schedule.timesteps} timesteps, {schedule.kind} betas; x0 clipped to [-1, 1]."),
+        samplers=("Euler (the exported FlowMatchEulerDiscreteScheduler) with 20 or more steps" if flow else
+                  "DDIM (`DDIMScheduler.from_config`, trailing timesteps as exported) with 20-50 steps, eta 0 or 1 "
+                  "(`eta=1.0` in the call gives DDPM-like noise, often the clearer samples); DDPM with all steps"),
+        extra_import="" if flow else ", DDIMScheduler",
+        folder=folder, scheduler_line="" if flow else "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n",
+        conditional=CONDITIONAL.format(embeds=num_classes + 1, last=num_classes - 1, null=num_classes,
+                                       folder=folder, channels=hp.channels, size=hp.image_size) if num_classes else "",
+        config=("\nThe run's configuration (diffusion_lit) is in `diffusion_lit_config.yaml`.\n"
+                if run_config.is_file() else "\n"),
+    )

@@ -1,10 +1,12 @@
 """Checkpoints that survive a kill at any moment, a full disk and SIGTERM, and the one-writer lock of a run folder."""
 
-import errno
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,17 +17,41 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion_lit.errors import UserError, reason
+from diffusion_lit.files import write_atomic
 
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what shells and schedulers expect of a process ended by SIGTERM
+SIGINT_EXIT_STATUS = 130  # 128 + SIGINT, for Ctrl-C
 
 
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes last.ckpt when training ends between two periodic saves, or is stopped by
-    SIGTERM (after finishing its current step).
+    SIGTERM or SIGINT (Ctrl-C), after finishing its current step.
 
     Lightning's own writes last.ckpt at the end only if it never saved before, so a run of 7 steps saving every 3
     would end with last.ckpt at step 6 and lose its final step.
     """
+
+    stopped_by = "SIGTERM"  # or SIGINT, once Ctrl-C asked the run to stop
+    _previous_sigint = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Ctrl-C stops as SIGTERM does (after the step it is in, saving it), not wherever Python happens to be
+        Checkpoint.stopped_by = "SIGTERM"
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, partial(self.interrupt, trainer._signal_connector))
+
+    def interrupt(self, connector, signum, frame) -> None:
+        if connector.received_sigterm:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        connector.received_sigterm = True
+        Checkpoint.stopped_by = "SIGINT"  # for the exit status the CLI gives
+        print("Ctrl-C: finishing this step, then saving last.ckpt (Ctrl-C again stops at once, unsaved)",
+              file=sys.stderr)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -38,8 +64,8 @@ class Checkpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         if trainer.is_global_zero:
             print(
-                f"stopped by SIGTERM at step {trainer.global_step}: saved {Path(self.dirpath) / 'last.ckpt'}; "
-                "run the same command with --ckpt_path last to continue",
+                f"stopped by {self.stopped_by} at step {trainer.global_step}: saved "
+                f"{Path(self.dirpath) / 'last.ckpt'}; run the same command with --ckpt_path last to continue",
                 file=sys.stderr,
             )
 
@@ -49,29 +75,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     into place.
 
     A process killed while saving leaves the previous checkpoint intact (a rename within one folder is atomic),
-    never a truncated file under the checkpoint's name. A failed write (a full disk) removes its temporary file and
-    stops training with one message.
+    never a truncated file under the checkpoint's name. A failed write (a full disk: an OSError, or torch's zip writer's
+    RuntimeError) removes its temporary file and stops training with one message (`diffusion_lit.files`).
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):  # remote storage: fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            full = " the disk is full:" if err.errno == errno.ENOSPC else ""
-            raise UserError(
-                f"could not write the checkpoint {path} ({reason(err)});{full} make room, then resume with "
-                "--ckpt_path last (it takes the newest complete checkpoint)"
-            ) from None
+        write_atomic(path, lambda f: torch.save(checkpoint, f), "the checkpoint",
+                     "make room, then resume with --ckpt_path last (it takes the newest complete checkpoint)")
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from diffusion_lit.autoencoder import AutoencoderModule
 from diffusion_lit.callbacks import ProgressBar
 from diffusion_lit.checkpointing import (
+    SIGINT_EXIT_STATUS,
     SIGTERM_EXIT_STATUS,
     Checkpoint,
     run_lock,
@@ -106,7 +107,11 @@ class DiffusionCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             check_checkpoint(Path(ckpt_path), self.trusted(self.config[subcommand]))
+        model = self.config[subcommand].get("model") if subcommand else None
+        moved = model.get("autoencoder") if model is not None and not self.subclass_mode_model else None
         super()._parse_ckpt_path()
+        if moved:  # where the config says the autoencoder is now, over the path the checkpoint recorded
+            self.config[subcommand].model.autoencoder = moved  # (the weights are checked against its fingerprint)
 
     @staticmethod
     def trusted(config) -> list[str]:
@@ -123,6 +128,8 @@ class DiffusionCLI(LightningCLI):
         """Refuse to resume from nothing and to start a fresh run on top of an earlier run's
         checkpoints, and resume `last` from the newest complete checkpoint."""
         ckpt_path = self.config.fit.ckpt_path
+        if ckpt_path is not None and self.config.fit.fresh_run:
+            raise UserError("--fresh_run true starts a new run and --ckpt_path resumes one: give one of the two")
         ckpt_dir = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
         remove_stale_temporaries(ckpt_dir)
         found = sorted(ckpt_dir.glob("*.ckpt"))
@@ -218,6 +225,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # A run keeps its checkpoints in runs/<name>/checkpoints/ and resumes into it: not a surprise to warn about.
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    # Lightning's own use of a torch API it has not caught up with: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         if words and words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False, parser_class=CommandParser)
@@ -248,7 +257,7 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except SIGTERMException:  # the Checkpoint callback saved last.ckpt and said how to resume
-        sys.exit(SIGTERM_EXIT_STATUS)
+        sys.exit(SIGINT_EXIT_STATUS if Checkpoint.stopped_by == "SIGINT" else SIGTERM_EXIT_STATUS)
     except (UserError, MisconfigurationException) as err:  # Lightning's: a bad Trainer setting
         if os.environ.get("DIFFUSION_LIT_DEBUG"):
             raise

@@ -1,17 +1,20 @@
 """The `sample` and `evaluate` commands: generate images from a checkpoint, and score images with FID and KID."""
 
 import json
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason
+from diffusion_lit.files import size_text, temporary_fallback, write_atomic
 from diffusion_lit.guidance import Evaluations, Interval
-from diffusion_lit.images import check_output, load_images, save_images, to_uint8
+from diffusion_lit.images import check_output, check_space, load_images, needed_bytes, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
     compute,
@@ -34,10 +37,13 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_checkpoint(ckpt_path: str, trusted: list[str] = ()) -> tuple[DiffusionModule, dict]:
+def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | None = None
+                    ) -> tuple[DiffusionModule, dict]:
     """The module (on the GPU when there is one, in eval mode) and the raw checkpoint dict of a `fit` run.
 
-    The classes the checkpoint names are checked against `diffusion_lit.trust` before any is imported.
+    The classes the checkpoint names are checked against `diffusion_lit.trust` before any is imported. A latent
+    model's `autoencoder` given here replaces the path it records (an autoencoder that moved); its weights must be
+    the ones it was trained with.
     """
     path = Path(ckpt_path)
     if path.is_dir():
@@ -59,7 +65,8 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = ()) -> tuple[DiffusionM
                         "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
     try:
-        module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        moved = {"autoencoder": str(Path(autoencoder).expanduser().resolve())} if autoencoder else {}
+        module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **moved)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
         raise
     except Exception as err:
@@ -111,6 +118,8 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
     `guide` (a guide checkpoint's denoiser) replaces the model's own guide; `counts` adds up the network passes."""
     if num_samples < 1 or batch_size < 1:
         raise UserError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
+    passes = 2 if sampler_kwargs.get("guidance_scale", 1.0) != 1.0 else 1  # guidance: two passes per image
+    batch_size = fitting_batch(module, min(batch_size, num_samples), passes)
     generator = torch.Generator(module.device).manual_seed(seed)
     own = module.sampler_kwargs(clip_x0, ema)
     if guide is not None:
@@ -120,6 +129,60 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
                            labels=labels, condition=lambda y: module.condition(y, ema), decode=module.decode,
                            counts=counts, **own, **sampler_kwargs)
         return torch.cat([to_uint8(x).cpu() for x in batches])
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the process may still allocate on the device (a GPU's free memory, the system's MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    line = next((line for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    return int(line.split()[1]) * 1024 if line else None
+
+
+@torch.no_grad()
+def activation_bytes(module: DiffusionModule) -> int:
+    """An upper bound of the memory one image takes in a sampling step: every layer's output of one network call
+    (and of decoding a latent) added up, as if none were freed."""
+    total = 0
+
+    def add(_, __, output) -> None:
+        nonlocal total
+        total += sum(t.numel() * t.element_size() for t in (output if isinstance(output, tuple) else (output,))
+                     if isinstance(t, Tensor))
+
+    hooks = [m.register_forward_hook(add) for m in module.modules() if not list(m.children())]
+    try:
+        with module.sampling() as net:
+            x = torch.zeros(1, *module.shape, device=module.device)
+            t = torch.zeros(1, device=module.device, dtype=torch.long if module.schedule.process == "vp" else torch.float)
+            y = module.condition([""]) if module.text else (torch.zeros(1, dtype=torch.long, device=module.device)
+                                                            if module.num_classes else None)
+            net(x, t, y)
+            module.decode(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def fitting_batch(module: DiffusionModule, batch_size: int, passes: int = 1) -> int:
+    """batch_size, or the largest batch whose activations fit in half the memory available (said in one line): the
+    images are then those of --batch_size that batch, with the same seed."""
+    available = available_memory(module.device)
+    if available is None:
+        return batch_size
+    per_image = passes * activation_bytes(module)
+    largest = max(1, int(0.5 * available // max(per_image, 1)))
+    if batch_size <= largest:
+        return batch_size
+    print(f"batch_size {batch_size} would need about {size_text(batch_size * per_image)} for sampling and "
+          f"{size_text(available)} is available: sampling in batches of {largest} (the images of --batch_size "
+          f"{largest})", file=sys.stderr)
+    return largest
 
 
 def parse_prompts(prompt: str | None, prompts: str | None, num_samples: int, text: bool) -> list[str] | None:
@@ -133,8 +196,9 @@ def parse_prompts(prompt: str | None, prompts: str | None, num_samples: int, tex
     if prompts is not None:
         try:
             given += [line.strip() for line in Path(prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as err:
-            raise UserError(f"--prompts {prompts}: cannot read it ({reason(err)}); give a text file, a prompt per line")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--prompts {prompts}: cannot read it as UTF-8 text ({reason(err)}); give a text file, "
+                            "a prompt per line") from None
         if not given:
             raise UserError(f"--prompts {prompts} holds no prompts: write one per line")
     return [text for text in given for _ in range(num_samples)]
@@ -175,6 +239,7 @@ def sample(
     prompts: str | None = None,
     guide_ckpt: str | None = None,
     guidance_interval: Interval | None = None,
+    autoencoder: str | None = None,
 ) -> None:
     """Generate images from a checkpoint.
 
@@ -209,24 +274,46 @@ def sample(
             process, prediction, image shape and conditioning (it replaces a guide trained beside the model).
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (the same scale on VP
             and flow models; x_t / alpha = x0 + (sigma / alpha) eps), one pass of the model elsewhere.
+        autoencoder: for a latent model whose autoencoder moved: its new place (its weights are checked).
     """
     check_output(out)  # before the work, not after it
     trusted = parse_trusted(trust_class)
-    module, _ = load_checkpoint(ckpt_path, trusted)
+    module, _ = load_checkpoint(ckpt_path, trusted, autoencoder)
     guide = load_guide(guide_ckpt, module, trusted)
     set_flow_shift(module, flow_shift)
     text = parse_prompts(prompt, prompts, num_samples, module.text)
     if module.text and labels is not None:
         raise UserError("this model reads prompts, not labels: give --prompt TEXT or --prompts FILE instead of --labels")
     y = text if text is not None else parse_labels(labels, num_samples, module.num_classes)
+    count = num_samples if y is None else len(y)
+    check_space(out, count, (module.hparams.channels, module.hparams.image_size, module.hparams.image_size))
     counts, start = Evaluations(), time.perf_counter()
-    images = generate_images(module, num_samples if y is None else len(y), seed, batch_size, ema, precision, labels=y,
+    images = generate_images(module, count, seed, batch_size, ema, precision, labels=y,
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
                              spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval)
     seconds = time.perf_counter() - start
     per_row = num_samples if text is not None and len(text) > num_samples else None  # a row per prompt
-    print(f"wrote {len(images)} images to {save_images(images, out, per_row)} ({evaluations_text(counts)}; "
+    print(f"wrote {len(images)} images to {save_kept(images, out, per_row)} ({evaluations_text(counts)}; "
           f"{1000 * seconds / len(images):.1f} ms per image)")
+
+
+def save_kept(images: Tensor, out: str, per_row: int | None) -> Path:
+    """save_images, and when that fails (a full disk, say) the images written to the system's temporary folder
+    instead, named in the error, so that the work is not lost."""
+    try:
+        return save_images(images, out, per_row)
+    except UserError as err:
+        failed = err
+    fallback = temporary_fallback("samples.npz", needed_bytes(len(images), tuple(images.shape[1:])))
+    if fallback is None:
+        raise UserError(f"{failed}. There is no room for the images in the temporary folder either: they are lost")
+    array = images.permute(0, 2, 3, 1).numpy()
+    try:
+        write_atomic(fallback, lambda f: np.savez(f, arr_0=array), "the images", "")
+    except UserError:
+        raise UserError(f"{failed}. Writing them to {fallback} failed too: they are lost") from None
+    raise UserError(f"{failed}. The {len(images)} images are kept in {fallback} (uint8 NHWC under arr_0): move the "
+                    "file where you want it")
 
 
 def evaluations_text(counts: Evaluations) -> str:
@@ -257,6 +344,7 @@ def evaluate(
     flow_shift: float | None = None,
     guide_ckpt: str | None = None,
     guidance_interval: Interval | None = None,
+    autoencoder: str | None = None,
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
     the feature network (``--feature_extractor digits``) also the share of samples it classifies with confidence above
@@ -285,6 +373,7 @@ def evaluate(
         flow_shift: for a flow model, SD3's shift of the sampling levels (default: the one it was trained with).
         guide_ckpt: autoguidance from this checkpoint (see `sample`).
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (see `sample`).
+        autoencoder: for a latent model whose autoencoder moved: its new place (see `sample`).
     """
     if (ckpt_path is None) == (samples is None):
         raise UserError("give exactly one of --ckpt_path (to generate images) and --samples (images to score)")
@@ -294,7 +383,7 @@ def evaluate(
     real_images = load_images(real) if real is not None else None
     fake_images = load_images(samples) if samples is not None else None
     if ckpt_path is not None:
-        module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+        module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
         guide = load_guide(guide_ckpt, module, parse_trusted(trust_class))
         set_flow_shift(module, flow_shift)
         data = checkpoint_data(checkpoint) if real is None else None

@@ -3,11 +3,13 @@
 import contextlib
 import io
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
@@ -28,7 +30,43 @@ TORCHVISION = {  # name -> (class, image size, channels, classes, files that mus
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def walk(root: Path) -> Iterator[Path]:
+    """Every file below root, without recursion (a folder nested thousands deep cannot exhaust Python's stack);
+    symbolic links to folders are followed once each."""
+    stack, seen = [Path(root)], set()
+    while stack:
+        folder = stack.pop()
+        try:
+            real = folder.resolve()
+            if real in seen:
+                continue
+            seen.add(real)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable folder holds nothing we can use
+        for entry in entries:
+            if entry.is_dir():
+                stack.append(Path(entry.path))
+            elif entry.is_file():
+                yield Path(entry.path)
+
+
+def image_files(root: Path) -> list[Path]:
+    """The image files below root (by extension)."""
+    return [p for p in walk(root) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (Pillow's I;16 modes, and I holding 16-bit values) scaled to 8 bits; Pillow's own
+    conversion would clip every value above 255 to white. Other images as they are."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0) <= 65535 else values.max()
+        return Image.fromarray(np.round(values * (255.0 / top)).astype(np.uint8), "L")
+    return image
 
 
 @dataclass
@@ -45,18 +83,21 @@ class FolderIndex:
 
     @classmethod
     def scan(cls, root: str | Path, skip_unreadable: bool = False) -> "FolderIndex":
-        """Opens every image file's header (a progress bar for large folders); unreadable files stop with one
-        message listing them, or are left out with a warning when `skip_unreadable`."""
+        """Decodes every image file once (a progress bar for large folders), so that a truncated one is found before
+        the first step; unreadable files stop with one message listing them, or are left out with a warning when
+        `skip_unreadable`."""
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist: give an existing folder with --data.root")
-        candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        candidates = sorted(image_files(root))
         files, sizes, modes, bad = [], [], [], []
         for path in tqdm(candidates, f"checking the images in {root}", disable=len(candidates) < 2000, leave=False):
             try:
                 with Image.open(path) as image:
-                    sizes.append(image.size)
-                    modes.append(image.mode)
+                    image.load()  # the whole file, not only its header
+                    size, mode = image.size, image.mode
+                sizes.append(size)
+                modes.append(mode)
                 files.append(path)
             except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
                 bad.append(f"{path} ({reason(err)})")
@@ -73,6 +114,12 @@ class FolderIndex:
             )
         parts = [p.relative_to(root).parts for p in files]
         classes = sorted({q[0] for q in parts}) if all(len(q) > 1 for q in parts) else []
+        if classes and (empty := sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                                        and d.name not in classes)):
+            # Dropping them would shift the labels of the classes after them.
+            classes = sorted(classes + empty)
+            say(f"{root}: {len(empty)} class folder(s) hold no images ({', '.join(empty[:3])}"
+                f"{', ...' if len(empty) > 3 else ''}): kept as classes without images, so labels follow the folder names")
         index = {name: i for i, name in enumerate(classes)}
         return cls(root, files, [index[q[0]] if classes else 0 for q in parts], classes, sizes, modes)
 
@@ -85,7 +132,9 @@ class FolderIndex:
         resized = sum(s != (size, size) for s in self.sizes)
         target = "L" if channels == 1 else "RGB"
         converted = sum(m != target for m in self.modes)
+        deep = sum(m == "I" or m.startswith("I;16") for m in self.modes)
         said = [f"{resized} resized and center-cropped to {size}x{size}"] if resized else []
+        said += [f"{deep} scaled from 16 to 8 bits"] if deep else []
         said += [f"{converted} converted from other colour modes to {target}"] if converted else []
         return f"{self.root}: of {len(self.files)} images, {' and '.join(said)}" if said else None
 
@@ -95,7 +144,7 @@ def read_captions(root: Path, files: list[Path]) -> list[str | None]:
     with `file_name`, relative to that file's folder, and `text`) anywhere below root, else from a `.txt` file of the
     same name beside the image; None where there is neither."""
     captions = {}
-    for meta in sorted(root.rglob("metadata.jsonl")):
+    for meta in sorted(p for p in walk(root) if p.name == "metadata.jsonl"):
         for number, line in enumerate(read_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
@@ -164,7 +213,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int):
         with Image.open(self.index.files[i]) as image:
-            image = image.convert(self.mode)
+            image = to_8_bits(image).convert(self.mode)
         return (self.transform(image) if self.transform else image), self.index.labels[i]
 
 

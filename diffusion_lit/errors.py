@@ -31,3 +31,17 @@ def build_optimizer(factory, parameters):
         return factory(parameters)
     except ValueError as err:
         raise UserError(f"optimizer: {err}; fix it under model.optimizer.init_args in the config") from None
+
+
+class LoadsClearly:
+    """A module mixin: torch's "Error(s) in loading state_dict" (a checkpoint whose tensors do not fit the model its
+    hyperparameters build) becomes a UserError naming the first mismatch."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__
+            raise UserError(f"the checkpoint's tensors do not fit the {type(self).__name__} its hyperparameters build "
+                            f"({detail[:300]}): the file is damaged or was edited; use another checkpoint") from None

@@ -10,6 +10,7 @@ from pathlib import Path
 from diffusion_lit.commands import load_checkpoint
 from diffusion_lit.diffusers_io import scheduler_for, to_diffusers, unet2d_config
 from diffusion_lit.errors import UserError, reason
+from diffusion_lit.files import space_text
 from diffusion_lit.text import need
 from diffusion_lit.trust import parse_trusted
 from diffusion_lit.unet import UNet
@@ -95,8 +96,9 @@ def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None =
         if folder.exists():
             folder.rmdir()
         partial.rename(folder)
-    except OSError as err:
-        raise UserError(f"could not write {folder} ({reason(err)}); nothing was left there") from None
+    except Exception as err:  # OSError, torch's and safetensors' writers' own errors on a full disk
+        raise UserError(f"could not write {folder} ({reason(err)}); {space_text(folder.parent, err) or 'see above'}; "
+                        "nothing was left there") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if module.guide is not None:

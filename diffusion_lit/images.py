@@ -10,8 +10,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from diffusion_lit.data import IMAGE_SUFFIXES
+from diffusion_lit.data import image_files, to_8_bits
 from diffusion_lit.errors import UserError, reason
+from diffusion_lit.files import free_bytes, size_text, write_atomic
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -51,17 +52,38 @@ def check_output(out: str | Path) -> Path:
     return out
 
 
+def needed_bytes(count: int, shape: tuple[int, int, int]) -> int:
+    """An upper bound of what `count` uint8 images of `shape` take on disk in any of the output kinds (PNG's and
+    .npz's overhead included)."""
+    channels, height, width = shape
+    return int(count * (channels * height * width * 1.1 + 1024)) + 2**16
+
+
+def check_space(out: str | Path, count: int, shape: tuple[int, int, int]) -> None:
+    """A UserError before any work when `out`'s disk has no room for `count` images of `shape`."""
+    folder = Path(out) if not Path(out).suffix else Path(out).parent
+    need, free = needed_bytes(count, shape), free_bytes(folder)
+    if free is not None and free < need:
+        raise UserError(f"--out {out}: {count} images need up to {size_text(need)} and {folder} has "
+                        f"{size_text(free)} free: make room or write elsewhere (nothing was generated)")
+
+
 def save_images(images: Tensor, out: str | Path, nrow: int | None = None) -> Path:
     """Saves uint8 images [N, C, H, W]: `.png` / `.jpg` one grid (nrow images a row; about square by default),
-    `.npz` NHWC uint8 under `arr_0`, else a folder of PNGs."""
+    `.npz` NHWC uint8 under `arr_0`, else a folder of PNGs; each file written atomically (`diffusion_lit.files`)."""
     out = check_output(out)
+    fix = "make room or write elsewhere"
     if out.suffix.lower() in GRID_SUFFIXES:
-        _to_pil(grid(images, nrow)).save(out)
+        picture = _to_pil(grid(images, nrow))
+        write_atomic(out, lambda f: picture.save(f, format="JPEG" if out.suffix.lower() != ".png" else "PNG"),
+                     "the grid", fix)
     elif out.suffix == ".npz":
-        np.savez(out, arr_0=images.permute(0, 2, 3, 1).cpu().numpy())
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        write_atomic(out, lambda f: np.savez(f, arr_0=array), "the images", fix)
     else:
         for i, image in enumerate(images):
-            _to_pil(image).save(out / f"{i:06d}.png")
+            picture = _to_pil(image)
+            write_atomic(out / f"{i:06d}.png", lambda f: picture.save(f, format="PNG"), "the image", fix)
     return out
 
 
@@ -69,14 +91,25 @@ def load_images(path: str | Path) -> Tensor:
     """uint8 images [N, C, H, W] from an `.npz` file (NHWC under `arr_0`) or a folder of images."""
     path = Path(path)
     if path.suffix == ".npz" and path.is_file():
-        array = np.load(path)["arr_0"]
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                array = npz["arr_0"]
+        except Exception as err:  # truncated (BadZipFile), foreign (no arr_0), pickled, unreadable
+            raise UserError(f"{path} cannot be read as images ({reason(err)}): give an .npz file written by "
+                            "`sample` (uint8 NHWC under arr_0) or a folder of images") from None
         if array.dtype != np.uint8 or array.ndim not in (3, 4):
             raise UserError(f"{path}: arr_0 must be uint8 images shaped NHWC (or NHW), got {array.dtype} {array.shape}")
     else:
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+        files = sorted(image_files(path)) if path.is_dir() else []
         if not files:
             raise UserError(f"no images in {path}: give an .npz file (uint8 NHWC under arr_0) or a folder of images")
-        arrays = [np.asarray(Image.open(f)) for f in files]
+        arrays = []
+        for f in files:
+            try:
+                with Image.open(f) as image:
+                    arrays.append(np.asarray(to_8_bits(image)))
+            except (OSError, SyntaxError, ValueError) as err:
+                raise UserError(f"{f} cannot be read as an image ({reason(err)}): remove or replace it") from None
         if len({a.shape for a in arrays}) > 1:
             raise UserError(f"the images in {path} differ in size or channels; bring them to one shape first")
         array = np.stack(arrays)

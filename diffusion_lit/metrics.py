@@ -7,7 +7,6 @@ torchmetrics does the statistics (and their sync across DDP ranks).
 
 import hashlib
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
 from diffusion_lit.digits import DigitJudge
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError
+from diffusion_lit.files import write_atomic
 from diffusion_lit.images import to_uint8
 
 
@@ -143,14 +143,9 @@ def load_features(path: Path) -> Tensor:
 
 
 def save_features(path: Path, features: Tensor) -> None:
-    """Writes to a temporary file and renames it, so a reader never sees half a file; a cache that cannot be written
-    is said in one line, not fatal."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    """Writes the cache atomically (`diffusion_lit.files`), so a reader never sees half a file; a cache that cannot
+    be written (a full disk, say) is said in one line, not fatal."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(features, tmp)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        print(f"the reference features could not be cached in {path.parent} ({reason(err)}); going on without",
-              file=sys.stderr)
+        write_atomic(path, lambda f: torch.save(features, f), "the reference features", "going on without the cache")
+    except UserError as err:
+        print(err, file=sys.stderr)

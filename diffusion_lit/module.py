@@ -1,6 +1,7 @@
 """DiffusionModule: the denoiser, its EMA copy and the noising process (DDPM's or rectified flow), trained with the
 diffusion objective, in pixel space or in an autoencoder's latent space, steered by class labels or text prompts."""
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from diffusion_lit.autoencoder import latent_shape, load_autoencoder
-from diffusion_lit.errors import UserError, build_optimizer, reason, say
+from diffusion_lit.errors import LoadsClearly, UserError, build_optimizer, reason, say
 from diffusion_lit.guidance import Guide, NetFactory, averaged
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, ScheduleKind, TimeSampling
 from diffusion_lit.speed import autocast, compile_modules, grad_off
@@ -24,9 +25,18 @@ GuideFactory = Callable[[int, int, int], Guide]  # (in_channels, image_size, num
 SCALE_IMAGES = 512  # training images encoded to estimate the latents' scale
 
 
+def fingerprint(module: nn.Module) -> str:
+    """A short hash of a module's weights (names, shapes and values): the same weights give the same string."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def absolute(spec: str | None) -> str | None:
-    """An existing path made absolute; anything else (None, ``bytes``, a missing path) as it is."""
-    if spec in (None, "bytes") or not Path(spec).expanduser().exists():
+    """An existing path made absolute; anything else (None, ``bytes``, ``digits``, a missing path) as it is."""
+    if spec in (None, "bytes", "digits") or not Path(spec).expanduser().exists():
         return spec
     return str(Path(spec).expanduser().resolve())
 
@@ -48,7 +58,7 @@ def to_channels_last(net: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
-class DiffusionModule(LightningModule):
+class DiffusionModule(LoadsClearly, LightningModule):
     """A diffusion model with an EMA of the denoiser's weights: DDPM's VP process or rectified flow, the network
     predicting eps, v or x0.
 
@@ -85,8 +95,9 @@ class DiffusionModule(LightningModule):
         text_width: width of the ``bytes`` text encoder.
         text_depth: transformer layers of the ``bytes`` text encoder.
         max_prompt_length: bytes of a prompt the ``bytes`` encoder reads (the rest is cut).
-        autoencoder: diffuse in the latent space of this autoencoder: a checkpoint of `diffusion_lit autoencoder fit`
-            or a local diffusers folder with an `AutoencoderKL` (SD's `vae`). Frozen, and read from there again when
+        autoencoder: diffuse in the latent space of this autoencoder: a checkpoint of `diffusion_lit autoencoder fit`,
+            a local diffusers folder with an `AutoencoderKL` (SD's `vae`), or ``digits``: the one shipped with the
+            package, trained by configs/digits_autoencoder.yaml on the shipped digits at 32x32. Frozen, and read from there again when
             the checkpoint is loaded (it is not saved in this model's checkpoints).
         latent_scale: multiply the latents by this; unset, the autoencoder's own scaling factor (a diffusers
             folder's), or for one of ours 1 / std of the latents of the first 512 training images, measured when fit
@@ -432,8 +443,15 @@ class DiffusionModule(LightningModule):
         checkpoint["rng_state"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+        if self.latent:  # which autoencoder the latents belong to, checked when the checkpoint is loaded
+            checkpoint["autoencoder_fingerprint"] = fingerprint(self.frozen["autoencoder"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        recorded = checkpoint.get("autoencoder_fingerprint")
+        if self.latent and recorded and recorded != (found := fingerprint(self.frozen["autoencoder"])):
+            raise UserError(f"the autoencoder {self.hparams.autoencoder} is not the one this model was trained with "
+                            f"(its weights' fingerprint is {found}, the checkpoint records {recorded}): point at that "
+                            "one with --autoencoder PATH (sample, evaluate) or --model.autoencoder PATH (fit)")
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():

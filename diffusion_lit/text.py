@@ -10,7 +10,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError, reason, say
+
+
+def say_cut(encoder: nn.Module, lengths: list[int], unit: str) -> None:
+    """Once per encoder: how many prompts are longer than it reads (they are cut)."""
+    cut = sum(n > encoder.max_length for n in lengths)
+    if cut and not getattr(encoder, "said_cut", False):
+        encoder.said_cut = True
+        say(f"{cut} of {len(lengths)} prompts are longer than the text encoder reads ({encoder.max_length} {unit}) "
+            "and are cut; raise --model.max_prompt_length to keep them whole (said once)")
 
 
 def byte_tokens(prompts: list[str], length: int) -> Tensor:
@@ -43,6 +52,7 @@ class ByteTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
+        say_cut(self, [len(p.encode("utf-8")) for p in prompts], "bytes")
         return byte_tokens(prompts, self.max_length)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -82,6 +92,8 @@ class CLIPText(nn.Module):
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
+        if not getattr(self, "said_cut", False):
+            say_cut(self, [len(ids) for ids in self.tokenizer(prompts).input_ids], "tokens")
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt").input_ids
 

@@ -104,6 +104,27 @@ def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path, ca
                  "--steps", 2, "--out", out)
     assert result.returncode == 0, result.stderr
     assert np.load(out)["arr_0"].shape == (3, 16, 16, 1)  # the data's size, through the decoder
+    if cache == "true":
+        return  # the autoencoder's checks below once
+
+    # The autoencoder moves: the checkpoint names where it was, --autoencoder where it is (its weights checked).
+    moved = tmp_path / "moved" / "ae.ckpt"
+    moved.parent.mkdir()
+    ae_ckpt.rename(moved)
+    straight_ckpt = runs / "straight" / "checkpoints" / "last.ckpt"
+    lost = cli("sample", "--ckpt_path", straight_ckpt, "--out", tmp_path / "lost.png")
+    assert lost.returncode == 2 and "--autoencoder PATH" in lost.stderr.strip().splitlines()[-1]
+    found = cli("sample", "--ckpt_path", straight_ckpt, "--autoencoder", moved, "--num_samples", 3, "--steps", 2,
+                "--out", tmp_path / "found.npz")
+    assert found.returncode == 0, found.stderr
+    assert np.array_equal(np.load(tmp_path / "found.npz")["arr_0"], np.load(out)["arr_0"])
+    other = torch.load(moved, weights_only=True)  # another autoencoder of the same shape
+    for value in other["state_dict"].values():
+        value.add_(0.01) if value.is_floating_point() else None
+    torch.save(other, tmp_path / "other.ckpt")
+    wrong = cli("sample", "--ckpt_path", straight_ckpt, "--autoencoder", tmp_path / "other.ckpt", "--out", out)
+    line = wrong.stderr.strip().splitlines()[-1]
+    assert wrong.returncode == 2 and "is not the one this model was trained with" in line and "other.ckpt" in line
 
 
 @pytest.mark.parametrize("package, setting", [("diffusers", "autoencoder"), ("transformers", "text_encoder")])
@@ -112,3 +133,17 @@ def test_without_the_sd_extra_latent_and_clip_models_say_what_to_install(monkeyp
     with pytest.raises(UserError, match=rf'needs the {package} package: pip install -e "\.\[sd\]"'):
         DiffusionModule(tiny_unet, image_size=16, channels=1, **{setting: str(tmp_path)})
     DiffusionModule(tiny_unet, image_size=16, channels=1, text_encoder="bytes")  # the pixel trainer needs neither
+
+
+def test_the_shipped_autoencoder_reconstructs_the_shipped_digits():
+    """`model.autoencoder: digits` is the autoencoder of configs/digits_autoencoder.yaml trained on the shipped
+    digits; the name, not a path, is what a checkpoint records, so it travels with the package."""
+    model = DiffusionModule(tiny_unet, image_size=32, channels=1, autoencoder="digits", latent_scale=1.0)
+    assert model.hparams.autoencoder == "digits" and model.shape == (4, 8, 8)
+    data = DiffusionDataModule("digits", batch_size=8, num_workers=0, image_size=32)
+    data.setup("fit")
+    images = torch.stack([data.reference_set[i][0] for i in range(16)])
+    vae = model.frozen["autoencoder"]
+    with torch.no_grad():
+        rebuilt = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    assert psnr(rebuilt, images).mean() > 20  # dB: digits come back as digits

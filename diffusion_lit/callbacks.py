@@ -48,7 +48,8 @@ def setup_guidance(callback, pl_module, name: str) -> None:
     """Checks a callback's sampler settings and loads its guide checkpoint, when fit starts (see `checked`)."""
     from diffusion_lit.commands import load_guide  # the commands' checks, not the other way round
 
-    callback.guide = load_guide(callback.guide_ckpt, pl_module) if callback.guide_ckpt else None
+    if callback.guide is None and callback.guide_ckpt:  # once, however many stages set the callback up
+        callback.guide = load_guide(callback.guide_ckpt, pl_module)
     callback.sampler_kwargs = checked(callback.sampler_kwargs, pl_module, name, callback.guide is not None)
 
 

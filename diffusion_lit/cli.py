@@ -194,14 +194,15 @@ MODULE_CLASSES = {"diffusion_lit.module.DiffusionModule": DiffusionModule,
 
 def config_files(words: list[str]) -> list[Path]:
     """The files given with --config FILE or --config=FILE, in order."""
-    files = [after for before, after in zip(words, words[1:]) if before == "--config"]
-    files += [word.split("=", 1)[1] for word in words if word.startswith("--config=")]
+    files = [after for before, after in zip(words, words[1:]) if before in ("--config", "-c")]
+    files += [word.split("=", 1)[1] for word in words if word.startswith(("--config=", "-c="))]
     return [Path(f) for f in files]
 
 
-def named_module(words: list[str]) -> tuple[str, type] | None:
-    """(config, class) of the LightningModule the last --config file that names one names under model.class_path;
-    None when no config names one (a DiffusionModule then)."""
+def named_module(words: list[str]) -> tuple[str, type, bool] | None:
+    """(config, the LightningModule class it trains, whether it names it under model.class_path) from the last
+    --config file whose model says: a class_path (LightningCLI's subclass mode, for that class), or, in a flat model
+    section, the autoencoder's block_out_channels or the diffusion model's net. None when none says."""
     named = None
     for path in config_files(words):
         try:
@@ -209,12 +210,18 @@ def named_module(words: list[str]) -> tuple[str, type] | None:
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue  # LightningCLI says what is wrong with the file
         model = config.get("model") if isinstance(config, dict) else None
-        if isinstance(model, dict) and "class_path" in model:
+        if not isinstance(model, dict):
+            continue
+        if "class_path" in model:
             name = model["class_path"]
             if name not in MODULE_CLASSES:
                 raise UserError(f"{path}: model.class_path {name!r} is not one of diffusion_lit's modules "
                                 f"({', '.join(MODULE_CLASSES)})")
-            named = (str(path), MODULE_CLASSES[name])
+            named = (str(path), MODULE_CLASSES[name], True)
+        elif "block_out_channels" in model:
+            named = (str(path), AutoencoderModule, False)
+        elif "net" in model:
+            named = (str(path), DiffusionModule, False)
     return named
 
 
@@ -236,14 +243,11 @@ def main(args: list[str] | None = None) -> None:
         if words and words[0] == "autoencoder":  # the synonym: the same CLI around the autoencoder's module
             args = words[1:]
             if named and named[1] is not AutoencoderModule:
-                raise UserError(f"{named[0]} trains a {named[1].__name__}, not the autoencoder: run "
-                                f"`python -m diffusion_lit {' '.join(args)}`")
-            if named is None and (found := config_files(words)):
-                raise UserError(f"{found[-1]} is a diffusion config (its model names no class_path): run "
-                                f"`python -m diffusion_lit {' '.join(args)}`; `autoencoder fit` trains an autoencoder")
+                raise UserError(f"{named[0]} is a diffusion config: run `python -m diffusion_lit {' '.join(args)}`; "
+                                "`autoencoder fit` trains an autoencoder")
             model_class = AutoencoderModule
-        if named:  # the config names its module: LightningCLI's subclass mode, for that module only
-            model_class, subclass_mode = named[1], True
+        if named:
+            model_class, subclass_mode = named[1], named[2]
         # The in-process CLI is given argv's words itself (less `autoencoder`); LightningCLI warns whenever they
         # differ from sys.argv, which says nothing to a user.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

@@ -25,7 +25,7 @@ from diffusion_lit.metrics import (
     reference_cache_path,
     save_features,
 )
-from diffusion_lit.module import DiffusionModule
+from diffusion_lit.module import DiffusionModule, absolute
 from diffusion_lit.sampling import Sampler, generate
 from diffusion_lit.schedule import FlowSchedule
 from diffusion_lit.solvers import Spacing
@@ -65,7 +65,7 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
                         "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
     try:
-        moved = {"autoencoder": str(Path(autoencoder).expanduser().resolve())} if autoencoder else {}
+        moved = {"autoencoder": absolute(autoencoder)} if autoencoder else {}
         module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **moved)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
         raise
@@ -170,13 +170,13 @@ def activation_bytes(module: DiffusionModule) -> int:
 
 
 def fitting_batch(module: DiffusionModule, batch_size: int, passes: int = 1) -> int:
-    """batch_size, or the largest batch whose activations fit in half the memory available (said in one line): the
-    images are then those of --batch_size that batch, with the same seed."""
+    """batch_size, or the largest batch whose activations (an upper bound: `activation_bytes`) fit in the memory
+    available (said in one line): the images are then those of --batch_size that batch, with the same seed."""
     available = available_memory(module.device)
     if available is None:
         return batch_size
     per_image = passes * activation_bytes(module)
-    largest = max(1, int(0.5 * available // max(per_image, 1)))
+    largest = max(1, int(available // max(per_image, 1)))
     if batch_size <= largest:
         return batch_size
     print(f"batch_size {batch_size} would need about {size_text(batch_size * per_image)} for sampling and "

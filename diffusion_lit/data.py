@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,11 @@ TORCHVISION = {  # name -> (class, image size, channels, classes, files that mus
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves (Checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def walk(root: Path) -> Iterator[Path]:
@@ -63,8 +69,11 @@ def to_8_bits(image: Image.Image) -> Image.Image:
     """16-bit grayscale (Pillow's I;16 modes, and I holding 16-bit values) scaled to 8 bits; Pillow's own
     conversion would clip every value above 255 to white. Other images as they are."""
     if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) <= 65535 else values.max()
+        values = np.asarray(image, dtype=np.float64).clip(min=0)
+        top = values.max(initial=0)
+        if image.mode == "I" and top <= 255:  # 8-bit values in a 32-bit mode
+            return Image.fromarray(values.astype(np.uint8), "L")
+        top = 65535.0 if top <= 65535 else top
         return Image.fromarray(np.round(values * (255.0 / top)).astype(np.uint8), "L")
     return image
 
@@ -430,6 +439,7 @@ class DiffusionDataModule(LightningDataModule):
             drop_last=shuffle,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_sigint,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )

@@ -180,8 +180,9 @@ def process_of(scheduler_config: dict) -> dict:
     if prediction is None:
         raise UserError(f"prediction_type {scheduler_config.get('prediction_type')!r} is not one of ours "
                         f"({', '.join(PREDICTION_TYPES.values())})")
-    return {"process": "vp", "schedule": kinds[kind], "timesteps": scheduler_config.get("num_train_timesteps", 1000),
-            "prediction": prediction}
+    timesteps = (len(scheduler_config["trained_betas"]) if scheduler_config.get("trained_betas") is not None
+                 else scheduler_config.get("num_train_timesteps", 1000))
+    return {"process": "vp", "schedule": kinds[kind], "timesteps": timesteps, "prediction": prediction}
 
 
 def unet_folder(path: Path) -> Path:
@@ -201,7 +202,7 @@ def load_unet_weights(net: UNet, spec: str) -> dict | None:
     diffusers = need("diffusers")
     path = Path(spec).expanduser()
     folder = unet_folder(path)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = read_json(folder / "config.json")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise UserError(f"init_from {spec}: a {config['_class_name']}, not a UNet2DModel: only DDPM-style UNets load")
     defaults = {k: p.default for k, p in inspect.signature(diffusers.UNet2DModel.__init__).parameters.items()}
@@ -220,8 +221,22 @@ def load_unet_weights(net: UNet, spec: str) -> dict | None:
     except Exception as err:
         raise UserError(f"init_from {spec}: its weights could not be read ({reason(err)}); a folder written by "
                         "save_pretrained holds diffusion_pytorch_model.safetensors") from None
-    net.load_state_dict(from_diffusers(net, unet.state_dict()))
+    try:
+        net.load_state_dict(from_diffusers(net, unet.state_dict()))
+    except KeyError as err:
+        raise UserError(f"init_from {spec}: the UNet2DModel has no tensor {err} that our UNet needs") from None
     scheduler = folder.parent / "scheduler" / "scheduler_config.json" if folder.name == "unet" else None
     if scheduler is not None and scheduler.is_file():
-        return json.loads(scheduler.read_text(encoding="utf-8"))
+        return read_json(scheduler)
     return None
+
+
+def read_json(path: Path) -> dict:
+    """A diffusers config file; a UserError naming it when it cannot be read as a JSON object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"init_from: {path} cannot be read as a diffusers config ({reason(err)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"init_from: {path} is not a diffusers config (a JSON object)")
+    return value

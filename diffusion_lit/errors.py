@@ -44,4 +44,5 @@ class LoadsClearly:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__
             raise UserError(f"the checkpoint's tensors do not fit the {type(self).__name__} its hyperparameters build "
-                            f"({detail[:300]}): the file is damaged or was edited; use another checkpoint") from None
+                            f"({detail[:300]}): the file is damaged or edited, or the settings given now (the config, "
+                            "--model.* options) differ from the run's; use its own settings or another checkpoint") from None

@@ -17,7 +17,7 @@ from diffusion_lit.unet import UNet
 
 CARD = """---
 library_name: diffusers
-tags: [diffusion_lit, {pipeline}, unconditional-image-generation]
+tags: [diffusion_lit, {pipeline}]
 ---
 # {name}
 
@@ -123,8 +123,9 @@ def card(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -> str:
         schedule_words=(f"Rectified flow, shift {schedule.shift}." if flow else
                         f"{schedule.timesteps} timesteps, {schedule.kind} betas; x0 clipped to [-1, 1]."),
         samplers=("Euler (the exported FlowMatchEulerDiscreteScheduler) with 20 or more steps" if flow else
-                  "DDIM (`DDIMScheduler.from_config`, trailing timesteps as exported) with 20-50 steps, eta 0 or 1 "
-                  "(`eta=1.0` in the call gives DDPM-like noise, often the clearer samples); DDPM with all steps"),
+                  "DDIM (`DDIMScheduler.from_config`, trailing timesteps as exported) with 20-50 steps; with "
+                  "`DDIMPipeline(unet=pipe.unet, scheduler=pipe.scheduler)(..., eta=1.0)` DDPM-like noise, often the "
+                  "clearer samples; DDPM with all steps"),
         extra_import="" if flow else ", DDIMScheduler",
         folder=folder, scheduler_line="" if flow else "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n",
         conditional=CONDITIONAL.format(embeds=num_classes + 1, last=num_classes - 1, null=num_classes,

@@ -28,9 +28,9 @@ SCALE_IMAGES = 512  # training images encoded to estimate the latents' scale
 def fingerprint(module: nn.Module) -> str:
     """A short hash of a module's weights (names, shapes and values): the same weights give the same string."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, tensor in sorted(module.state_dict().items()):  # as float32, whatever precision it was cast to
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().reshape(-1).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -108,17 +108,11 @@ class AutoencoderModule(LoadsClearly, LightningModule):
         return build_optimizer(self.optimizer, self.parameters())
 
 
-# The autoencoder of configs/digits_autoencoder.yaml trained on the shipped digits (5 minutes on a 2-core AMD EPYC:
-# 494 steps), its state dict and hyperparameters only: `model.autoencoder: digits`.
-SHIPPED = Path(__file__).with_name("assets") / "digits_autoencoder.pt"
-
-
 def load_autoencoder(spec: str) -> tuple[nn.Module, float | None, float]:
     """(the frozen AutoencoderKL, its scaling factor or None when it has none, its shift) from a checkpoint of
-    `AutoencoderModule`, a local diffusers folder (its own, or one with a `vae` sub-folder, as SD's), or ``digits``
-    (the one shipped with the package)."""
+    `AutoencoderModule` or a local diffusers folder (its own, or one with a `vae` sub-folder, as SD's)."""
     diffusers = need("diffusers")
-    path = SHIPPED if spec == "digits" else Path(spec).expanduser()
+    path = Path(spec).expanduser()
     if path.is_file():
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -35,8 +35,8 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def absolute(spec: str | None) -> str | None:
-    """An existing path made absolute; anything else (None, ``bytes``, ``digits``, a missing path) as it is."""
-    if spec in (None, "bytes", "digits") or not Path(spec).expanduser().exists():
+    """An existing path made absolute; anything else (None, ``bytes``, a missing path) as it is."""
+    if spec in (None, "bytes") or not Path(spec).expanduser().exists():
         return spec
     return str(Path(spec).expanduser().resolve())
 
@@ -95,9 +95,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
         text_width: width of the ``bytes`` text encoder.
         text_depth: transformer layers of the ``bytes`` text encoder.
         max_prompt_length: bytes of a prompt the ``bytes`` encoder reads (the rest is cut).
-        autoencoder: diffuse in the latent space of this autoencoder: a checkpoint of `diffusion_lit autoencoder fit`,
-            a local diffusers folder with an `AutoencoderKL` (SD's `vae`), or ``digits``: the one shipped with the
-            package, trained by configs/digits_autoencoder.yaml on the shipped digits at 32x32. Frozen, and read from there again when
+        autoencoder: diffuse in the latent space of this autoencoder: a checkpoint of `diffusion_lit autoencoder fit`
+            or a local diffusers folder with an `AutoencoderKL` (SD's `vae`). Frozen, and read from there again when
             the checkpoint is loaded (it is not saved in this model's checkpoints).
         latent_scale: multiply the latents by this; unset, the autoencoder's own scaling factor (a diffusers
             folder's), or for one of ours 1 / std of the latents of the first 512 training images, measured when fit

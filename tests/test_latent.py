@@ -134,16 +134,3 @@ def test_without_the_sd_extra_latent_and_clip_models_say_what_to_install(monkeyp
         DiffusionModule(tiny_unet, image_size=16, channels=1, **{setting: str(tmp_path)})
     DiffusionModule(tiny_unet, image_size=16, channels=1, text_encoder="bytes")  # the pixel trainer needs neither
 
-
-def test_the_shipped_autoencoder_reconstructs_the_shipped_digits():
-    """`model.autoencoder: digits` is the autoencoder of configs/digits_autoencoder.yaml trained on the shipped
-    digits; the name, not a path, is what a checkpoint records, so it travels with the package."""
-    model = DiffusionModule(tiny_unet, image_size=32, channels=1, autoencoder="digits", latent_scale=1.0)
-    assert model.hparams.autoencoder == "digits" and model.shape == (4, 8, 8)
-    data = DiffusionDataModule("digits", batch_size=8, num_workers=0, image_size=32)
-    data.setup("fit")
-    images = torch.stack([data.reference_set[i][0] for i in range(16)])
-    vae = model.frozen["autoencoder"]
-    with torch.no_grad():
-        rebuilt = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-    assert psnr(rebuilt, images).mean() > 20  # dB: digits come back as digits

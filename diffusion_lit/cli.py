@@ -34,6 +34,7 @@ from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.export import export
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.stable_diffusion import StableDiffusionModule
 from diffusion_lit.trust import check_hparams, class_paths, parse_trusted
 
 # Runs live in runs/<name>/ (no version_N folders), checkpoints in runs/<name>/checkpoints/,
@@ -189,7 +190,8 @@ def check_checkpoint(path: Path, trusted: list[str]) -> None:
 
 COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export}  # beside LightningCLI's fit, validate, ...
 MODULE_CLASSES = {"diffusion_lit.module.DiffusionModule": DiffusionModule,
-                  "diffusion_lit.autoencoder.AutoencoderModule": AutoencoderModule}
+                  "diffusion_lit.autoencoder.AutoencoderModule": AutoencoderModule,
+                  "diffusion_lit.stable_diffusion.StableDiffusionModule": StableDiffusionModule}
 
 
 def config_files(words: list[str]) -> list[Path]:
@@ -262,8 +264,17 @@ def main(args: list[str] | None = None) -> None:
         )
     except SIGTERMException:  # the Checkpoint callback saved last.ckpt and said how to resume
         sys.exit(SIGINT_EXIT_STATUS if Checkpoint.stopped_by == "SIGINT" else SIGTERM_EXIT_STATUS)
-    except (UserError, MisconfigurationException) as err:  # Lightning's: a bad Trainer setting
-        if os.environ.get("DIFFUSION_LIT_DEBUG"):
+    except (UserError, MisconfigurationException, ValueError) as err:  # Lightning's: a bad Trainer setting
+        mistake = err if not isinstance(err, ValueError) else users_mistake(err)
+        if os.environ.get("DIFFUSION_LIT_DEBUG") or mistake is None:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mistake}", file=sys.stderr)
         sys.exit(2)
+
+
+def users_mistake(err: BaseException) -> UserError | None:
+    """The UserError behind an exception: itself, or the one jsonargparse caught while building a config's
+    `class_path` module (it reports a union of subtypes that did not validate, the UserError as its context)."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__ or err.__context__
+    return err

@@ -64,9 +64,13 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
         raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.autoencoder "
                         "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
+    if autoencoder and "pretrained" in checkpoint["hyper_parameters"]:
+        raise UserError("--autoencoder is for models trained on an autoencoder of their own; a Stable Diffusion "
+                        "fine-tune reads its vae from its pretrained folder")
     try:
         moved = {"autoencoder": absolute(autoencoder)} if autoencoder else {}
-        module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **moved)
+        module = module_class(checkpoint["hyper_parameters"]).load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, **moved)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
         raise
     except Exception as err:
@@ -74,6 +78,13 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
     device = _device()
     module.compile_denoisers(device)
     return module.to(device).eval(), checkpoint
+
+
+def module_class(hparams: dict) -> type[DiffusionModule]:
+    """The class a checkpoint's hyperparameters build: a Stable Diffusion fine-tune, or a DiffusionModule."""
+    from diffusion_lit.stable_diffusion import StableDiffusionModule
+
+    return StableDiffusionModule if "pretrained" in hparams else DiffusionModule
 
 
 def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[str] = ()) -> nn.Module | None:
@@ -87,8 +98,8 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
         schedule = m.schedule
         return {"process": schedule.process, "schedule": getattr(schedule, "kind", None),
                 "timesteps": schedule.timesteps, "prediction": m.prediction, "shape": m.shape,
-                "classes": m.num_classes, "text encoder": m.hparams.text_encoder,
-                "autoencoder": m.hparams.autoencoder}
+                "classes": m.num_classes, "text encoder": m.text_encoder_spec,
+                "autoencoder": m.autoencoder_spec}
 
     ours, theirs = kind(module), kind(guide)
     for key in ours:

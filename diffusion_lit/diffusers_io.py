@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.errors import UserError, reason
-from diffusion_lit.schedule import cosine_betas, linear_betas
+from diffusion_lit.schedule import cosine_betas, linear_betas, scaled_linear_betas
 from diffusion_lit.text import need
 from diffusion_lit.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample
 
@@ -143,9 +143,11 @@ def scheduler_for(module):
         return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=schedule.timesteps, shift=schedule.shift)
     # diffusers' linear betas are a float32 linspace, ours a float64 one rounded to float32: a last bit apart at
     # some t. Written out as trained_betas they are ours exactly (beta_schedule then only names them).
-    betas = ({"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-              "trained_betas": schedule.betas.cpu().tolist()} if schedule.kind == "linear"
-             else {"beta_schedule": "squaredcos_cap_v2"})
+    betas = {"linear": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                        "trained_betas": schedule.betas.cpu().tolist()},
+             "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+             "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                               "trained_betas": schedule.betas.cpu().tolist()}}[schedule.kind]
     # DDIM on `trailing` timesteps is our `--spacing trailing`; the last step lands on x0 (set_alpha_to_one).
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=schedule.timesteps, prediction_type=PREDICTION_TYPES[
         prediction], clip_sample=True, clip_sample_range=1.0, variance_type="fixed_small", timestep_spacing="trailing",
@@ -163,19 +165,22 @@ def process_of(scheduler_config: dict) -> dict:
     name = scheduler_config.get("_class_name", "")
     if name.startswith("FlowMatch"):
         return {"process": "flow", "prediction": "v"}
-    kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+    kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine", "scaled_linear": "scaled_linear"}
+    ends = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # the (beta_start, beta_end) we train with
     kind = scheduler_config.get("beta_schedule", "linear")
     if scheduler_config.get("trained_betas") is not None:  # which of our schedules they are, if any
         given = torch.tensor(scheduler_config["trained_betas"], dtype=torch.float64)
         timesteps = len(given)
         kind = next((name for name, ours in (("linear", linear_betas(timesteps)),
-                                             ("squaredcos_cap_v2", cosine_betas(timesteps)))
+                                             ("squaredcos_cap_v2", cosine_betas(timesteps)),
+                                             ("scaled_linear", scaled_linear_betas(timesteps)))
                      if torch.allclose(given, ours, rtol=1e-6, atol=0)), "trained_betas")
-    if kind not in kinds or (kind == "linear" and (scheduler_config.get("beta_start", 1e-4),
-                                                    scheduler_config.get("beta_end", 0.02)) != (1e-4, 0.02)):
-        raise UserError(f"the scheduler's betas ({kind}, {scheduler_config.get('beta_start')} to "
-                        f"{scheduler_config.get('beta_end')}) are not a schedule diffusion_lit trains with (DDPM's "
-                        "linear 1e-4 to 0.02, or cosine)")
+    elif kind in ends and (scheduler_config.get("beta_start", 1e-4 if kind == "linear" else None),
+                           scheduler_config.get("beta_end", 0.02 if kind == "linear" else None)) != ends[kind]:
+        kind = f"{kind} from {scheduler_config.get('beta_start')} to {scheduler_config.get('beta_end')}"
+    if kind not in kinds:
+        raise UserError(f"the scheduler's betas ({kind}) are not a schedule diffusion_lit trains with (DDPM's linear "
+                        "1e-4 to 0.02, cosine, or Stable Diffusion's scaled_linear 0.00085 to 0.012)")
     prediction = {v: k for k, v in PREDICTION_TYPES.items()}.get(scheduler_config.get("prediction_type", "epsilon"))
     if prediction is None:
         raise UserError(f"prediction_type {scheduler_config.get('prediction_type')!r} is not one of ours "

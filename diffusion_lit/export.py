@@ -1,16 +1,19 @@
 """The `export` command: a checkpoint as a diffusers pipeline folder (`model_index.json`, `unet/` with its weights in
-safetensors, `scheduler/`, a model card), which `diffusers.DiffusionPipeline.from_pretrained` loads with no network.
+safetensors, `scheduler/`, a model card), which `diffusers.DiffusionPipeline.from_pretrained` loads with no network;
+a Stable Diffusion fine-tune's LoRA adapters as the file `StableDiffusionPipeline.load_lora_weights` reads.
 """
 
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusion_lit.commands import load_checkpoint
 from diffusion_lit.diffusers_io import scheduler_for, to_diffusers, unet2d_config
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import space_text
+from diffusion_lit.stable_diffusion import StableDiffusionModule, sd_writer
 from diffusion_lit.text import need
 from diffusion_lit.trust import parse_trusted
 from diffusion_lit.unet import UNet
@@ -59,38 +62,41 @@ images = (x / 2 + 0.5).clamp(0, 1)
 
 
 def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None = None) -> None:
-    """Write a checkpoint of `fit` as a diffusers pipeline folder (`DDPMPipeline`: `unet/` as a `UNet2DModel`,
-    `scheduler/` with the same betas and prediction type, or `FlowMatchEulerDiscreteScheduler` for a flow model).
+    """Write a checkpoint of `fit` as diffusers reads it: a `DDPMPipeline` folder (`unet/` as a `UNet2DModel`,
+    `scheduler/` with the same betas and prediction type, or `FlowMatchEulerDiscreteScheduler` for a flow model);
+    for a Stable Diffusion fine-tune, its LoRA adapters as `pytorch_lora_weights.safetensors`
+    (`StableDiffusionPipeline.load_lora_weights`) or, fine-tuned in full, a `StableDiffusionPipeline` folder.
 
     Args:
         ckpt_path: a checkpoint written by `fit`.
         out: the folder to write (new, or empty).
-        ema: export the EMA weights (the trained ones with --ema false).
+        ema: export the EMA weights (the trained ones with --ema false, or when the model keeps no EMA).
         trust_class: your own network classes the checkpoint may name (see `sample`).
     """
-    diffusers = need("diffusers")
+    need("diffusers")
     folder = Path(out)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
     module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class))
-    if not isinstance(module.net, UNet):
-        raise UserError(f"a {type(module.net).__name__} denoiser has no diffusers counterpart that this export writes "
-                        "(only the UNet, as UNet2DModel)")
-    if module.latent:
-        raise UserError("a latent model decodes through its autoencoder with our latent scale, which no diffusers "
-                        "pipeline for UNet2DModel applies: only pixel-space models export")
-    net = module.ema.module if ema else module.net
-    config = unet2d_config(net)  # refuses a text model
-    scheduler = scheduler_for(module)  # refuses what diffusers' schedulers cannot express
-    unet = diffusers.UNet2DModel(**config)
-    unet.load_state_dict(to_diffusers(net, net.state_dict()))
-    pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+    if isinstance(module, StableDiffusionModule):
+        write, what = sd_writer(module, checkpoint, Path(ckpt_path), folder, ema)
+    else:
+        write, what = ddpm_writer(module, checkpoint, Path(ckpt_path), folder, ema)
+    write_folder(folder, write, Path(ckpt_path))
+    if module.guide is not None:
+        print("the checkpoint's guide (model.guide) is not exported: diffusers has no autoguidance", file=sys.stderr)
+    weights = "EMA" if ema and module.ema is not None else "trained"
+    print(f"exported {weights} weights to {folder} ({what})")
 
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")  # renamed into place once whole
+
+def write_folder(folder: Path, write: Callable[[Path], None], ckpt_path: Path) -> None:
+    """`write` fills a partial folder beside `folder` (with the run's config), which is then renamed into place:
+    a failure leaves nothing there."""
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     try:
-        pipeline.save_pretrained(str(partial), safe_serialization=True)
-        (partial / "README.md").write_text(card(module, checkpoint, Path(ckpt_path), folder, ema), encoding="utf-8")
-        run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+        partial.mkdir(parents=True)
+        write(partial)
+        run_config = ckpt_path.resolve().parent.parent / "config.yaml"
         if run_config.is_file():
             shutil.copyfile(run_config, partial / "diffusion_lit_config.yaml")
         if folder.exists():
@@ -101,9 +107,30 @@ def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None =
                         "nothing was left there") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    if module.guide is not None:
-        print("the checkpoint's guide (model.guide) is not exported: diffusers has no autoguidance", file=sys.stderr)
-    print(f"exported {'EMA' if ema else 'trained'} weights to {folder} (DDPMPipeline: {type(scheduler).__name__})")
+
+
+def ddpm_writer(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -> tuple[Callable[[Path], None], str]:
+    """(what writes a pixel-space UNet model as a DDPMPipeline folder, its name), or a UserError for a model that
+    has no such pipeline."""
+    diffusers = need("diffusers")
+    if not isinstance(module.net, UNet):
+        raise UserError(f"a {type(module.net).__name__} denoiser has no diffusers counterpart that this export writes "
+                        "(only the UNet, as UNet2DModel)")
+    if module.latent:
+        raise UserError("a latent model decodes through its autoencoder with our latent scale, which no diffusers "
+                        "pipeline for UNet2DModel applies: only pixel-space models export")
+    net = module.denoiser(ema)
+    config = unet2d_config(net)  # refuses a text model
+    scheduler = scheduler_for(module)  # refuses what diffusers' schedulers cannot express
+    unet = diffusers.UNet2DModel(**config)
+    unet.load_state_dict(to_diffusers(net, net.state_dict()))
+    pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+
+    def write(partial: Path) -> None:
+        pipeline.save_pretrained(str(partial), safe_serialization=True)
+        (partial / "README.md").write_text(card(module, checkpoint, ckpt, folder, ema), encoding="utf-8")
+
+    return write, f"DDPMPipeline: {type(scheduler).__name__}"
 
 
 def card(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -> str:

@@ -81,7 +81,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
         t_sampling: how training draws t: ``uniform`` or ``logit_normal`` (SD3's, mean 0, std 1); unset, uniform for
             vp and logit-normal for flow.
         flow_shift: SD3's shift of the flow's sampling levels towards the noise (1: none).
-        ema_decay: the EMA's decay once warmed up (0.9999 in DDPM).
+        ema_decay: the EMA's decay once warmed up (0.9999 in DDPM); null: no EMA copy (sampling, validation and
+            export use the trained weights).
         ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates.
         optimizer: the optimizer class and its arguments (learning rate, weight decay, ...).
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
@@ -111,6 +112,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
             and a shorter EMA); sampling with guidance_scale w then gives D_guide + w (D - D_guide).
     """
 
+    warn_latent_eps = True  # say that eps prediction samples badly in latent space
+
     def __init__(
         self,
         net: NetFactory = UNet,
@@ -127,7 +130,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         snr_gamma: float = 5.0,
         t_sampling: TimeSampling | None = None,
         flow_shift: float = 1.0,
-        ema_decay: float = 0.9999,
+        ema_decay: float | None = 0.9999,
         ema_warmup: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         warmup_steps: int = 0,
@@ -145,7 +148,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         guide: GuideFactory | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= ema_decay <= 1.0:
+        if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
             raise UserError(f"ema_decay must lie in [0, 1], got {ema_decay}")
         if warmup_steps < 0:
             raise UserError(f"warmup_steps must not be negative, got {warmup_steps}")
@@ -175,6 +178,11 @@ class DiffusionModule(LoadsClearly, LightningModule):
         # find them from any folder.
         autoencoder, text_encoder, init_from = (absolute(spec) for spec in (autoencoder, text_encoder, init_from))
         self.save_hyperparameters()
+        for key, value in (("autoencoder", autoencoder), ("text_encoder", text_encoder), ("init_from", init_from)):
+            if self.hparams.get(key) is not None:  # the CLI's hyperparameters hold them as they were typed
+                self.hparams[key] = value
+        # Read from here, not from hparams: a module built on this one (StableDiffusionModule) names them itself.
+        self.text_encoder_spec, self.autoencoder_spec, self.init_from = text_encoder, autoencoder, init_from
         self.num_classes = num_classes if conditional else 0  # what the network is conditioned on
         self.frozen = nn.ModuleDict()  # pretrained parts, read from their own files (not saved in checkpoints)
         self.register_state_dict_post_hook(drop_frozen)
@@ -193,7 +201,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
             self.frozen["autoencoder"] = vae
             latent_channels, latent_size = latent_shape(vae, image_size)
             self.shape = (latent_channels, latent_size, latent_size)
-            if self.prediction_of(process, prediction) == "eps":
+            if self.prediction_of(process, prediction) == "eps" and self.warn_latent_eps:
                 say("model.autoencoder with eps prediction: samplers cannot clip x0 in latent space, and at the "
                     "noisiest VP step x0 = (x_t - sigma eps) / alpha divides the error of eps by alpha (0.006 linear, "
                     "5e-5 cosine); --model.prediction v or --model.process flow sample far better there")
@@ -210,9 +218,10 @@ class DiffusionModule(LoadsClearly, LightningModule):
         if channels_last:  # before the EMA copy is made, which then has the same format and hook
             self.net.to(memory_format=torch.channels_last)
             self.net.register_forward_pre_hook(to_channels_last)
-        self.ema = averaged(self.net, ema_decay, ema_warmup)
+        self.ema = averaged(self.net, ema_decay, ema_warmup) if ema_decay is not None else None
         # A text encoder trained with the denoiser is averaged with it.
-        self.text_ema = averaged(self.text_encoder, ema_decay, ema_warmup) if self.text_encoder is not None else None
+        self.text_ema = (averaged(self.text_encoder, ema_decay, ema_warmup)
+                         if self.text_encoder is not None and ema_decay is not None else None)
         self.guide = guide(self.shape[0], self.shape[1], self.num_classes, **text) if guide is not None else None
         self.schedule = NoiseSchedule(schedule, timesteps) if process == "vp" else FlowSchedule(flow_shift)
         self.prediction = self.prediction_of(process, prediction)
@@ -222,7 +231,11 @@ class DiffusionModule(LoadsClearly, LightningModule):
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The EMA denoiser's prediction (eps, v or x0: `self.prediction`), the one sampling uses."""
-        return self.ema.module(x_t, t, y)
+        return self.denoiser()(x_t, t, y)
+
+    def denoiser(self, ema: bool = True) -> nn.Module:
+        """The EMA denoiser (with `ema`, when the model keeps one), or the trained one."""
+        return self.ema.module if ema and self.ema is not None else self.net
 
     @staticmethod
     def prediction_of(process: Process, prediction: Prediction | None) -> Prediction:
@@ -232,7 +245,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
     @property
     def text(self) -> bool:
         """Conditioned on text prompts."""
-        return self.hparams.text_encoder is not None
+        return self.text_encoder_spec is not None
 
     @property
     def latent(self) -> bool:
@@ -250,8 +263,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
         self.compile_denoisers(self.trainer.strategy.root_device)
 
     def on_fit_start(self) -> None:
-        if self.hparams.init_from and self.trainer.ckpt_path is None:  # a new run (a resumed one has its weights)
-            self.load_diffusers_unet(self.hparams.init_from)
+        if self.init_from and self.trainer.ckpt_path is None:  # a new run (a resumed one has its weights)
+            self.load_diffusers_unet(self.init_from)
         data = self.trainer.datamodule
         if self.latent and not self.latent_scale:
             if data is None:
@@ -262,7 +275,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
                 f"{min(SCALE_IMAGES, len(data.reference_set))} training images)")
         if self.latent and self.hparams.cache_latents and not self.cached:
             with torch.random.fork_rng(devices=[]):  # random flips must not move the stream training draws from
-                data.cache(lambda x: self.frozen["autoencoder"].encode(x.to(self.device)).latent_dist.parameters)
+                data.cache(lambda x: self.encode_distribution(x.to(self.device)).parameters.float())
             self.cached = True
 
     def load_diffusers_unet(self, spec: str) -> None:
@@ -281,7 +294,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
                 if ours.get(key, value) != value:
                     raise UserError(f"init_from {spec}: its scheduler says {key} {value!r} and this model has "
                                     f"{ours[key]!r}: set --model.{key} {value}")
-        self.ema.module.load_state_dict(self.net.state_dict())
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.net.state_dict())
         say(f"init_from: the UNet starts from {spec}")
 
     @torch.no_grad()
@@ -290,8 +304,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         images of `dataset` (the training images without augmentation): the same on every rank."""
         images = torch.stack([dataset[i][0] for i in range(min(SCALE_IMAGES, len(dataset)))]).to(self.device)
         generator = torch.Generator(self.device).manual_seed(0)
-        vae = self.frozen["autoencoder"]
-        latents = torch.cat([vae.encode(x).latent_dist.sample(generator) for x in images.split(64)])
+        latents = torch.cat([self.encode_distribution(x).sample(generator).float() for x in images.split(64)])
         return 1.0 / (latents - self.latent_shift).std().item()
 
     @torch.no_grad()
@@ -305,7 +318,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             latents = mean + (0.5 * logvar.clamp(-30, 20)).exp() * noise
         else:
-            latents = self.frozen["autoencoder"].encode(images).latent_dist.sample(generator)
+            latents = self.encode_distribution(images).sample(generator).float()
         return (latents - self.latent_shift) * self.latent_scale
 
     @torch.no_grad()
@@ -313,14 +326,20 @@ class DiffusionModule(LoadsClearly, LightningModule):
         """Images in [-1, 1] from what the denoiser made (latents are decoded)."""
         if not self.latent:
             return x
-        return self.frozen["autoencoder"].decode(x / self.latent_scale + self.latent_shift).sample.float().clamp(-1, 1)
+        vae = self.frozen["autoencoder"]
+        return vae.decode((x / self.latent_scale + self.latent_shift).to(vae.dtype)).sample.float().clamp(-1, 1)
+
+    def encode_distribution(self, images: Tensor):
+        """The autoencoder's latent distribution of the images (in the autoencoder's precision)."""
+        vae = self.frozen["autoencoder"]
+        return vae.encode(images.to(vae.dtype)).latent_dist
 
     def encode_prompts(self, prompts: Sequence[str], ema: bool = True) -> Tensor:
         """Text features [B, L, width] of the prompts (the averaged text encoder's, with `ema`)."""
         if "text_encoder" in self.frozen:
             encoder = self.frozen["text_encoder"]
         else:
-            encoder = self.text_ema.module if ema else self.text_encoder
+            encoder = self.text_ema.module if ema and self.text_ema is not None else self.text_encoder
         return encoder(encoder.tokenize(list(prompts)).to(self.device))
 
     def condition(self, y, ema: bool = True) -> Tensor | None:
@@ -347,13 +366,13 @@ class DiffusionModule(LoadsClearly, LightningModule):
         """With `compile` on, torch.compile the training and the EMA denoiser for `device` (once; nothing when it
         cannot run there)."""
         if self.hparams.compile and not self._compiled:
-            self._compiled = compile_modules([self.net, self.ema.module], device)
+            self._compiled = compile_modules([self.net, *([self.ema.module] if self.ema is not None else [])], device)
 
     @contextmanager
     def sampling(self, precision: str = "32-true", ema: bool = True) -> Iterator[nn.Module]:
         """The denoiser to sample with (the EMA one, or the training one) in eval mode, with gradients off and
         autocast for a mixed `precision` ("bf16-mixed"); back in its former mode afterwards."""
-        model = self.ema.module if ema else self.net
+        model = self.denoiser(ema)
         guide = [] if self.guide is None else [self.guide.ema.module if ema else self.guide.net]
         was_training = [m.training for m in (model, *guide)]
         for m in (model, *guide):
@@ -411,7 +430,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         # Fixed t and noise per batch, so val/loss moves only when the EMA weights do.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         x0 = self.encode(batch[0], generator)
-        loss = self.diffusion_loss(self.ema.module, x0, self.condition(batch[1]), generator)
+        loss = self.diffusion_loss(self.denoiser(), x0, self.condition(batch[1]), generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -420,7 +439,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update_parameters(self.net)
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         if self.text_ema is not None:
             self.text_ema.update_parameters(self.text_encoder)
         if self.guide is not None:
@@ -428,7 +448,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The denoiser's parameters, the text encoder's when it is trained with it, and the guide's."""
-        return [*self.net.parameters(), *(self.text_encoder.parameters() if self.text_encoder is not None else ()),
+        return [*(p for p in self.net.parameters() if p.requires_grad), *(self.text_encoder.parameters() if self.text_encoder is not None else ()),
                 *(self.guide.net.parameters() if self.guide is not None else ())]
 
     def configure_optimizers(self):
@@ -448,7 +468,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         recorded = checkpoint.get("autoencoder_fingerprint")
         if self.latent and recorded and recorded != (found := fingerprint(self.frozen["autoencoder"])):
-            raise UserError(f"the autoencoder {self.hparams.autoencoder} is not the one this model was trained with "
+            raise UserError(f"the autoencoder {self.autoencoder_spec} is not the one this model was trained with "
                             f"(its weights' fingerprint is {found}, the checkpoint records {recorded}): point at that "
                             "one with --autoencoder PATH (sample, evaluate) or --model.autoencoder PATH (fit)")
         if "rng_state" in checkpoint:

@@ -9,13 +9,19 @@ from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
 
-ScheduleKind = Literal["linear", "cosine"]
+ScheduleKind = Literal["linear", "cosine", "scaled_linear"]
 TimeSampling = Literal["uniform", "logit_normal"]
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's betas, evenly spaced from beta_start to beta_end (float64)."""
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def scaled_linear_betas(timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """Stable Diffusion's betas: evenly spaced square roots from sqrt(beta_start) to sqrt(beta_end), squared
+    (float64)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
 
 
 def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> Tensor:
@@ -36,24 +42,27 @@ def gather(values: Tensor, t: Tensor, ndim: int) -> Tensor:
     return values.gather(0, t).reshape(-1, *([1] * (ndim - 1)))
 
 
+BETAS = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas}
+
+
 class NoiseSchedule(nn.Module):
     """Precomputed schedule terms as non-persistent float32 buffers, indexed by 0-based t in [0, T-1].
 
     Args:
-        kind: ``linear`` (DDPM) or ``cosine`` (improved DDPM).
+        kind: ``linear`` (DDPM), ``cosine`` (improved DDPM) or ``scaled_linear`` (Stable Diffusion's).
         timesteps: number of diffusion steps T.
     """
 
     def __init__(self, kind: ScheduleKind = "linear", timesteps: int = 1000) -> None:
         super().__init__()
-        if kind not in ("linear", "cosine"):
-            raise UserError(f"unknown noise schedule {kind!r}: use 'linear' or 'cosine'")
+        if kind not in BETAS:
+            raise UserError(f"unknown noise schedule {kind!r}: use 'linear', 'cosine' or 'scaled_linear'")
         if timesteps < 1:
             raise UserError(f"timesteps must be at least 1, got {timesteps}")
         self.kind = kind
         self.timesteps = timesteps
 
-        betas = linear_betas(timesteps) if kind == "linear" else cosine_betas(timesteps)
+        betas = BETAS[kind](timesteps)
         alphas = 1 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])

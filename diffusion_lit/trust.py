@@ -27,7 +27,8 @@ PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Op
           "guide": (GUIDES, nn.Module)}
 BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer"}
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI writes into every checkpoint
-MODULES = {"diffusion_lit.module.DiffusionModule", "diffusion_lit.autoencoder.AutoencoderModule"}
+MODULES = {"diffusion_lit.module.DiffusionModule", "diffusion_lit.autoencoder.AutoencoderModule",
+           "diffusion_lit.stable_diffusion.StableDiffusionModule"}
 
 
 def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:

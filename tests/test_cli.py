@@ -81,8 +81,18 @@ def test_every_config_parses(config):
     model = yaml.safe_load(result.stdout)["model"]
     if model.get("class_path") == "diffusion_lit.autoencoder.AutoencoderModule":  # the config names its module
         assert model["init_args"]["latent_channels"] > 0
+    elif model.get("class_path") == "diffusion_lit.stable_diffusion.StableDiffusionModule":
+        assert model["init_args"]["lora_rank"] > 0  # its net comes from --model.pretrained
     else:
         assert model["net"]["class_path"] in {"diffusion_lit.UNet", "diffusion_lit.unet.UNet", "diffusion_lit.dit.DiT"}
+
+
+def test_a_refusal_of_a_config_named_module_is_one_error_line():
+    # jsonargparse reports a class_path module's own UserError as a union that did not validate: still one line.
+    result = cli("fit", "--config", "configs/digits_autoencoder.yaml", "--model.init_args.kl_weight", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: kl_weight must not be negative (a negative weight rewards a divergent latent), got -1.0"]
 
 
 def test_a_config_given_to_the_wrong_command_names_the_right_one(tmp_path):

@@ -1,0 +1,313 @@
+"""Stable Diffusion fine-tuning: a pretrained diffusers pipeline folder (SD 1.x / 2.x: `unet/`, `vae/`, `text_encoder/`,
+`tokenizer/`, `scheduler/`) as a DiffusionModule, trained in full or through LoRA adapters (`peft`, as diffusers'
+own training scripts add them), and written back the way diffusers reads it (`export`: a pipeline folder, or
+`pytorch_lora_weights.safetensors` for `StableDiffusionPipeline.load_lora_weights`).
+
+    python -m diffusion_lit fit --config configs/sd_lora.yaml --model.pretrained SD_FOLDER --data.root IMAGES
+"""
+
+import shutil
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from diffusion_lit.diffusers_io import process_of, read_json
+from diffusion_lit.errors import UserError, reason
+from diffusion_lit.module import DiffusionModule, absolute
+from diffusion_lit.targets import Weighting
+from diffusion_lit.text import need
+
+SD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections: diffusers' LoRA scripts' default
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FrozenDtype = Literal["float32", "bfloat16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def read_pipeline(folder: str) -> tuple[Path, dict]:
+    """(the folder, its scheduler config) of a local SD pipeline folder whose UNet is a UNet2DConditionModel; a
+    UserError naming what is missing otherwise."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"pretrained {folder}: no such folder; give a local Stable Diffusion pipeline folder (what "
+                        "save_pretrained writes: unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    missing = [part for part in PARTS if not (root / part).is_dir()]
+    if missing:
+        raise UserError(f"pretrained {folder} is not a Stable Diffusion pipeline folder: it has no "
+                        f"{', '.join(p + '/' for p in missing)}; give the folder holding model_index.json and "
+                        f"{', '.join(p + '/' for p in PARTS)}")
+    kind = read_json(root / "unet" / "config.json").get("_class_name")
+    if kind != "UNet2DConditionModel":
+        raise UserError(f"pretrained {folder}: its unet is a {kind or 'model of unknown kind'}, not the "
+                        "UNet2DConditionModel of Stable Diffusion 1.x / 2.x, the one kind fine-tuned here")
+    return root, read_json(root / "scheduler" / "scheduler_config.json")
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> None:
+    """Freezes the UNet and adds LoRA adapters (peft) of this rank and alpha to the modules named `targets` (a name
+    or the end of a dotted one, as peft matches them): the adapters are then its only trained weights."""
+    if rank < 1:
+        raise UserError(f"lora_rank must be at least 1, got {rank}; leave it unset (null) to fine-tune every weight")
+    if alpha <= 0:
+        raise UserError(f"lora_alpha must be positive, got {alpha}")
+    names = [name for name, _ in unet.named_modules()]
+    absent = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if absent or not targets:
+        raise UserError(f"lora_targets {list(absent or targets)} name no module of the UNet: give module names such "
+                        f"as SD's attention projections {list(SD_TARGETS)} (or proj_in, proj_out, ff.net.2)")
+    peft = need("peft")
+    unet.requires_grad_(False)
+    unet.add_adapter(peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                     target_modules=list(targets)))
+
+
+def adapters_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook of a LoRA UNet: the adapters only; the frozen weights are read from the pretrained folder."""
+    for key in [k for k in state_dict if k.startswith(prefix) and ".lora_" not in k]:
+        del state_dict[key]
+
+
+def keep_base(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of a LoRA UNet: a state dict of adapters keeps the frozen weights already loaded."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        state_dict.setdefault(prefix + name, tensor.detach())
+
+
+class PretrainedUNet(nn.Module):
+    """diffusers' `UNet2DConditionModel` read from a pipeline folder's `unet/`, behind our contract
+    `net(x_t, t, cond)` with cond the prompts' text features [B, L, D].
+
+    Args:
+        folder: the pipeline folder.
+        lora_rank: add LoRA adapters of this rank (then the only trained weights, and all its state dict holds).
+        lora_alpha: LoRA's alpha (the adapters' output is scaled by alpha / rank); unset, the rank.
+        lora_targets: the modules that get adapters.
+        gradient_checkpointing: recompute the UNet's activations in the backward pass instead of keeping them.
+        frozen_dtype: the precision of the frozen weights (with LoRA); the adapters stay in float32.
+    """
+
+    num_classes = 0
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int = 0, context_dim: int | None = None, *,
+                 folder: str, lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_targets: Sequence[str] = SD_TARGETS, gradient_checkpointing: bool = False,
+                 frozen_dtype: FrozenDtype = "float32") -> None:
+        super().__init__()
+        diffusers = need("diffusers")
+        root, _ = read_pipeline(folder)
+        try:
+            self.unet = diffusers.UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
+        except Exception as err:
+            raise UserError(f"pretrained {folder}: its unet could not be loaded ({reason(err)})") from None
+        config = self.unet.config
+        if config.in_channels != in_channels or context_dim != config.cross_attention_dim:
+            raise UserError(f"pretrained {folder}: its unet takes {config.in_channels} latent channels and text "
+                            f"features of width {config.cross_attention_dim}; its vae and text encoder give "
+                            f"{in_channels} and {context_dim}: the folder mixes parts of different models")
+        self.lora = lora_rank is not None
+        if self.lora:
+            add_lora(self.unet, lora_rank, lora_alpha or lora_rank, lora_targets)
+            for p in self.unet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(DTYPES[frozen_dtype])
+            self.register_state_dict_post_hook(adapters_only)
+            self.register_load_state_dict_pre_hook(keep_base)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        dtype = self.unet.conv_in.weight.dtype  # the frozen weights' (LoRA in bf16) or the trained ones'
+        return self.unet(x_t.to(dtype), t, encoder_hidden_states=y.to(dtype)).sample.float()
+
+
+class StableDiffusionModule(DiffusionModule):
+    """A pretrained Stable Diffusion (1.x / 2.x) fine-tuned on captioned images: its UNet (`PretrainedUNet`), VAE
+    (latent diffusion with its scaling factor) and CLIP text encoder (frozen) read from one pipeline folder, and the
+    process and prediction (epsilon or v_prediction; scaled-linear betas) from its scheduler config.
+
+    Args:
+        pretrained: the local pipeline folder (save_pretrained's: unet/, vae/, text_encoder/, tokenizer/,
+            scheduler/). Read again whenever the model is loaded: its checkpoints do not hold the frozen weights.
+        image_size: image height and width (linked from the data): 512 for SD 1.x, 768 for SD 2.x's v models.
+        channels: image channels (linked from the data): 3.
+        num_classes: linked from the data; unused (SD reads prompts).
+        lora_rank: train LoRA adapters of this rank on `lora_targets` instead of every UNet weight; unset: full
+            fine-tuning.
+        lora_alpha: LoRA's alpha (the adapters are scaled by alpha / rank); unset, the rank.
+        lora_targets: the UNet modules that get adapters (names, or the ends of dotted names).
+        ema: keep an EMA of the trained weights (of the adapters alone with LoRA); unset: on for full fine-tuning,
+            off with LoRA.
+        ema_decay: the EMA's decay once warmed up.
+        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates.
+        p_uncond: the probability that a caption is dropped to the empty prompt (for classifier-free guidance).
+        loss_weighting: ``none`` or ``min_snr``.
+        snr_gamma: gamma of Min-SNR-gamma.
+        optimizer: the optimizer class and its arguments.
+        warmup_steps: linear learning-rate warm-up over this many optimizer steps.
+        gradient_checkpointing: recompute the UNet's activations in the backward pass (less memory, ~30% more
+            time on a GPU).
+        frozen_dtype: ``bfloat16`` keeps the frozen weights (VAE, text encoder and, with LoRA, the UNet's) in bf16:
+            half their memory; the trained weights stay in float32.
+        cache_latents: encode the training images once when fit starts.
+        cache_text: encode each distinct caption once (the text encoder is frozen) and keep its features.
+        compile: `torch.compile` the denoiser.
+        inference_mode: sample under `torch.inference_mode`.
+    """
+
+    warn_latent_eps = False  # the pretrained model's prediction is not ours to choose
+
+    def __init__(
+        self,
+        pretrained: str,
+        image_size: int = 512,
+        channels: int = 3,
+        num_classes: int = 0,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_targets: Sequence[str] = SD_TARGETS,
+        ema: bool | None = None,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        p_uncond: float = 0.1,
+        loss_weighting: Weighting = "none",
+        snr_gamma: float = 5.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        frozen_dtype: FrozenDtype = "float32",
+        cache_latents: bool = False,
+        cache_text: bool = False,
+        compile: bool = False,
+        inference_mode: bool = True,
+    ) -> None:
+        if frozen_dtype not in DTYPES:
+            raise UserError(f"frozen_dtype must be one of {', '.join(DTYPES)}, got {frozen_dtype!r}")
+        pretrained = absolute(pretrained)
+        _, scheduler = read_pipeline(pretrained)
+        process = process_of(scheduler)
+        if process["process"] != "vp":
+            raise UserError(f"pretrained {pretrained}: a flow-matching scheduler; SD 1.x / 2.x's are VP schedulers")
+        keep_ema = lora_rank is None if ema is None else ema
+        net = partial(PretrainedUNet, folder=pretrained, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      lora_targets=tuple(lora_targets), gradient_checkpointing=gradient_checkpointing,
+                      frozen_dtype=frozen_dtype)
+        super().__init__(
+            net=net, image_size=image_size, channels=channels, num_classes=num_classes, p_uncond=p_uncond,
+            schedule=process["schedule"], timesteps=process["timesteps"], process="vp",
+            prediction=process["prediction"], loss_weighting=loss_weighting, snr_gamma=snr_gamma,
+            ema_decay=ema_decay if keep_ema else None, ema_warmup=ema_warmup, optimizer=optimizer,
+            warmup_steps=warmup_steps, compile=compile, inference_mode=inference_mode, text_encoder=pretrained,
+            autoencoder=pretrained, cache_latents=cache_latents,
+        )
+        self.hparams.clear()  # save_hyperparameters adds to what the parent saved: this class's arguments alone,
+        self.save_hyperparameters()  # from which the parent's follow
+        self.hparams["pretrained"] = pretrained  # absolute (the CLI's hyperparameters hold it as it was typed)
+        self.frozen.to(DTYPES[frozen_dtype])
+        if self.ema is not None and self.net.lora:  # the EMA copy shares the frozen weights instead of copying them
+            for name, p in self.net.named_parameters():
+                if not p.requires_grad:
+                    owner, _, leaf = name.rpartition(".")
+                    setattr(self.ema.module.get_submodule(owner), leaf, p)
+        self.text_cache: dict[str, Tensor] | None = {} if cache_text else None
+
+    @property
+    def lora(self) -> bool:
+        """Trained through LoRA adapters."""
+        return self.net.lora
+
+    def encode_prompts(self, prompts: Sequence[str], ema: bool = True) -> Tensor:
+        """Text features of the prompts; with `cache_text`, each distinct prompt is encoded once in training (not
+        under inference mode, whose tensors could not be used in training later)."""
+        if self.text_cache is None or torch.is_inference_mode_enabled():
+            return super().encode_prompts(prompts, ema)
+        new = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
+        if new:
+            self.text_cache.update(zip(new, super().encode_prompts(new, ema)))
+        return torch.stack([self.text_cache[p] for p in prompts])
+
+
+LORA_CARD = """---
+library_name: diffusers
+base_model: {pretrained}
+tags: [diffusion_lit, lora, stable-diffusion]
+---
+# {name}
+
+LoRA adapters (rank {rank}, alpha {alpha}, on {targets}) for the Stable Diffusion in `{pretrained}`, trained with
+diffusion_lit for {steps:,} steps on {data} ({weights} weights).
+
+```python
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{pretrained}")
+pipe.load_lora_weights("{folder}")
+{sampler}image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]
+```
+"""
+
+PIPELINE_CARD = """---
+library_name: diffusers
+base_model: {pretrained}
+tags: [diffusion_lit, stable-diffusion]
+---
+# {name}
+
+The Stable Diffusion in `{pretrained}` with its UNet fine-tuned in full by diffusion_lit for {steps:,} steps on
+{data} ({weights} weights); its VAE, text encoder, tokenizer and scheduler are the original ones.
+
+```python
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{folder}")
+{sampler}image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5).images[0]
+```
+"""
+
+# diffusion_lit's `sample --sampler ddim --spacing trailing` in diffusers' terms
+SAME_SAMPLER = ('pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", '
+                'set_alpha_to_one=True, clip_sample=False)  # diffusion_lit\'s `sample --spacing trailing`\n')
+
+
+def sd_writer(module: StableDiffusionModule, checkpoint: dict, ckpt: Path, folder: Path, ema: bool):
+    """(what writes a Stable Diffusion fine-tune as diffusers reads it, its name): the LoRA adapters in diffusers'
+    format (`pytorch_lora_weights.safetensors`, as its training scripts save them), or a pipeline folder (the
+    pretrained one with the fine-tuned unet/)."""
+    diffusers = need("diffusers")
+    unet, hp = module.denoiser(ema).unet, module.hparams
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    words = {"name": folder.name, "pretrained": hp.pretrained, "steps": checkpoint.get("global_step", 0),
+             "data": f"the images in {data['root']}" if data.get("root") else "its images", "folder": folder,
+             "weights": "EMA" if ema and module.ema is not None else "trained", "sampler": SAME_SAMPLER,
+             "prompt": "a photo of ..."}
+    if module.lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        config = unet.peft_config["default"]
+
+        def write(partial: Path) -> None:
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            # The metadata carries alpha (and the targets): without it diffusers would scale the adapters by 1.
+            diffusers.StableDiffusionPipeline.save_lora_weights(
+                str(partial), unet_lora_layers=layers, safe_serialization=True,
+                unet_lora_adapter_metadata={"r": config.r, "lora_alpha": config.lora_alpha,
+                                            "target_modules": sorted(config.target_modules)})
+            text = LORA_CARD.format(**words, rank=config.r, alpha=config.lora_alpha,
+                                    targets=", ".join(sorted(config.target_modules)))
+            (partial / "README.md").write_text(text, encoding="utf-8")
+
+        return write, "LoRA adapters: pytorch_lora_weights.safetensors"
+    root = Path(hp.pretrained)
+
+    def write(partial: Path) -> None:
+        shutil.copytree(root, partial, dirs_exist_ok=True, ignore=lambda d, names: ["unet"] if Path(d) == root else [])
+        unet.save_pretrained(str(partial / "unet"), safe_serialization=True)
+        (partial / "README.md").write_text(PIPELINE_CARD.format(**words), encoding="utf-8")
+
+    return write, "StableDiffusionPipeline with the fine-tuned unet"

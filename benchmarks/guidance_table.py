@@ -49,9 +49,10 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--autoencoder", help="for a latent model whose autoencoder moved: its new place")
     args = parser.parse_args()
 
-    module, checkpoint = load_checkpoint(args.ckpt_path)
+    module, checkpoint = load_checkpoint(args.ckpt_path, autoencoder=args.autoencoder)
     features = ImageFeatures("digits").to(module.device)
     real = checkpoint_reference(features, checkpoint_data(checkpoint), 10000, 500, "~/.cache/diffusion_lit/fid")
     labels = parse_labels("all", args.num_samples, module.num_classes) if module.num_classes else None

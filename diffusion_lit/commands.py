@@ -92,7 +92,9 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
     process, prediction, image shape and conditioning as `module`'s: a UserError naming the first difference."""
     if guide_ckpt is None:
         return None
-    guide, _ = load_checkpoint(guide_ckpt, trusted)
+    # A latent guide decodes through the model's autoencoder (checked by its fingerprint), wherever it was recorded.
+    moved = module.autoencoder_spec if module.latent and "pretrained" not in module.hparams else None
+    guide, _ = load_checkpoint(guide_ckpt, trusted, moved)
 
     def kind(m: DiffusionModule) -> dict:
         schedule = m.schedule

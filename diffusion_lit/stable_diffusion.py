@@ -40,10 +40,15 @@ def read_pipeline(folder: str) -> tuple[Path, dict]:
         raise UserError(f"pretrained {folder} is not a Stable Diffusion pipeline folder: it has no "
                         f"{', '.join(p + '/' for p in missing)}; give the folder holding model_index.json and "
                         f"{', '.join(p + '/' for p in PARTS)}")
-    kind = read_json(root / "unet" / "config.json").get("_class_name")
+    unet = read_json(root / "unet" / "config.json")
+    kind = unet.get("_class_name")
     if kind != "UNet2DConditionModel":
         raise UserError(f"pretrained {folder}: its unet is a {kind or 'model of unknown kind'}, not the "
                         "UNet2DConditionModel of Stable Diffusion 1.x / 2.x, the one kind fine-tuned here")
+    if unet.get("addition_embed_type") or unet.get("class_embed_type"):
+        raise UserError(f"pretrained {folder}: its unet also takes {unet.get('addition_embed_type') or 'class'} "
+                        "conditioning (SDXL's pooled text and image sizes, or a class embedding), which this "
+                        "fine-tuning does not give it: SD 1.x / 2.x only")
     return root, read_json(root / "scheduler" / "scheduler_config.json")
 
 

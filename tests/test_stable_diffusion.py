@@ -294,3 +294,22 @@ def test_bad_pretrained_folders_and_lora_settings_are_one_error_line(tmp_path, s
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], (message, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
+
+
+def test_a_lora_ema_averages_the_adapters_and_shares_the_frozen_weights(sd):
+    module = StableDiffusionModule(str(sd), image_size=16, lora_rank=4, ema=True, ema_decay=0.5, ema_warmup=False)
+    net, ema = dict(module.net.named_parameters()), dict(module.ema.module.named_parameters())
+    assert net.keys() == ema.keys()
+    frozen = [name for name, p in net.items() if not p.requires_grad]
+    assert frozen and all(ema[name] is net[name] for name in frozen)  # one copy of the frozen weights
+    for p in module.trained_parameters():
+        p.data.add_(1.0)
+    module.ema.update_parameters(module.net)  # the first update copies, the second averages
+    for p in module.trained_parameters():
+        p.data.add_(1.0)
+    module.ema.update_parameters(module.net)
+    for name in net:
+        if name in frozen:
+            continue
+        torch.testing.assert_close(ema[name], net[name] - 0.5)  # 0.5 (x + 1) + 0.5 (x + 2) = (x + 2) - 0.5
+    assert all(".lora_" in k for k in module.state_dict() if k.startswith("ema.") and k != "ema.n_averaged")

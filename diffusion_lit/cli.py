@@ -236,6 +236,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     # Lightning's own use of a torch API it has not caught up with: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # The pretrained parts (autoencoder, CLIP text encoder) are frozen in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     try:
         if words and words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False, parser_class=CommandParser)

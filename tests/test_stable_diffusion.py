@@ -205,7 +205,7 @@ def test_a_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, sd, 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_diffusers_loads_the_export_and_draws_what_our_sample_draws(tmp_path, sd, captioned, kind):
-    extra = ["--model.lora_alpha", 8] if kind == "lora" else ["--model.lora_rank", "null", "--model.ema", "false",
+    extra = ["--model.lora_alpha", 8, "--model.cache_latents", "true"] if kind == "lora" else ["--model.lora_rank", "null", "--model.ema", "false",
                                                                "--model.optimizer.init_args.lr", 1e-3]
     result = cli(*fit_args(tmp_path, sd, captioned, kind, *extra))
     assert result.returncode == 0, result.stderr

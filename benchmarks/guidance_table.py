@@ -8,7 +8,8 @@ evaluations per image counted as they were made (the guide's apart) and the samp
         --run "guide=runs/mnist_cpu_uncond/checkpoints/step00000500.ckpt w=2 sampler=ddim steps=10 eta=1" \\
         --run "guide=own w=2 interval=0.3,20 sampler=dpmpp_2m steps=14"
 
-A run is `key=value` words: guide (none, own: the guide trained beside the model, or a checkpoint), w, interval
+A run is `key=value` words: guide (none, own: the guide trained beside the model, or a checkpoint), weak (same:
+the guide sees each sample's condition, or null: the null one), w, interval
 (LO,HI in sigma / alpha), sampler, steps, eta. Prints one Markdown row per run as it finishes (run it alone: the
 times are wall-clock), then the JSON of every run.
 """
@@ -33,7 +34,7 @@ from diffusion_lit.metrics import ImageFeatures
 
 
 def parse_run(text: str) -> dict:
-    run = {"guide": "none", "w": "1", "interval": None, "sampler": "ddim", "steps": "20", "eta": "0"}
+    run = {"guide": "none", "weak": "same", "w": "1", "interval": None, "sampler": "ddim", "steps": "20", "eta": "0"}
     for word in text.split():
         key, _, value = word.partition("=")
         if key not in run:
@@ -58,8 +59,9 @@ def main() -> None:
     labels = parse_labels("all", args.num_samples, module.num_classes) if module.num_classes else None
     print(f"{args.ckpt_path}: step {checkpoint['global_step']}, {module.schedule}, {module.prediction}, "
           f"{args.num_samples} samples")
-    print("| guide | w | interval | sampler | NFE (model + guide) | FID (judge) | confident | as asked | ms / image |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| guide | guide's condition | w | interval | sampler | NFE (model + guide) | FID (judge) | confident | "
+          "as asked | ms / image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows, own = [], module.guide
     for text in args.run:
         run = parse_run(text)
@@ -72,7 +74,7 @@ def main() -> None:
         images = generate_images(module, args.num_samples, 0, args.batch_size, precision=args.precision,
                                  labels=labels, guidance_scale=float(run["w"]), sampler=run["sampler"],
                                  steps=int(run["steps"]), eta=float(run["eta"]), guide=guide, counts=counts,
-                                 guidance_interval=interval)
+                                 guidance_interval=interval, guide_condition=run["weak"])
         ms = 1000 * (time.perf_counter() - start) / args.num_samples
         model_calls, guide_calls = counts.per_image()
         scores = score(features, images, real, labels)
@@ -80,7 +82,7 @@ def main() -> None:
                      **scores})
         asked = f"{scores['requested_share']:.1%}" if "requested_share" in scores else "-"
         sampler = f"{run['sampler']} {run['steps']}" + (f", eta {run['eta']}" if float(run["eta"]) else "")
-        print(f"| {run['guide']} | {run['w']} | {run['interval'] or '-'} | {sampler} | "
+        print(f"| {run['guide']} | {run['weak']} | {run['w']} | {run['interval'] or '-'} | {sampler} | "
               f"{model_calls + guide_calls:g} ({model_calls:g} + {guide_calls:g}) | {scores['fid']:.2f} | "
               f"{scores['confident_share']:.1%} | {asked} | {ms:.0f} |", flush=True)
     module.guide = own

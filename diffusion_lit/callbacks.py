@@ -10,7 +10,7 @@ from torch import Tensor
 
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason, say
-from diffusion_lit.guidance import Interval, check_interval
+from diffusion_lit.guidance import GuideCondition, Interval, check_interval
 from diffusion_lit.images import grid, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
@@ -97,6 +97,7 @@ class SampleGrid(Callback):
         prompts: for a text model, the prompts of the rows (by default up to 8 distinct captions of the data).
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
         guide_ckpt: autoguidance from this checkpoint (an earlier or smaller run of the same kind).
+        guide_condition: ``same`` (the guide sees each sample's label or prompt) or ``null`` (the null one).
     """
 
     def __init__(
@@ -113,10 +114,12 @@ class SampleGrid(Callback):
         prompts: list[str] | None = None,
         guidance_interval: Interval | None = None,
         guide_ckpt: str | None = None,
+        guide_condition: GuideCondition = "same",
     ) -> None:
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                               "spacing": spacing, "guidance_interval": guidance_interval}
+                               "spacing": spacing, "guidance_interval": guidance_interval,
+                               "guide_condition": guide_condition}
         self.guide_ckpt, self.guide = guide_ckpt, None
         self.denoising_strip = denoising_strip
         self.prompts = prompts
@@ -194,6 +197,7 @@ class FID(Callback):
         spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
         guide_ckpt: autoguidance from this checkpoint (an earlier or smaller run of the same kind).
+        guide_condition: ``same`` (the guide sees each sample's label or prompt) or ``null`` (the null one).
     """
 
     def __init__(
@@ -213,10 +217,12 @@ class FID(Callback):
         spacing: Spacing = "linspace",
         guidance_interval: Interval | None = None,
         guide_ckpt: str | None = None,
+        guide_condition: GuideCondition = "same",
     ) -> None:
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
         self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                               "spacing": spacing, "guidance_interval": guidance_interval}
+                               "spacing": spacing, "guidance_interval": guidance_interval,
+                               "guide_condition": guide_condition}
         self.guide_ckpt, self.guide = guide_ckpt, None
         self.batch_size, self.seed = batch_size, seed
         self.feature_extractor, self.weights_path, self.cache_dir = feature_extractor, weights_path, cache_dir

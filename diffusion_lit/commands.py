@@ -13,7 +13,7 @@ from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import size_text, temporary_fallback, write_atomic
-from diffusion_lit.guidance import Evaluations, Interval
+from diffusion_lit.guidance import Evaluations, GuideCondition, Interval
 from diffusion_lit.images import check_output, check_space, load_images, needed_bytes, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
@@ -252,6 +252,7 @@ def sample(
     prompts: str | None = None,
     guide_ckpt: str | None = None,
     guidance_interval: Interval | None = None,
+    guide_condition: GuideCondition = "same",
     autoencoder: str | None = None,
 ) -> None:
     """Generate images from a checkpoint.
@@ -287,6 +288,9 @@ def sample(
             process, prediction, image shape and conditioning (it replaces a guide trained beside the model).
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (the same scale on VP
             and flow models; x_t / alpha = x0 + (sigma / alpha) eps), one pass of the model elsewhere.
+        guide_condition: what the guide is given on a class or text model: ``same`` (each sample's label or prompt:
+            autoguidance) or ``null`` (the null label or empty prompt: autoguidance and classifier-free guidance in
+            one weak model).
         autoencoder: for a latent model whose autoencoder moved: its new place (its weights are checked).
     """
     check_output(out)  # before the work, not after it
@@ -303,7 +307,8 @@ def sample(
     counts, start = Evaluations(), time.perf_counter()
     images = generate_images(module, count, seed, batch_size, ema, precision, labels=y,
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
-                             spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval)
+                             spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval,
+                             guide_condition=guide_condition)
     seconds = time.perf_counter() - start
     per_row = num_samples if text is not None and len(text) > num_samples else None  # a row per prompt
     print(f"wrote {len(images)} images to {save_kept(images, out, per_row)} ({evaluations_text(counts)}; "
@@ -357,6 +362,7 @@ def evaluate(
     flow_shift: float | None = None,
     guide_ckpt: str | None = None,
     guidance_interval: Interval | None = None,
+    guide_condition: GuideCondition = "same",
     autoencoder: str | None = None,
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
@@ -386,6 +392,7 @@ def evaluate(
         flow_shift: for a flow model, SD3's shift of the sampling levels (default: the one it was trained with).
         guide_ckpt: autoguidance from this checkpoint (see `sample`).
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (see `sample`).
+        guide_condition: ``same`` or ``null``: what the guide is given on a class or text model (see `sample`).
         autoencoder: for a latent model whose autoencoder moved: its new place (see `sample`).
     """
     if (ckpt_path is None) == (samples is None):
@@ -427,7 +434,8 @@ def evaluate(
         counts, start = Evaluations(), time.perf_counter()
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
                                       guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta,
-                                      spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval)
+                                      spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval,
+                                      guide_condition=guide_condition)
         model_calls, guide_calls = counts.per_image()
         sampling = {"model_evaluations": model_calls, "guide_evaluations": guide_calls,
                     "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}

@@ -5,11 +5,14 @@ the wrapper counts the network evaluations it makes.
 
 The guide that autoguidance needs is a `Guide`: a small network trained beside the main one in the same `fit`,
 with its own EMA (a part of the config, `model.guide`), or an earlier or smaller checkpoint of the same process.
+On a class or text model the guide may see the null condition instead of each sample's: the weak side is then both
+less trained and unconditional, autoguidance and classifier-free guidance in one pair of passes.
 """
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +70,7 @@ class Evaluations:
 
 
 Interval = tuple[float, float]
+GuideCondition = Literal["same", "null"]  # what a guide is given: each sample's condition, or the null one
 
 
 def noise_level(schedule, t: Tensor) -> Tensor:
@@ -95,23 +99,27 @@ def check_interval(interval: Interval | None) -> Interval:
 
 def guided(net: nn.Module, y: Tensor | None, guidance_scale: float, null: Tensor | None = None,
            guide: nn.Module | None = None, interval: Interval | None = None, schedule=None,
-           counts: Evaluations | None = None) -> Model:
+           counts: Evaluations | None = None, guide_condition: GuideCondition = "same") -> Model:
     """The guided model D = D_weak + w (D_main - D_weak) for the samplers.
 
-    D_main is `net` at the condition y. D_weak is the `guide` at the same condition (autoguidance) or, without a
-    guide, `net` at the null condition (the null label, or `null`: the empty prompt's features [1, L, D]; the two
+    D_main is `net` at the condition y. D_weak is the `guide` at the same condition (autoguidance), the guide at the
+    null condition (`guide_condition` ``null``: autoguidance and classifier-free guidance in one weak model) or,
+    without a guide, `net` at the null condition (the null label, or `null`: the empty prompt's features [1, L, D]; the two
     passes batched into one call). w = 1 is D_main alone, w = 0 D_weak alone. With an `interval` (lo, hi] of noise
     levels sigma / alpha (`schedule` tells them from t), guidance applies only there and D_main alone elsewhere: one
     pass. The mix is the same on eps, v or x0: each is linear in the others at a given x_t.
     """
     lo, hi = check_interval(interval)
+    if guide_condition not in ("same", "null"):
+        raise UserError(f"guide_condition must be 'same' (the guide sees each sample's condition) or 'null' (the null "
+                        f"label or empty prompt), got {guide_condition!r}")
     if interval is not None and schedule is None:
         raise ValueError("a guidance interval needs the schedule, to tell noise levels from t")
     counts = counts if counts is not None else Evaluations()
-    if guide is None and y is not None:
+    if y is not None and (guide is None or guide_condition == "null"):
         weak_y = null_labels(net.num_classes, y) if null is None else null.expand(len(y), *null.shape[1:])
     else:
-        weak_y = y  # the guide sees the same condition (or none)
+        weak_y = y  # the guide sees the same condition (or none: an unconditional model)
 
     def call(network: Model, x_t: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
         return network(x_t, t) if condition is None else network(x_t, t, condition)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.guidance import Evaluations, Interval, guided  # noqa: F401 (guided: part of sampling's API)
+from diffusion_lit.guidance import Evaluations, GuideCondition, Interval, guided  # noqa: F401 (guided: sampling's API)
 from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, gather
 from diffusion_lit.solvers import SOLVERS, Spacing, ddim_grid_sample, evenly_spaced, grid_for, trailing
 from diffusion_lit.targets import Prediction, split
@@ -162,6 +162,7 @@ def sample(
     guide: nn.Module | None = None,
     guidance_interval: Interval | None = None,
     counts: Evaluations | None = None,
+    guide_condition: GuideCondition = "same",
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
     solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``), for a
@@ -172,7 +173,9 @@ def sample(
     `labels` ([B, L, D]) and the empty prompt's as `null` ([1, L, D]; without `labels`, it samples from that).
     With a `guide` (a weaker denoiser of the same data), `guidance_scale` guides away from it instead of from the
     null condition (autoguidance), on any model; `guidance_interval` (lo, hi] limits guidance to those noise levels
-    sigma / alpha. `counts` adds up the network passes made, the model's and the guide's.
+    sigma / alpha. `guide_condition` ``null`` gives the guide the null condition (label or empty prompt) instead of
+    each sample's: autoguidance and classifier-free guidance at once. `counts` adds up the network passes made, the
+    model's and the guide's.
     """
     if null is not None and labels is None:  # a text model's empty prompt
         labels = null.expand(len(x_T), *null.shape[1:])
@@ -192,7 +195,7 @@ def sample(
             raise UserError(f"labels must lie in [0, {num_classes - 1}] for this model, got {labels.unique().tolist()}")
     if counts is not None:
         counts.images += len(x_T)
-    model = guided(model, labels, guidance_scale, null, guide, guidance_interval, schedule, counts)
+    model = guided(model, labels, guidance_scale, null, guide, guidance_interval, schedule, counts, guide_condition)
     check_sampler(sampler, schedule, steps, eta, spacing)
     if schedule.process == "flow" and sampler == "ddim":
         grid = grid_for(schedule, steps, spacing)

@@ -4,10 +4,12 @@ beside the main model in `fit`."""
 import copy
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from diffusion_lit.errors import UserError
 from diffusion_lit.guidance import Evaluations, Guide, guided, noise_level
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sampling import ddim_timesteps, sample
@@ -43,6 +45,24 @@ def test_autoguided_prediction_is_the_weak_one_plus_w_times_the_difference(num_c
             out = guided(main, y, w, guide=weak, counts=counts)(x, t)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
             assert (counts.model, counts.guide) == {0.0: (0, 4), 1.0: (4, 0), 2.5: (4, 4)}[w]
+
+
+def test_a_guide_at_the_null_label_is_the_weak_side_of_cfg_and_autoguidance_at_once():
+    main, weak = random_net(3, 0), random_net(3, 1)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 1])
+    null = torch.full_like(y, 3)  # the null class of a 3-class model
+    with torch.no_grad():
+        d_main, d_weak = main(x, t, y), weak(x, t, null)
+        counts = Evaluations()
+        out = guided(main, y, 2.5, guide=weak, counts=counts, guide_condition="null")(x, t)
+        torch.testing.assert_close(out, d_weak + 2.5 * (d_main - d_weak), rtol=1e-5, atol=1e-5)
+        assert (counts.model, counts.guide) == (4, 4)
+        # a guide identical to the model at the null label: classifier-free guidance, two passes instead of one batch
+        cfg = guided(main, y, 2.5)(x, t)
+        torch.testing.assert_close(guided(main, y, 2.5, guide=copy.deepcopy(main), guide_condition="null")(x, t), cfg,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="guide_condition must be"):
+        guided(main, y, 2.5, guide=weak, guide_condition="nothing")
 
 
 @pytest.mark.parametrize("process, sampler", SAMPLERS, ids=lambda v: v)
@@ -148,6 +168,20 @@ def test_a_guide_checkpoint_guides_sample_and_counts_its_calls(runs):
     inside = int(((levels > 0.1) & (levels <= 100)).sum())
     assert f"{4 + inside} network evaluations per image (4 of the model, {inside} of the guide" in result.stdout
     assert "ms per image" in result.stdout
+
+
+def test_a_class_model_guided_by_itself_at_the_null_label_draws_what_cfg_draws(runs):
+    tmp, ckpt = runs
+    common = ["--ckpt_path", ckpt["conditional"], "--guidance_scale", 2, "--steps", 4, "--labels", "0,1,0", "--eta", 1]
+    result = cli("sample", *common, "--out", tmp / "cfg.npz")
+    assert result.returncode == 0, result.stderr
+    result = cli("sample", *common, "--guide_ckpt", ckpt["conditional"], "--guide_condition", "null",
+                 "--out", tmp / "null_guide.npz")
+    assert result.returncode == 0, result.stderr
+    assert "8 network evaluations per image (4 of the model, 4 of the guide" in result.stdout
+    cfg, null_guide = (np.load(tmp / f"{name}.npz")["arr_0"].astype(int) for name in ("cfg", "null_guide"))
+    # The same two predictions, made in one batch of 2B or in two batches of B: float32 rounding, then 8 bits.
+    assert np.abs(cfg - null_guide).max() <= 1
 
 
 @pytest.mark.parametrize("other, what", [("flow", "process"), ("v", "prediction"), ("conditional", "classes"),

@@ -1,7 +1,7 @@
-"""What Stable Diffusion fine-tuning holds in memory: the weights (frozen and trained, at their precision), the
-gradients, AdamW's two moments and the EMA (full fine-tuning's default) of the trained ones, and the activations a training step keeps for its backward
-pass (every tensor autograd saves, added up once each), for full fine-tuning and for LoRA, with and without gradient
-checkpointing and bf16 frozen weights.
+"""What Stable Diffusion fine-tuning holds in memory: the weights (frozen and trained, at their precision); the
+gradients, AdamW's two moments and the EMA (full fine-tuning's default) of the trained ones; and the activations a
+training step keeps for its backward pass (every tensor autograd saves but the weights, each once). For full
+fine-tuning and for LoRA, with and without gradient checkpointing and bf16 frozen weights.
 
     python benchmarks/sd_memory.py                      # measured: the tests' tiny pipeline on 16x16 images
     python benchmarks/sd_memory.py --pretrained SD_FOLDER --image_size 512
@@ -38,14 +38,17 @@ SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
-def saved_bytes(step) -> int:
-    """Bytes of the tensors autograd saves for the backward pass while `step()` runs (each storage once)."""
-    seen, total = set(), 0
+def saved_bytes(step, weights: list[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while `step()` runs, each storage once, leaving out
+    the `weights` (and views of them: a layer saves its weight too, which the weights' column already counts)."""
+    seen, total = {id(w) for w in weights}, 0
 
     def pack(tensor):
         nonlocal total
-        key = (tensor.untyped_storage().data_ptr(), tensor.device.type) if tensor.device.type != "meta" else id(tensor)
-        if key not in seen:
+        base = tensor if tensor._base is None else tensor._base  # a view counts as the tensor it views
+        # meta tensors have no storage to tell them apart: their (base's) identity serves
+        key = (tensor.untyped_storage().data_ptr(), tensor.device.type) if tensor.device.type != "meta" else id(base)
+        if key not in seen and id(base) not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
         return tensor
@@ -78,7 +81,8 @@ def account(unet, vae, text, lora_rank: int | None, frozen: torch.dtype, checkpo
     trained_bytes = sum(p.numel() * 4 for p in trained)
     return {"trained_parameters": sum(p.numel() for p in trained), "weights": weights,
             "gradients": trained_bytes, "adamw": 2 * trained_bytes, "ema": trained_bytes if lora_rank is None else 0,
-            "activations": saved_bytes(lambda: unet(x, t, encoder_hidden_states=y).sample.float().pow(2).mean())}
+            "activations": saved_bytes(lambda: unet(x, t, encoder_hidden_states=y).sample.float().pow(2).mean(),
+                                       list(unet.parameters()))}
 
 
 def build(args):

@@ -64,11 +64,9 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
         raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.autoencoder "
                         "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
-    if autoencoder and "pretrained" in checkpoint["hyper_parameters"]:
-        raise UserError("--autoencoder is for models trained on an autoencoder of their own; a Stable Diffusion "
-                        "fine-tune reads its vae from its pretrained folder")
-    try:
-        moved = {"autoencoder": absolute(autoencoder)} if autoencoder else {}
+    try:  # a Stable Diffusion fine-tune's autoencoder is its pretrained folder's vae
+        key = "pretrained" if "pretrained" in checkpoint["hyper_parameters"] else "autoencoder"
+        moved = {key: absolute(autoencoder)} if autoencoder else {}
         module = module_class(checkpoint["hyper_parameters"]).load_from_checkpoint(
             path, map_location="cpu", weights_only=True, **moved)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
@@ -291,7 +289,8 @@ def sample(
         guide_condition: what the guide is given on a class or text model: ``same`` (each sample's label or prompt:
             autoguidance) or ``null`` (the null label or empty prompt: autoguidance and classifier-free guidance in
             one weak model).
-        autoencoder: for a latent model whose autoencoder moved: its new place (its weights are checked).
+        autoencoder: for a latent model whose autoencoder moved: its new place (its weights are checked); for a
+            Stable Diffusion fine-tune, the new place of its pretrained folder.
     """
     check_output(out)  # before the work, not after it
     trusted = parse_trusted(trust_class)

@@ -165,6 +165,9 @@ def process_of(scheduler_config: dict) -> dict:
     name = scheduler_config.get("_class_name", "")
     if name.startswith("FlowMatch"):
         return {"process": "flow", "prediction": "v"}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        raise UserError("the scheduler rescales its betas to zero terminal SNR (rescale_betas_zero_snr), a schedule "
+                        "diffusion_lit does not train with")
     kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine", "scaled_linear": "scaled_linear"}
     ends = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # the (beta_start, beta_end) we train with
     kind = scheduler_config.get("beta_schedule", "linear")

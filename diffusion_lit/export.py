@@ -61,7 +61,8 @@ images = (x / 2 + 0.5).clamp(0, 1)
 """
 
 
-def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None = None) -> None:
+def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None = None,
+           autoencoder: str | None = None) -> None:
     """Write a checkpoint of `fit` as diffusers reads it: a `DDPMPipeline` folder (`unet/` as a `UNet2DModel`,
     `scheduler/` with the same betas and prediction type, or `FlowMatchEulerDiscreteScheduler` for a flow model);
     for a Stable Diffusion fine-tune, its LoRA adapters as `pytorch_lora_weights.safetensors`
@@ -72,12 +73,13 @@ def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None =
         out: the folder to write (new, or empty).
         ema: export the EMA weights (the trained ones with --ema false, or when the model keeps no EMA).
         trust_class: your own network classes the checkpoint may name (see `sample`).
+        autoencoder: for a Stable Diffusion fine-tune whose pretrained folder moved: its new place (see `sample`).
     """
     need("diffusers")
     folder = Path(out)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
-    module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class))
+    module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
     if isinstance(module, StableDiffusionModule):
         write, what = sd_writer(module, checkpoint, Path(ckpt_path), folder, ema)
     else:
@@ -85,8 +87,7 @@ def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None =
     write_folder(folder, write, Path(ckpt_path))
     if module.guide is not None:
         print("the checkpoint's guide (model.guide) is not exported: diffusers has no autoguidance", file=sys.stderr)
-    weights = "EMA" if ema and module.ema is not None else "trained"
-    print(f"exported {weights} weights to {folder} ({what})")
+    print(f"exported {module.weights_name(ema)} weights to {folder} ({what})")
 
 
 def write_folder(folder: Path, write: Callable[[Path], None], ckpt_path: Path) -> None:
@@ -146,7 +147,7 @@ def card(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -> str:
         name=folder.name, pipeline="DDPMPipeline", process="rectified-flow" if flow else "DDPM (VP)",
         prediction_words=words[module.prediction], steps=checkpoint.get("global_step", 0),
         data=f"the {data.get('dataset', 'unknown')} dataset" + (f" in {data['root']}" if data.get("root") else ""),
-        channels=hp.channels, size=hp.image_size, ckpt=ckpt.name, weights="EMA" if ema else "trained",
+        channels=hp.channels, size=hp.image_size, ckpt=ckpt.name, weights=module.weights_name(ema),
         schedule_words=(f"Rectified flow, shift {schedule.shift}." if flow else
                         f"{schedule.timesteps} timesteps, {schedule.kind} betas; x0 clipped to [-1, 1]."),
         samplers=("Euler (the exported FlowMatchEulerDiscreteScheduler) with 20 or more steps" if flow else

@@ -35,7 +35,8 @@ def averaged(module: nn.Module, decay: float, warmup: bool) -> AveragedModel:
         n = int(num_averaged)
         d = min(decay, (1 + n) / (10 + n)) if warmup else decay
         for ema, param in zip(ema_params, params):
-            ema.lerp_(param, 1 - d)
+            if ema.data_ptr() != param.data_ptr():  # a frozen weight the copy shares (LoRA) needs no averaging
+                ema.lerp_(param, 1 - d)
 
     return AveragedModel(module, multi_avg_fn=update, use_buffers=False).requires_grad_(False)
 

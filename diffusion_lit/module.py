@@ -113,6 +113,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
     """
 
     warn_latent_eps = True  # say that eps prediction samples badly in latent space
+    moved_hint = "--autoencoder PATH (sample, evaluate, export) or --model.autoencoder PATH (fit)"  # a moved one
 
     def __init__(
         self,
@@ -236,6 +237,10 @@ class DiffusionModule(LoadsClearly, LightningModule):
     def denoiser(self, ema: bool = True) -> nn.Module:
         """The EMA denoiser (with `ema`, when the model keeps one), or the trained one."""
         return self.ema.module if ema and self.ema is not None else self.net
+
+    def weights_name(self, ema: bool = True) -> str:
+        """Which weights `denoiser(ema)` holds, in words: ``EMA`` or ``trained``."""
+        return "EMA" if ema and self.ema is not None else "trained"
 
     @staticmethod
     def prediction_of(process: Process, prediction: Prediction | None) -> Prediction:
@@ -447,8 +452,10 @@ class DiffusionModule(LoadsClearly, LightningModule):
             self.guide.ema.update_parameters(self.guide.net)
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        """The denoiser's parameters, the text encoder's when it is trained with it, and the guide's."""
-        return [*(p for p in self.net.parameters() if p.requires_grad), *(self.text_encoder.parameters() if self.text_encoder is not None else ()),
+        """The denoiser's trained parameters (LoRA: the adapters), the text encoder's when it is trained with it, and
+        the guide's."""
+        return [*(p for p in self.net.parameters() if p.requires_grad),
+                *(self.text_encoder.parameters() if self.text_encoder is not None else ()),
                 *(self.guide.net.parameters() if self.guide is not None else ())]
 
     def configure_optimizers(self):
@@ -463,18 +470,22 @@ class DiffusionModule(LoadsClearly, LightningModule):
         if torch.cuda.is_available():
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
         if self.latent:  # which autoencoder the latents belong to, checked when the checkpoint is loaded
-            checkpoint["autoencoder_fingerprint"] = fingerprint(self.frozen["autoencoder"])
+            checkpoint["autoencoder_fingerprint"] = self.autoencoder_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         recorded = checkpoint.get("autoencoder_fingerprint")
-        if self.latent and recorded and recorded != (found := fingerprint(self.frozen["autoencoder"])):
+        if self.latent and recorded and recorded != (found := self.autoencoder_fingerprint()):
             raise UserError(f"the autoencoder {self.autoencoder_spec} is not the one this model was trained with "
                             f"(its weights' fingerprint is {found}, the checkpoint records {recorded}): point at that "
-                            "one with --autoencoder PATH (sample, evaluate) or --model.autoencoder PATH (fit)")
+                            f"one with {self.moved_hint}")
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
+
+    def autoencoder_fingerprint(self) -> str:
+        """The fingerprint of the autoencoder's weights that a checkpoint records and checks when it is loaded."""
+        return fingerprint(self.frozen["autoencoder"])
 
     def on_train_start(self) -> None:
         # seed_everything gives every rank the same seed; give each rank its own noise.

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.diffusers_io import process_of, read_json
 from diffusion_lit.errors import UserError, reason
-from diffusion_lit.module import DiffusionModule, absolute
+from diffusion_lit.module import DiffusionModule, absolute, fingerprint
 from diffusion_lit.targets import Weighting
 from diffusion_lit.text import need
 
@@ -35,10 +35,11 @@ def read_pipeline(folder: str) -> tuple[Path, dict]:
     if not root.is_dir():
         raise UserError(f"pretrained {folder}: no such folder; give a local Stable Diffusion pipeline folder (what "
                         "save_pretrained writes: unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    missing = [part for part in PARTS if not (root / part).is_dir()]
+    missing = [part + "/" for part in PARTS if not (root / part).is_dir()]
+    missing += [] if (root / "model_index.json").is_file() else ["model_index.json"]
     if missing:
         raise UserError(f"pretrained {folder} is not a Stable Diffusion pipeline folder: it has no "
-                        f"{', '.join(p + '/' for p in missing)}; give the folder holding model_index.json and "
+                        f"{', '.join(missing)}; give the folder holding model_index.json and "
                         f"{', '.join(p + '/' for p in PARTS)}")
     unet = read_json(root / "unet" / "config.json")
     kind = unet.get("_class_name")
@@ -77,9 +78,11 @@ def adapters_only(module: nn.Module, state_dict: dict, prefix: str, local_metada
 
 
 def keep_base(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook of a LoRA UNet: a state dict of adapters keeps the frozen weights already loaded."""
+    """Load-state-dict pre-hook of a LoRA UNet: a state dict of adapters keeps the frozen weights already loaded (a
+    missing adapter is still an error)."""
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        state_dict.setdefault(prefix + name, tensor.detach())
+        if ".lora_" not in name:
+            state_dict.setdefault(prefix + name, tensor.detach())
 
 
 class PretrainedUNet(nn.Module):
@@ -104,18 +107,19 @@ class PretrainedUNet(nn.Module):
         super().__init__()
         diffusers = need("diffusers")
         root, _ = read_pipeline(folder)
+        config = read_json(root / "unet" / "config.json")  # checked before the weights are read
+        channels, width = config.get("in_channels", 4), config.get("cross_attention_dim", 1280)
+        if channels != in_channels or width != context_dim:
+            raise UserError(f"pretrained {folder}: its unet takes {channels} latent channels and text features of "
+                            f"width {width}; its vae and text encoder give {in_channels} and {context_dim}: the "
+                            "folder mixes parts of different models")
         try:
             self.unet = diffusers.UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
         except Exception as err:
             raise UserError(f"pretrained {folder}: its unet could not be loaded ({reason(err)})") from None
-        config = self.unet.config
-        if config.in_channels != in_channels or context_dim != config.cross_attention_dim:
-            raise UserError(f"pretrained {folder}: its unet takes {config.in_channels} latent channels and text "
-                            f"features of width {config.cross_attention_dim}; its vae and text encoder give "
-                            f"{in_channels} and {context_dim}: the folder mixes parts of different models")
         self.lora = lora_rank is not None
         if self.lora:
-            add_lora(self.unet, lora_rank, lora_alpha or lora_rank, lora_targets)
+            add_lora(self.unet, lora_rank, lora_rank if lora_alpha is None else lora_alpha, lora_targets)
             for p in self.unet.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(DTYPES[frozen_dtype])
@@ -158,12 +162,14 @@ class StableDiffusionModule(DiffusionModule):
         frozen_dtype: ``bfloat16`` keeps the frozen weights (VAE, text encoder and, with LoRA, the UNet's) in bf16:
             half their memory; the trained weights stay in float32.
         cache_latents: encode the training images once when fit starts.
-        cache_text: encode each distinct caption once (the text encoder is frozen) and keep its features.
+        cache_text: encode each distinct caption once (the text encoder is frozen) and keep its features in host
+            memory (236 kB a caption for SD 1.x); it saves the text encoder's work from the second epoch on.
         compile: `torch.compile` the denoiser.
         inference_mode: sample under `torch.inference_mode`.
     """
 
-    warn_latent_eps = False  # the pretrained model's prediction is not ours to choose
+    warn_latent_eps = False  # the pretrained model's prediction is fixed
+    moved_hint = "--autoencoder PATH (sample, evaluate, export) or --model.pretrained PATH (fit)"
 
     def __init__(
         self,
@@ -211,6 +217,7 @@ class StableDiffusionModule(DiffusionModule):
         self.hparams.clear()  # save_hyperparameters adds to what the parent saved: this class's arguments alone,
         self.save_hyperparameters()  # from which the parent's follow
         self.hparams["pretrained"] = pretrained  # absolute (the CLI's hyperparameters hold it as it was typed)
+        self.vae_fingerprint = fingerprint(self.frozen["autoencoder"])  # of its float32 weights, whatever the cast
         self.frozen.to(DTYPES[frozen_dtype])
         if self.ema is not None and self.net.lora:  # the EMA copy shares the frozen weights instead of copying them
             for name, p in self.net.named_parameters():
@@ -218,6 +225,9 @@ class StableDiffusionModule(DiffusionModule):
                     owner, _, leaf = name.rpartition(".")
                     setattr(self.ema.module.get_submodule(owner), leaf, p)
         self.text_cache: dict[str, Tensor] | None = {} if cache_text else None
+
+    def autoencoder_fingerprint(self) -> str:
+        return self.vae_fingerprint
 
     @property
     def lora(self) -> bool:
@@ -230,9 +240,9 @@ class StableDiffusionModule(DiffusionModule):
         if self.text_cache is None or torch.is_inference_mode_enabled():
             return super().encode_prompts(prompts, ema)
         new = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
-        if new:
-            self.text_cache.update(zip(new, super().encode_prompts(new, ema)))
-        return torch.stack([self.text_cache[p] for p in prompts])
+        if new:  # kept in host memory (77 x 768 floats, 236 kB a caption for SD 1.x), brought over per batch
+            self.text_cache.update(zip(new, super().encode_prompts(new, ema).cpu()))
+        return torch.stack([self.text_cache[p] for p in prompts]).to(self.device)
 
 
 LORA_CARD = """---
@@ -288,7 +298,7 @@ def sd_writer(module: StableDiffusionModule, checkpoint: dict, ckpt: Path, folde
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     words = {"name": folder.name, "pretrained": hp.pretrained, "steps": checkpoint.get("global_step", 0),
              "data": f"the images in {data['root']}" if data.get("root") else "its images", "folder": folder,
-             "weights": "EMA" if ema and module.ema is not None else "trained", "sampler": SAME_SAMPLER,
+             "weights": module.weights_name(ema), "sampler": SAME_SAMPLER,
              "prompt": "a photo of ..."}
     if module.lora:
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -310,8 +320,13 @@ def sd_writer(module: StableDiffusionModule, checkpoint: dict, ckpt: Path, folde
         return write, "LoRA adapters: pytorch_lora_weights.safetensors"
     root = Path(hp.pretrained)
 
-    def write(partial: Path) -> None:
-        shutil.copytree(root, partial, dirs_exist_ok=True, ignore=lambda d, names: ["unet"] if Path(d) == root else [])
+    parts = [name for name, value in read_json(root / "model_index.json").items()
+             if isinstance(value, list) and value[0] is not None]
+
+    def write(partial: Path) -> None:  # what model_index.json lists, the fine-tuned unet in place of the original
+        shutil.copyfile(root / "model_index.json", partial / "model_index.json")
+        for part in (p for p in parts if p != "unet"):
+            shutil.copytree(root / part, partial / part)
         unet.save_pretrained(str(partial / "unet"), safe_serialization=True)
         (partial / "README.md").write_text(PIPELINE_CARD.format(**words), encoding="utf-8")
 

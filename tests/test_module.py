@@ -59,6 +59,17 @@ def test_ema_without_warmup_uses_the_set_decay():
     torch.testing.assert_close(next(model.ema.module.parameters()), before + 0.5)
 
 
+def test_without_an_ema_the_trained_weights_sample_and_validate():
+    model = tiny_module(ema_decay=None)
+    assert model.ema is None and model.denoiser() is model.net and model.weights_name() == "trained"
+    assert not any(k.startswith("ema.") for k in model.state_dict())
+    loader = DataLoader(TensorDataset(bars(), torch.zeros(8)), batch_size=8)
+    assert_halves_its_loss(tiny_module(ema_decay=None, optimizer=partial(torch.optim.Adam, lr=2e-3),
+                                       schedule="cosine"), loader)
+    with model.sampling() as net:
+        assert net is model.net and not net.training
+
+
 def test_schedule_is_neither_checkpointed_nor_averaged():
     model = tiny_module()
     keys = model.state_dict().keys()

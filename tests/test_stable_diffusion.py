@@ -88,14 +88,14 @@ def pipeline(folder: Path, lora: Path | None = None):
     return pipe
 
 
-def fit_args(tmp_path: Path, sd: Path, images: Path, name: str, *extra) -> list:
-    """configs/sd_lora.yaml on the tiny pipeline and 16x16 images, on the CPU in float32."""
+def fit_args(tmp_path: Path, sd: Path, images: Path, name: str, *extra, frozen: str = "float32") -> list:
+    """configs/sd_lora.yaml on the tiny pipeline and 16x16 images, on the CPU, the frozen weights in `frozen`."""
     return ["fit", "--config", REPO / "configs" / "sd_lora.yaml", "--model.pretrained", sd, "--data.root", images,
             "--data.image_size", 16, "--data.batch_size", 4, "--data.num_workers", 0, "--data.val_fraction", 0,
             "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.max_steps", 4,
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.steps", 2,
             "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.logger.init_args.name", name,
-            "--checkpoint.every_n_train_steps", 2, "--model.frozen_dtype", "float32",
+            "--checkpoint.every_n_train_steps", 2, "--model.frozen_dtype", frozen,
             "--model.optimizer.init_args.lr", 1e-2, *extra]
 
 
@@ -114,6 +114,8 @@ def test_the_scheduler_config_sets_the_process(sd):
     assert process_of({**config, "prediction_type": "v_prediction"})["prediction"] == "v"
     with pytest.raises(UserError, match="scaled_linear from 0.001 to 0.02"):
         process_of({**config, "beta_start": 0.001, "beta_end": 0.02})
+    with pytest.raises(UserError, match="zero terminal SNR"):
+        process_of({**config, "rescale_betas_zero_snr": True})
     ours = NoiseSchedule("scaled_linear").betas
     theirs = diffusers.DDPMScheduler.from_config(config).betas
     # diffusers squares a float32 linspace, ours a float64 one rounded to float32: the last bit apart
@@ -182,31 +184,33 @@ def state(ckpt: Path) -> dict:
 
 
 def test_a_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, sd, captioned):
-    assert cli(*fit_args(tmp_path, sd, captioned, "straight")).returncode == 0
-    result = cli(*fit_args(tmp_path, sd, captioned, "resumed", "--trainer.max_steps", 2))
+    run = partial(fit_args, tmp_path, sd, captioned, frozen="bfloat16")  # the config's bf16, and an EMA
+    assert cli(*run("straight", "--model.ema", "true")).returncode == 0
+    result = cli(*run("resumed", "--model.ema", "true", "--trainer.max_steps", 2))
     assert result.returncode == 0, result.stderr
-    result = cli(*fit_args(tmp_path, sd, captioned, "resumed", "--ckpt_path", "last"))
+    result = cli(*run("resumed", "--model.ema", "true", "--ckpt_path", "last"))
     assert result.returncode == 0, result.stderr
 
     straight = state(tmp_path / "runs" / "straight" / "checkpoints" / "last.ckpt")
     resumed = state(tmp_path / "runs" / "resumed" / "checkpoints" / "last.ckpt")
     assert straight["global_step"] == resumed["global_step"] == 4
-    net_keys = [k for k in straight["state_dict"] if k.startswith("net.")]
-    assert net_keys and all(".lora_" in k for k in net_keys)  # the adapters, not the frozen UNet
-    assert set(straight["state_dict"]) == {*net_keys, "latent_scale"}
+    net_keys = [k for k in straight["state_dict"] if k.startswith(("net.", "ema.module."))]
+    assert net_keys and all(".lora_" in k for k in net_keys)  # the adapters and their EMA, not the frozen UNet
+    assert set(straight["state_dict"]) == {*net_keys, "latent_scale", "ema.n_averaged"}
     adapters = sum(t.numel() for t in straight["state_dict"].values())
     unet = sum(p.numel() for p in diffusers.UNet2DConditionModel.from_pretrained(str(sd / "unet")).parameters())
-    assert adapters < unet / 20
+    assert adapters < unet / 10
     for key, value in straight["state_dict"].items():  # the same code twice on this machine: the same bits
         assert torch.equal(value, resumed["state_dict"][key]), key
-    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+    moments = (run["optimizer_states"][0]["state"].values() for run in (straight, resumed))
+    for a, b in zip(*moments):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_diffusers_loads_the_export_and_draws_what_our_sample_draws(tmp_path, sd, captioned, kind):
-    extra = ["--model.lora_alpha", 8, "--model.cache_latents", "true"] if kind == "lora" else ["--model.lora_rank", "null", "--model.ema", "false",
-                                                               "--model.optimizer.init_args.lr", 1e-3]
+    extra = (["--model.lora_alpha", 8, "--model.cache_latents", "true"] if kind == "lora" else
+             ["--model.lora_rank", "null", "--model.optimizer.init_args.lr", 1e-3])  # full: with its EMA
     result = cli(*fit_args(tmp_path, sd, captioned, kind, *extra))
     assert result.returncode == 0, result.stderr
     ckpt, out = tmp_path / "runs" / kind / "checkpoints" / "last.ckpt", tmp_path / "export"
@@ -262,12 +266,16 @@ def test_gradient_checkpointing_bf16_and_cached_text_change_little(sd, captioned
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.manual_seed(0)
     cached, grads, module = loss_and_grads(cache_text=True)
-    assert set(module.text_cache) == set(captions)  # each caption encoded once
+    assert set(module.text_cache) == set(captions)
+    encoded = []
+    module.frozen["text_encoder"].register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
+    module.condition(["a red square", "a green square", "a red square"], ema=False)
+    assert encoded == [1]  # the one caption not seen before
     # The captions were encoded once each instead of as a batch of 8: the features are equal to float32 rounding.
     assert cached == pytest.approx(plain, rel=1e-5)
     torch.manual_seed(0)
     half, grads, module = loss_and_grads(frozen_dtype="bfloat16")
-    assert module.frozen["autoencoder"].dtype == torch.bfloat16 and module.net.unet.conv_in.weight.dtype == torch.bfloat16
+    assert module.frozen["autoencoder"].dtype == module.net.unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.trained_parameters())
     # bf16 keeps 8 bits of mantissa (a relative 0.4%) in every frozen weight and activation of the VAE, the text
     # encoder and the UNet: the loss moves by about that, the gradients a little more.
@@ -282,8 +290,15 @@ def test_bad_pretrained_folders_and_lora_settings_are_one_error_line(tmp_path, s
     shutil.copytree(sd, wrong_unet)
     config = json.loads((wrong_unet / "unet" / "config.json").read_text())
     (wrong_unet / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    sdxl, mixed = tmp_path / "sdxl", tmp_path / "mixed"
+    for folder, change in ((sdxl, {"addition_embed_type": "text_time"}), (mixed, {"cross_attention_dim": 64})):
+        shutil.copytree(sd, folder)
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
     cases = {
         "not a Stable Diffusion pipeline folder": ["--model.pretrained", captioned],
+        "SDXL's pooled text": ["--model.pretrained", sdxl],
+        "mixes parts of different models": ["--model.pretrained", mixed],
+        "lora_alpha must be positive": ["--model.lora_alpha", 0],
         "not the UNet2DConditionModel": ["--model.pretrained", wrong_unet],
         "lora_rank must be at least 1": ["--model.lora_rank", 0],
         "name no module of the UNet": ["--model.lora_targets", "[to_q, to_nothing]"],
@@ -312,4 +327,30 @@ def test_a_lora_ema_averages_the_adapters_and_shares_the_frozen_weights(sd):
         if name in frozen:
             continue
         torch.testing.assert_close(ema[name], net[name] - 0.5)  # 0.5 (x + 1) + 0.5 (x + 2) = (x + 2) - 0.5
-    assert all(".lora_" in k for k in module.state_dict() if k.startswith("ema.") and k != "ema.n_averaged")
+    state = module.state_dict()
+    assert all(".lora_" in k for k in state if k.startswith("ema.") and k != "ema.n_averaged")
+    del state[next(k for k in state if k.startswith("net.") and ".lora_B." in k)]
+    with pytest.raises(UserError, match="Missing key"):  # the frozen weights are filled in, a missing adapter is not
+        module.load_state_dict(state)
+
+
+def test_the_memory_benchmark_counts_what_each_switch_saves(capsys, monkeypatch, sd):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sd_memory
+
+    monkeypatch.setattr(sys, "argv", ["sd_memory.py", "--pretrained", str(sd)])
+    sd_memory.main()
+    rows = {row["setting"]: row for row in json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]}
+    full, lora = rows["full, float32"], rows["LoRA 4, float32"]
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(sd / "unet"))
+    assert full["trained_parameters"] == sum(p.numel() for p in unet.parameters())
+    # LoRA of rank r on a linear layer of n inputs and m outputs: r (n + m) parameters
+    targets = [m for name, m in unet.named_modules() if name.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert lora["trained_parameters"] == sum(4 * (m.in_features + m.out_features) for m in targets)
+    assert lora["gradients"] == 4 * lora["trained_parameters"] and full["ema"] == full["gradients"]
+    assert rows["full, float32, checkpointing"]["activations"] < full["activations"]
+    assert (rows["LoRA 4, bf16 frozen, checkpointing"]["activations"] < rows["LoRA 4, bf16 frozen"]["activations"]
+            < lora["activations"])
+    assert rows["LoRA 4, bf16 frozen"]["weights"] < 0.6 * lora["weights"]

@@ -78,6 +78,7 @@ def perturb(net: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("net", [tiny_unet, tiny_dit], ids=["unet", "dit"])
 def test_cross_attention_follows_the_prompt_and_guidance_mixes_the_two_passes(net):
+    torch.manual_seed(0)
     model = text_module(net)
     perturb(model.net)
     perturb(model.text_encoder)
@@ -97,7 +98,11 @@ def test_cross_attention_follows_the_prompt_and_guidance_mixes_the_two_passes(ne
         x_T = torch.randn(2, 1, 8, 8)
         for sampler in ("ddim", "euler", "heun", "dpmpp_2m"):  # every solver takes prompts the same way
             draw = lambda **kw: sample(model.net, model.schedule, x_T, sampler, 3, null=null, **kw)  # noqa: E731
-            torch.testing.assert_close(draw(), draw(labels=empty, guidance_scale=4.0), atol=1e-4, rtol=1e-4)
+            # D + 4 (D - D) is D up to rounding: the guided pass is a batch of 4, not 2 (other kernels, eps a few
+            # 1e-7 apart), and the noisiest step's x0 = (x_t - sigma eps) / alpha multiplies that by sigma / alpha
+            # (~160 on the linear schedule). Seen here: up to 5e-4.
+            empty_alone = null.expand(2, *null.shape[1:])
+            torch.testing.assert_close(draw(), draw(labels=empty_alone, guidance_scale=4.0), atol=2e-3, rtol=1e-3)
             assert (draw(labels=seven, guidance_scale=2.0) - draw()).abs().max() > 1e-3
     with pytest.raises(ValueError, match="attends to text features"):
         model.net(x, t)

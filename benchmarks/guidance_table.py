@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--seed", type=int, default=0, help="the noise's seed: another one checks a choice made on 0")
     parser.add_argument("--autoencoder", help="for a latent model whose autoencoder moved: its new place")
     args = parser.parse_args()
 
@@ -71,7 +72,7 @@ def main() -> None:
             raise SystemExit(f"{args.ckpt_path} has no guide of its own (model.guide)")
         interval = tuple(float(v) for v in run["interval"].split(",")) if run["interval"] else None
         counts, start = Evaluations(), time.perf_counter()
-        images = generate_images(module, args.num_samples, 0, args.batch_size, precision=args.precision,
+        images = generate_images(module, args.num_samples, args.seed, args.batch_size, precision=args.precision,
                                  labels=labels, guidance_scale=float(run["w"]), sampler=run["sampler"],
                                  steps=int(run["steps"]), eta=float(run["eta"]), guide=guide, counts=counts,
                                  guidance_interval=interval, guide_condition=run["weak"])

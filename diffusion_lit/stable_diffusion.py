@@ -157,8 +157,8 @@ class StableDiffusionModule(DiffusionModule):
         snr_gamma: gamma of Min-SNR-gamma.
         optimizer: the optimizer class and its arguments.
         warmup_steps: linear learning-rate warm-up over this many optimizer steps.
-        gradient_checkpointing: recompute the UNet's activations in the backward pass (less memory, ~30% more
-            time on a GPU).
+        gradient_checkpointing: recompute the UNet's activations in the backward pass (far less activation memory,
+            one more forward pass of compute).
         frozen_dtype: ``bfloat16`` keeps the frozen weights (VAE, text encoder and, with LoRA, the UNet's) in bf16:
             half their memory; the trained weights stay in float32.
         cache_latents: encode the training images once when fit starts.

@@ -5,14 +5,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason
-from diffusion_lit.files import size_text, temporary_fallback, write_atomic
+from diffusion_lit.files import size_text, temporary_fallback
 from diffusion_lit.guidance import Evaluations, GuideCondition, Interval
 from diffusion_lit.images import check_output, check_space, load_images, needed_bytes, save_images, to_uint8
 from diffusion_lit.metrics import (
@@ -64,11 +63,10 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
         raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.autoencoder "
                         "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
-    try:  # a Stable Diffusion fine-tune's autoencoder is its pretrained folder's vae
-        key = "pretrained" if "pretrained" in checkpoint["hyper_parameters"] else "autoencoder"
-        moved = {key: absolute(autoencoder)} if autoencoder else {}
-        module = module_class(checkpoint["hyper_parameters"]).load_from_checkpoint(
-            path, map_location="cpu", weights_only=True, **moved)
+    try:
+        cls = module_class(checkpoint["hyper_parameters"])
+        moved = {cls.moved_key: absolute(autoencoder)} if autoencoder else {}
+        module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **moved)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
         raise
     except Exception as err:
@@ -91,8 +89,7 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
     if guide_ckpt is None:
         return None
     # A latent guide decodes through the model's autoencoder (checked by its fingerprint), wherever it was recorded.
-    moved = module.autoencoder_spec if module.latent and "pretrained" not in module.hparams else None
-    guide, _ = load_checkpoint(guide_ckpt, trusted, moved)
+    guide, _ = load_checkpoint(guide_ckpt, trusted, module.autoencoder_spec if module.latent else None)
 
     def kind(m: DiffusionModule) -> dict:
         schedule = m.schedule
@@ -324,9 +321,8 @@ def save_kept(images: Tensor, out: str, per_row: int | None) -> Path:
     fallback = temporary_fallback("samples.npz", needed_bytes(len(images), tuple(images.shape[1:])))
     if fallback is None:
         raise UserError(f"{failed}. There is no room for the images in the temporary folder either: they are lost")
-    array = images.permute(0, 2, 3, 1).numpy()
     try:
-        write_atomic(fallback, lambda f: np.savez(f, arr_0=array), "the images", "")
+        save_images(images, fallback)
     except UserError:
         raise UserError(f"{failed}. Writing them to {fallback} failed too: they are lost") from None
     raise UserError(f"{failed}. The {len(images)} images are kept in {fallback} (uint8 NHWC under arr_0): move the "

@@ -113,7 +113,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
     """
 
     warn_latent_eps = True  # say that eps prediction samples badly in latent space
-    moved_hint = "--autoencoder PATH (sample, evaluate, export) or --model.autoencoder PATH (fit)"  # a moved one
+    moved_key = "autoencoder"  # the argument that `--autoencoder PATH` (a moved autoencoder) replaces
+    moved_hint = "--autoencoder PATH (sample, evaluate, export) or --model.autoencoder PATH (fit)"
 
     def __init__(
         self,
@@ -229,6 +230,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         self.t_sampling = t_sampling or ("uniform" if process == "vp" else "logit_normal")
         self.optimizer = optimizer
         self._compiled = False
+        self._autoencoder_fingerprint: str | None = None
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The EMA denoiser's prediction (eps, v or x0: `self.prediction`), the one sampling uses."""
@@ -484,8 +486,11 @@ class DiffusionModule(LoadsClearly, LightningModule):
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
 
     def autoencoder_fingerprint(self) -> str:
-        """The fingerprint of the autoencoder's weights that a checkpoint records and checks when it is loaded."""
-        return fingerprint(self.frozen["autoencoder"])
+        """The fingerprint of the autoencoder's weights that a checkpoint records and checks when it is loaded
+        (computed once: the autoencoder is frozen)."""
+        if self._autoencoder_fingerprint is None:
+            self._autoencoder_fingerprint = fingerprint(self.frozen["autoencoder"])
+        return self._autoencoder_fingerprint
 
     def on_train_start(self) -> None:
         # seed_everything gives every rank the same seed; give each rank its own noise.

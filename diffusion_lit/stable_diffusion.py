@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.diffusers_io import process_of, read_json
 from diffusion_lit.errors import UserError, reason
-from diffusion_lit.module import DiffusionModule, absolute, fingerprint
+from diffusion_lit.module import DiffusionModule, absolute
 from diffusion_lit.targets import Weighting
 from diffusion_lit.text import need
 
@@ -98,8 +98,6 @@ class PretrainedUNet(nn.Module):
         frozen_dtype: the precision of the frozen weights (with LoRA); the adapters stay in float32.
     """
 
-    num_classes = 0
-
     def __init__(self, in_channels: int, image_size: int, num_classes: int = 0, context_dim: int | None = None, *,
                  folder: str, lora_rank: int | None = None, lora_alpha: float | None = None,
                  lora_targets: Sequence[str] = SD_TARGETS, gradient_checkpointing: bool = False,
@@ -169,6 +167,7 @@ class StableDiffusionModule(DiffusionModule):
     """
 
     warn_latent_eps = False  # the pretrained model's prediction is fixed
+    moved_key = "pretrained"  # its autoencoder is the pretrained folder's vae
     moved_hint = "--autoencoder PATH (sample, evaluate, export) or --model.pretrained PATH (fit)"
 
     def __init__(
@@ -217,7 +216,7 @@ class StableDiffusionModule(DiffusionModule):
         self.hparams.clear()  # save_hyperparameters adds to what the parent saved: this class's arguments alone,
         self.save_hyperparameters()  # from which the parent's follow
         self.hparams["pretrained"] = pretrained  # absolute (the CLI's hyperparameters hold it as it was typed)
-        self.vae_fingerprint = fingerprint(self.frozen["autoencoder"])  # of its float32 weights, whatever the cast
+        self.autoencoder_fingerprint()  # taken of the float32 weights, before any cast
         self.frozen.to(DTYPES[frozen_dtype])
         if self.ema is not None and self.net.lora:  # the EMA copy shares the frozen weights instead of copying them
             for name, p in self.net.named_parameters():
@@ -225,9 +224,6 @@ class StableDiffusionModule(DiffusionModule):
                     owner, _, leaf = name.rpartition(".")
                     setattr(self.ema.module.get_submodule(owner), leaf, p)
         self.text_cache: dict[str, Tensor] | None = {} if cache_text else None
-
-    def autoencoder_fingerprint(self) -> str:
-        return self.vae_fingerprint
 
     @property
     def lora(self) -> bool:

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar, Timer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
@@ -75,6 +75,60 @@ def checked(sampler_kwargs: dict, pl_module, callback: str, guide_ckpt: bool = F
             "(model.guide, or the callback's guide_ckpt)")
         return {**sampler_kwargs, "guidance_scale": 1.0}
     return sampler_kwargs
+
+
+def run_share(trainer, total_steps: float) -> float | None:
+    """How much of the run has passed, 0 to 1: the larger of its steps' share (of `total_steps`, from max_steps or
+    max_epochs; inf for neither) and its time's (of max_time); None for a run of no known length."""
+    shares = [trainer.global_step / total_steps] if 0 < total_steps < float("inf") else []
+    if timer := next((c for c in trainer.callbacks if isinstance(c, Timer)), None):
+        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
+        if remaining is not None and elapsed + remaining > 0:
+            shares.append(elapsed / (elapsed + remaining))
+    return max(shares) if shares else None
+
+
+class GuideCheckpoint(Callback):
+    """Writes one checkpoint, `guide.ckpt` beside the run's others, once `share` of the run has passed: the young
+    model that autoguidance takes as its guide (`--guide_ckpt`). A share of the run rather than a step number, so that
+    the guide is as young beside the finished model on a fast machine as on a slow one.
+
+    Args:
+        share: the part of the run (of max_steps, max_epochs or max_time) after which to write it, in (0, 1).
+        filename: its name, without `.ckpt`.
+    """
+
+    def __init__(self, share: float = 0.12, filename: str = "guide") -> None:
+        if not 0.0 < share < 1.0:
+            raise UserError(f"GuideCheckpoint: share must lie in (0, 1), got {share}")
+        self.share, self.filename = share, filename
+        self.written, self._last_step, self._total = False, -1, float("inf")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._total = trainer.estimated_stepping_batches
+        if run_share(trainer, self._total) is None:
+            raise UserError("GuideCheckpoint writes its checkpoint after a share of the run, and this run has no set "
+                            "length: give it trainer.max_steps, max_epochs or max_time")
+
+    def path(self, trainer) -> Path:
+        folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+        return Path(folder or trainer.default_root_dir) / f"{self.filename}.ckpt"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.written or trainer.global_step == self._last_step:  # once per optimizer step, at most once a run
+            return
+        self._last_step = trainer.global_step
+        # Rank zero's clock decides, so that every rank calls the save (a collective) at the same step.
+        if trainer.strategy.broadcast(run_share(trainer, self._total) >= self.share, src=0):
+            self.written = True  # before the save, so that the checkpoint records it and a resume skips it
+            trainer.save_checkpoint(self.path(trainer))
+            say(f"GuideCheckpoint: wrote {self.path(trainer)} at step {trainer.global_step}")
+
+    def state_dict(self) -> dict:
+        return {"written": self.written}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.written = state_dict["written"]
 
 
 class SampleGrid(Callback):

@@ -83,7 +83,9 @@ class DiffusionModule(LoadsClearly, LightningModule):
         flow_shift: SD3's shift of the flow's sampling levels towards the noise (1: none).
         ema_decay: the EMA's decay once warmed up (0.9999 in DDPM); null: no EMA copy (sampling, validation and
             export use the trained weights).
-        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates.
+        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates, an average over about the
+            last 11% of the steps until ema_decay caps it; a number k ramps it as (1 + n) / (k + n): a smaller k
+            averages longer (k = 5: about the last 25%).
         optimizer: the optimizer class and its arguments (learning rate, weight decay, ...).
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         channels_last: keep the denoiser's weights (and so its activations) in channels-last memory format.
@@ -133,7 +135,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         t_sampling: TimeSampling | None = None,
         flow_shift: float = 1.0,
         ema_decay: float | None = 0.9999,
-        ema_warmup: bool = True,
+        ema_warmup: bool | float = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         warmup_steps: int = 0,
         channels_last: bool = False,

@@ -149,7 +149,9 @@ class StableDiffusionModule(DiffusionModule):
         ema: keep an EMA of the trained weights (of the adapters alone with LoRA); unset: on for full fine-tuning,
             off with LoRA.
         ema_decay: the EMA's decay once warmed up.
-        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates.
+        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates, an average over about the
+            last 11% of the steps until ema_decay caps it; a number k ramps it as (1 + n) / (k + n): a smaller k
+            averages longer (k = 5: about the last 25%).
         p_uncond: the probability that a caption is dropped to the empty prompt (for classifier-free guidance).
         loss_weighting: ``none`` or ``min_snr``.
         snr_gamma: gamma of Min-SNR-gamma.
@@ -181,7 +183,7 @@ class StableDiffusionModule(DiffusionModule):
         lora_targets: Sequence[str] = SD_TARGETS,
         ema: bool | None = None,
         ema_decay: float = 0.9999,
-        ema_warmup: bool = True,
+        ema_warmup: bool | float = True,
         p_uncond: float = 0.1,
         loss_weighting: Weighting = "none",
         snr_gamma: float = 5.0,

@@ -31,8 +31,9 @@ def test_tiny_model_overfits_eight_images(objective):
                            loader)
 
 
-def test_ema_follows_the_averaging_formula():
-    model = tiny_module(ema_decay=0.9, ema_warmup=True)
+@pytest.mark.parametrize("warmup, k", [(True, 10), (5.0, 5)])
+def test_ema_follows_the_averaging_formula(warmup, k):
+    model = tiny_module(ema_decay=0.9, ema_warmup=warmup)
     param = lambda m: next(m.parameters())  # noqa: E731
     ema0 = param(model.net).detach().clone()
     model.ema.update_parameters(model.net)  # first update copies the weights
@@ -43,10 +44,17 @@ def test_ema_follows_the_averaging_formula():
         with torch.no_grad():
             param(model.net).add_(torch.randn_like(ema0))
         model.ema.update_parameters(model.net)
-        decay = min(0.9, (1 + n) / (10 + n))
+        decay = min(0.9, (1 + n) / (k + n))
         expected = decay * expected + (1 - decay) * param(model.net).detach()
         torch.testing.assert_close(param(model.ema.module), expected)
     assert (1 + 79) / (10 + 79) < 0.9 <= (1 + 80) / (10 + 80)  # the loop crossed from warm-up to the set decay
+    assert (1 + 34) / (5 + 34) < 0.9 <= (1 + 35) / (5 + 35)  # (for k = 5 at n = 35)
+
+
+@pytest.mark.parametrize("warmup", [1, 0.5, -2])
+def test_an_ema_ramp_that_would_never_average_is_refused(warmup):
+    with pytest.raises(UserError, match="ema_warmup must be true, false or a number above 1"):
+        tiny_module(ema_warmup=warmup)
 
 
 def test_ema_without_warmup_uses_the_set_decay():

@@ -24,17 +24,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
 from jsonargparse import ArgumentParser
 from torch import nn
 
-from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.data import from_config
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sampling import ddim_sample, ddpm_sample
-from diffusion_lit.schedule import NoiseSchedule
-from diffusion_lit.speed import autocast
+from diffusion_lit.process import VP
+from diffusion_lit.speed import Accelerate, autocast
 from diffusion_lit.unet import UNet
 
 NETWORKS = ("ours", "diffusers")
@@ -75,12 +76,11 @@ def diffusers_twin(unet_args: dict, in_channels: int, image_size: int) -> nn.Mod
     return DiffusersEps(unet)
 
 
-def build(cfg: dict, network: str, **switches) -> tuple[DiffusionModule, int]:
-    """A config's DiffusionModule, unconditional, with our network or the diffusers one and the fast-path `switches`
-    (channels_last=True, ...); and the config's batch size."""
-    data = DiffusionDataModule(**cfg.get("data", {}))
-    model_cfg = cfg.get("model", {}) | {"image_size": data.image_size, "channels": data.channels, "conditional": False}
-    model_cfg |= switches
+def build(cfg: dict, network: str) -> tuple[DiffusionModule, int]:
+    """A config's DiffusionModule, unconditional, with our network or the diffusers one; and the config's batch
+    size. (The fast paths, channels_last and compile, are `Accelerate`'s: `measure` applies them.)"""
+    data = from_config(cfg.get("data", {}))
+    model_cfg = cfg.get("model", {}) | {"image_size": data.image_size, "channels": data.channels, "conditioning": None}
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DiffusionModule, "model")
     module = parser.instantiate_classes(parser.parse_object({"model": model_cfg})).model
@@ -119,11 +119,12 @@ def measure(args, cfg: dict) -> dict:
     """One (config, network) pair in this process."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    module, batch_size = build(cfg, args.network, channels_last=args.channels_last, compile=args.compile,
-                               inference_mode=not args.no_inference_mode)
+    module, batch_size = build(cfg, args.network)
     batch_size = args.batch_size or batch_size
     module.to(device)
-    module.compile_denoisers(device)
+    # What `fit` does with the Accelerate callback (it reads the trainer's device for compile).
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=device))
+    Accelerate(channels_last=args.channels_last, compile=args.compile).setup(trainer, module, "fit")
     optimizer = module.configure_optimizers()["optimizer"]
     hp = module.hparams
     x0 = torch.rand(batch_size, hp.channels, hp.image_size, hp.image_size, device=device) * 2 - 1
@@ -131,9 +132,9 @@ def measure(args, cfg: dict) -> dict:
     def train_step(guide: bool = True):  # with the config's guide (model.guide), as fit trains it, or without
         guide = guide and module.guide is not None
         with autocast(device, args.precision):
-            loss = module.diffusion_loss(module.net, x0)
+            loss = module.objective.loss(module.net, module.process, x0)
             if guide:
-                loss = loss + module.diffusion_loss(module.guide.net, x0)
+                loss = loss + module.objective.loss(module.guide.net, module.process, x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -153,11 +154,12 @@ def measure(args, cfg: dict) -> dict:
 
     k = args.sample_steps
     x_T = torch.randn_like(x0)
-    few_ddpm_steps = NoiseSchedule(hp.schedule, k).to(device)  # each DDPM step costs the same whatever T is
+    # each DDPM step costs the same whatever T is (and whatever the process: a flow model's is timed on VP's)
+    few_ddpm_steps = VP(getattr(module.process, "kind", "linear"), k).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with module.sampling(args.precision) as model:
-        ddim_s, first_ddim_s = timed(lambda: ddim_sample(model, module.schedule, x_T, steps=k), device, args.warmup,
+        ddim_s, first_ddim_s = timed(lambda: ddim_sample(model, module.process, x_T, steps=k), device, args.warmup,
                                      args.repeats)
         ddpm_s, _ = timed(lambda: ddpm_sample(model, few_ddpm_steps, x_T), device, args.warmup, args.repeats)
     return {
@@ -167,8 +169,8 @@ def measure(args, cfg: dict) -> dict:
         "batch_size": batch_size,
         "train_img_s": batch_size / train_s,
         "ddim50_img_s": batch_size / (50 * ddim_s / k),
-        "ddpm_img_s": batch_size / (hp.timesteps * ddpm_s / k),
-        "ddpm_steps": hp.timesteps,
+        "ddpm_img_s": batch_size / (module.process.timesteps * ddpm_s / k),
+        "ddpm_steps": module.process.timesteps,
         "peak_train_mib": train_memory,
         "peak_sample_mib": peak_memory(device),
         "first_train_step_s": first_train_s,  # with --compile: the compilation
@@ -204,7 +206,6 @@ def main() -> None:
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both networks (the compilation shows in first_*_s, not in the medians)")
-    parser.add_argument("--no_inference_mode", action="store_true", help="sample under torch.no_grad instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (more with --compile)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -228,15 +229,13 @@ def main() -> None:
                      "--sample_steps", str(args.sample_steps)]
             child += ["--batch_size", str(args.batch_size)] if args.batch_size else []
             child += ["--channels_last"] * args.channels_last + ["--compile"] * args.compile
-            child += ["--no_inference_mode"] * args.no_inference_mode
             done = subprocess.run(child, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{config} / {network} failed:\n{done.stderr.strip()[-2000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"measured {config} / {network}", file=sys.stderr)
     settings = {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
-                "compile": args.compile, "inference_mode": not args.no_inference_mode,
-                "threads": torch.get_num_threads()}
+                "compile": args.compile, "threads": torch.get_num_threads()}
     print(", ".join(f"{k}={v}" for k, v in settings.items()) + f"; median of {args.repeats} after {args.warmup} warm-up")
     print(table(rows, args.device))
     for row in rows:

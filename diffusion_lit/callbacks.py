@@ -65,10 +65,10 @@ def sampling_kwargs(callback, pl_module) -> dict:
 def checked(sampler_kwargs: dict, pl_module, callback: str, guide_ckpt: bool = False) -> dict:
     """A callback's sampler settings, checked against the model when fit starts rather than at the first grid: bad
     sampler settings stop before the first step, and a guidance scale for an unconditional model is dropped, said once."""
-    check_sampler(sampler_kwargs["sampler"], pl_module.schedule, sampler_kwargs["steps"], sampler_kwargs["eta"],
+    check_sampler(sampler_kwargs["sampler"], pl_module.process, sampler_kwargs["steps"], sampler_kwargs["eta"],
                   sampler_kwargs["spacing"])
     check_interval(sampler_kwargs["guidance_interval"])
-    guided = pl_module.num_classes or pl_module.text or pl_module.guide is not None or guide_ckpt
+    guided = pl_module.conditioning.conditional or pl_module.guide is not None or guide_ckpt
     if not guided and sampler_kwargs["guidance_scale"] != 1.0:
         say(f"{callback}: guidance_scale {sampler_kwargs['guidance_scale']} is ignored, since this model is "
             "unconditional (model.conditional is false or the data has no labels) and has no guide "
@@ -181,8 +181,7 @@ class SampleGrid(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         setup_guidance(self, pl_module, "SampleGrid")
-        if pl_module.text and not self.prompts:
-            self.prompts = trainer.datamodule.example_prompts(8) if trainer.datamodule is not None else [""]
+        self.rows = pl_module.conditioning.rows(self.prompts, trainer.datamodule)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if _due(trainer, self.every_n_steps, self._last_step):
@@ -196,22 +195,22 @@ class SampleGrid(Callback):
     def log_grid(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
         # A conditional model shows one row per class, a text model one row per prompt.
-        rows = self.prompts if pl_module.text else list(range(pl_module.num_classes))
+        rows = self.rows
         per_row = max(1, self.num_samples // len(rows)) if rows else None
         labels = [row for row in rows for _ in range(per_row)] if rows else None
-        if labels is not None and not pl_module.text:
-            labels = torch.tensor(labels, device=pl_module.device)
+        if labels is not None:
+            labels = pl_module.conditioning.batch(labels, pl_module.device)
         n = self.num_samples if labels is None else len(labels)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         x_T = torch.randn((n, *pl_module.shape), generator=generator, device=pl_module.device)
         with pl_module.sampling(trainer.precision) as model:
-            y = pl_module.condition(labels) if labels is not None else None
-            x, states = sample(model, pl_module.schedule, x_T, generator=generator, return_intermediates=True,
+            y = pl_module.conditioning.condition(labels) if labels is not None else None
+            x, states = sample(model, pl_module.process, x_T, generator=generator, return_intermediates=True,
                                labels=y, **sampling_kwargs(self, pl_module))
-            x = pl_module.decode(x)
+            x = pl_module.latent.decode(x)
             if self.denoising_strip:
                 picks = torch.linspace(0, len(states) - 1, 10).round().long().tolist()
-                strip = pl_module.decode(torch.stack([states[i][0] for i in picks]))
+                strip = pl_module.latent.decode(torch.stack([states[i][0] for i in picks]))
         # The newest grid as a picture to open, beside the run's other files. The logger's folder, not
         # trainer.log_dir: that one is a collective under DDP, and only rank zero is here.
         if log_dir := getattr(trainer.logger, "log_dir", None):
@@ -324,10 +323,11 @@ class FID(Callback):
         # A conditional model is scored on balanced classes: sample i (over all ranks) gets label i mod classes. A text
         # model is scored on its unconditional (empty prompt) samples.
         first = sum(shares[:rank])
-        labels = torch.arange(first, first + shares[rank]) % pl_module.num_classes if pl_module.num_classes else None
+        classes = pl_module.conditioning.num_classes
+        labels = torch.arange(first, first + shares[rank]) % classes if classes else None
         with pl_module.sampling(trainer.precision) as model:
-            for x in generate(model, pl_module.schedule, shares[rank], pl_module.shape, generator, self.batch_size,
-                              labels=labels, condition=pl_module.condition, decode=pl_module.decode,
+            for x in generate(model, pl_module.process, shares[rank], pl_module.shape, generator, self.batch_size,
+                              labels=labels, condition=pl_module.conditioning.condition, decode=pl_module.latent.decode,
                               **sampling_kwargs(self, pl_module)):
                 feats = extract(self.features, to_uint8(x), self.batch_size)
                 for metric in self.metrics:

@@ -33,7 +33,9 @@ from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.export import export
+from diffusion_lit.legacy import refuse_old_model_spelling, upgrade_hparams
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.old_data import refuse_old_configs, upgrade_words
 from diffusion_lit.stable_diffusion import StableDiffusionModule
 from diffusion_lit.trust import check_hparams, class_paths, parse_trusted
 
@@ -102,17 +104,29 @@ class DiffusionCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of a --ckpt_path file here, before any hook, and builds the classes
-        # they name: check the file, and those names, first.
+        """The model's hyperparameters from the checkpoint being resumed, over the config's (as LightningCLI does),
+        after the trust check and the upgrade of an older checkpoint's; an autoencoder the config points at stays
+        (one that moved: its weights are checked against the fingerprint)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            check_checkpoint(Path(ckpt_path), self.trusted(self.config[subcommand]))
-        model = self.config[subcommand].get("model") if subcommand else None
-        moved = model.get("autoencoder") if model is not None and not self.subclass_mode_model else None
-        super()._parse_ckpt_path()
-        if moved:  # where the config says the autoencoder is now, over the path the checkpoint recorded
-            self.config[subcommand].model.autoencoder = moved  # (the weights are checked against its fingerprint)
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        check_checkpoint(Path(ckpt_path), self.trusted(self.config[subcommand]))
+        model = self.config[subcommand].get("model")
+        latent = model.get("latent") if model is not None and not self.subclass_mode_model else None
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+        hparams = {k: v for k, v in upgrade_hparams(hparams).items() if k != "_instantiator"}
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        elif latent is not None and isinstance(hparams.get("latent"), dict):
+            hparams["latent"]["init_args"]["autoencoder"] = latent.init_args.autoencoder
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     @staticmethod
     def trusted(config) -> list[str]:
@@ -201,6 +215,19 @@ def config_files(words: list[str]) -> list[Path]:
     return [Path(f) for f in files]
 
 
+def model_sections(files: list[Path]) -> list[tuple[str, dict]]:
+    """(file, its `model:` section) of the config files that have one."""
+    sections = []
+    for path in files:
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # LightningCLI says what is wrong with the file
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            sections.append((str(path), config["model"]))
+    return sections
+
+
 def named_module(words: list[str]) -> tuple[str, type, bool] | None:
     """(config, the LightningModule class it trains, whether it names it under model.class_path) from the last
     --config file whose model says: a class_path (LightningCLI's subclass mode, for that class), or, in a flat model
@@ -242,6 +269,9 @@ def main(args: list[str] | None = None) -> None:
         if words and words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False, parser_class=CommandParser)
             return
+        words = upgrade_words(words)  # --data.dataset, --data.root, ...: read for one more release
+        refuse_old_configs(config_files(words))
+        refuse_old_model_spelling(words, model_sections(config_files(words)))
         model_class, subclass_mode, args = DiffusionModule, False, list(words)
         named = named_module(words)
         if words and words[0] == "autoencoder":  # the synonym: the same CLI around the autoencoder's module

@@ -1,14 +1,16 @@
 """The `sample` and `evaluate` commands: generate images from a checkpoint, and score images with FID and KID."""
 
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch.core.saving import _load_state
 from torch import Tensor, nn
 
-from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.data import DiffusionDataModule, from_config
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import size_text, temporary_fallback
@@ -24,12 +26,14 @@ from diffusion_lit.metrics import (
     reference_cache_path,
     save_features,
 )
-from diffusion_lit.module import DiffusionModule, absolute
+from diffusion_lit.latent import absolute
+from diffusion_lit.legacy import upgrade_hparams
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.old_data import describe
 from diffusion_lit.sampling import Sampler, generate
-from diffusion_lit.schedule import FlowSchedule
 from diffusion_lit.solvers import Spacing
 from diffusion_lit.speed import Precision
-from diffusion_lit.trust import check_hparams, parse_trusted
+from diffusion_lit.trust import check_data_hparams, check_hparams, parse_trusted
 
 
 def _device() -> torch.device:
@@ -58,22 +62,36 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
         raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise UserError(f"{path} is not a checkpoint written by diffusion_lit's `fit` (no hyperparameters in it)")
-    check_hparams(checkpoint["hyper_parameters"], trusted, str(path))
-    if "block_out_channels" in checkpoint["hyper_parameters"]:  # AutoencoderModule's, not DiffusionModule's
+    # Older checkpoints' flat hyperparameters in the parts' layout (the checkpoint returned keeps what it holds).
+    upgraded = {**checkpoint, "hyper_parameters": upgrade_hparams(copy.deepcopy(checkpoint["hyper_parameters"]))}
+    check_hparams(upgraded["hyper_parameters"], trusted, str(path))
+    if "block_out_channels" in upgraded["hyper_parameters"]:  # AutoencoderModule's, not DiffusionModule's
         raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.autoencoder "
                         "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
     try:
-        cls = module_class(checkpoint["hyper_parameters"])
-        moved = {cls.moved_key: absolute(autoencoder)} if autoencoder else {}
-        module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **moved)
+        cls = module_class(upgraded["hyper_parameters"])
+        if autoencoder:
+            moved(upgraded["hyper_parameters"], absolute(autoencoder))
+        # What `load_from_checkpoint` does once it has read the file: built from the (upgraded) hyperparameters,
+        # the hooks and the state dict loaded.
+        module = _load_state(cls, upgraded, strict=True)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
         raise
     except Exception as err:
         raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
-    device = _device()
-    module.compile_denoisers(device)
-    return module.to(device).eval(), checkpoint
+    return module.to(_device()).eval(), checkpoint
+
+
+def moved(hparams: dict, path: str) -> None:
+    """Points a checkpoint's hyperparameters at the new place of its autoencoder (a Stable Diffusion fine-tune: of
+    its pretrained folder), in place."""
+    if "pretrained" in hparams:
+        hparams["pretrained"] = path
+    elif isinstance(hparams.get("latent"), dict):
+        hparams["latent"]["init_args"]["autoencoder"] = path
+    else:
+        raise UserError("--autoencoder is for a latent model whose autoencoder moved; this model works on pixels")
 
 
 def module_class(hparams: dict) -> type[DiffusionModule]:
@@ -89,14 +107,11 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
     if guide_ckpt is None:
         return None
     # A latent guide decodes through the model's autoencoder (checked by its fingerprint), wherever it was recorded.
-    guide, _ = load_checkpoint(guide_ckpt, trusted, module.autoencoder_spec if module.latent else None)
+    guide, _ = load_checkpoint(guide_ckpt, trusted, getattr(module.latent, "path", None))
 
     def kind(m: DiffusionModule) -> dict:
-        schedule = m.schedule
-        return {"process": schedule.process, "schedule": getattr(schedule, "kind", None),
-                "timesteps": schedule.timesteps, "prediction": m.prediction, "shape": m.shape,
-                "classes": m.num_classes, "text encoder": m.text_encoder_spec,
-                "autoencoder": m.autoencoder_spec}
+        return {"process": m.process.spec(), "prediction": m.objective.prediction, "shape": m.shape,
+                **m.conditioning.spec(), **m.latent.spec()}
 
     ours, theirs = kind(module), kind(guide)
     for key in ours:
@@ -104,7 +119,7 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
             raise UserError(f"--guide_ckpt {guide_ckpt}: its {key} is {theirs[key]!r} and this model's "
                             f"{ours[key]!r}; a guide is a weaker model of the same process, prediction, image shape "
                             "and conditioning (an earlier or smaller run on the same data)")
-    if module.text:
+    if module.conditioning.captions:
         raise UserError("--guide_ckpt: a text model's guide would need its own text encoder; train one beside it "
                         "instead (model.guide)")
     return guide.ema.module.eval()
@@ -114,9 +129,10 @@ def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
     """Sample a flow model with another shift than its own (None: keep it); a UserError for a VP model."""
     if shift is None:
         return
-    if module.schedule.process != "flow":
-        raise UserError("--flow_shift is for flow models (model.process flow); this one is a VP (DDPM) model")
-    module.schedule = FlowSchedule(shift)  # which checks it
+    if not hasattr(module.process, "shift"):
+        raise UserError(f"--flow_shift is for flow models (model.process Flow); this one is a "
+                        f"{type(module.process).__name__} model")
+    module.process = type(module.process)(shift).to(module.device)  # which checks it
 
 
 def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_size: int, ema: bool = True,
@@ -133,8 +149,9 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
     if guide is not None:
         own["guide"] = guide
     with module.sampling(precision, ema) as model:
-        batches = generate(model, module.schedule, num_samples, module.shape, generator, batch_size, progress=True,
-                           labels=labels, condition=lambda y: module.condition(y, ema), decode=module.decode,
+        batches = generate(model, module.process, num_samples, module.shape, generator, batch_size, progress=True,
+                           labels=labels, condition=lambda y: module.conditioning.condition(y, ema),
+                           decode=module.latent.decode,
                            counts=counts, **own, **sampler_kwargs)
         return torch.cat([to_uint8(x).cpu() for x in batches])
 
@@ -166,11 +183,11 @@ def activation_bytes(module: DiffusionModule) -> int:
     try:
         with module.sampling() as net:
             x = torch.zeros(1, *module.shape, device=module.device)
-            t = torch.zeros(1, device=module.device, dtype=torch.long if module.schedule.process == "vp" else torch.float)
-            y = module.condition([""]) if module.text else (torch.zeros(1, dtype=torch.long, device=module.device)
-                                                            if module.num_classes else None)
+            t = torch.zeros(1, device=module.device, dtype=torch.long if module.process.discrete else torch.float)
+            rows = module.conditioning.rows([""], None)
+            y = module.conditioning.condition(module.conditioning.batch(rows[:1], module.device)) if rows else None
             net(x, t, y)
-            module.decode(x)
+            module.latent.decode(x)
     finally:
         for hook in hooks:
             hook.remove()
@@ -198,7 +215,7 @@ def parse_prompts(prompt: str | None, prompts: str | None, num_samples: int, tex
     if prompt is None and prompts is None:
         return None
     if not text:
-        raise UserError("--prompt / --prompts: this model was not trained on text (model.text_encoder is unset); "
+        raise UserError("--prompt / --prompts: this model was not trained on text (model.conditioning is not Prompts); "
                         "leave them out, or give a class model --labels")
     given = [] if prompt is None else [prompt]
     if prompts is not None:
@@ -294,10 +311,10 @@ def sample(
     module, _ = load_checkpoint(ckpt_path, trusted, autoencoder)
     guide = load_guide(guide_ckpt, module, trusted)
     set_flow_shift(module, flow_shift)
-    text = parse_prompts(prompt, prompts, num_samples, module.text)
-    if module.text and labels is not None:
+    text = parse_prompts(prompt, prompts, num_samples, module.conditioning.captions)
+    if module.conditioning.captions and labels is not None:
         raise UserError("this model reads prompts, not labels: give --prompt TEXT or --prompts FILE instead of --labels")
-    y = text if text is not None else parse_labels(labels, num_samples, module.num_classes)
+    y = text if text is not None else parse_labels(labels, num_samples, module.conditioning.num_classes)
     count = num_samples if y is None else len(y)
     check_space(out, count, (module.hparams.channels, module.hparams.image_size, module.hparams.image_size))
     counts, start = Evaluations(), time.perf_counter()
@@ -401,7 +418,7 @@ def evaluate(
         module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
         guide = load_guide(guide_ckpt, module, parse_trusted(trust_class))
         set_flow_shift(module, flow_shift)
-        data = checkpoint_data(checkpoint) if real is None else None
+        data = checkpoint_data(checkpoint, parse_trusted(trust_class)) if real is None else None
         hp = module.hparams
         fake_shape = (hp.channels, hp.image_size, hp.image_size)  # the images, after decoding latents
     else:
@@ -425,7 +442,8 @@ def evaluate(
 
     y = None
     if ckpt_path is not None:
-        y = parse_labels("all", num_samples, module.num_classes) if module.num_classes else None
+        classes = module.conditioning.num_classes
+        y = parse_labels("all", num_samples, classes) if classes else None
         counts, start = Evaluations(), time.perf_counter()
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
                                       guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta,
@@ -462,21 +480,24 @@ def shape_text(shape: tuple[int, int, int]) -> str:
     return f"{height}x{width} with {channels} channel{'s' if channels > 1 else ''}"
 
 
-def checkpoint_data(checkpoint: dict) -> DiffusionDataModule:
-    """The training images of the run that wrote the checkpoint, set up; a UserError when they are not found."""
+def checkpoint_data(checkpoint: dict, trusted: list[str] = ()) -> DiffusionDataModule:
+    """The training images of the run that wrote the checkpoint, set up; a UserError when they are not found. Its
+    data source is checked against `diffusion_lit.trust` before it is built; older checkpoints' `dataset` and `root`
+    are read as their source."""
     data_hparams = checkpoint.get("datamodule_hyper_parameters")
     if not data_hparams:
         raise UserError("the checkpoint does not say what it was trained on: give the reference images with --real DIR")
-    data_hparams = {k: v for k, v in data_hparams.items() if not k.startswith("_")}  # no CLI keys
+    check_data_hparams(data_hparams, trusted)
     try:
-        data = DiffusionDataModule(**data_hparams)
+        data = from_config(data_hparams)
         data.setup("fit")
     except UserError:
-        root = Path(data_hparams.get("root", "data"))
+        source = data_hparams.get("source")
+        root = Path((source.get("init_args") or {}).get("root", "data") if isinstance(source, dict)
+                    else data_hparams.get("root", "data"))
         raise UserError(
-            f"the checkpoint was trained on {data_hparams.get('dataset')} images in {str(root)!r}, which from here is "
-            f"{root.resolve()} and holds no such images: run evaluate from the folder `fit` ran in, or give the "
-            "reference images with --real DIR"
+            f"the checkpoint was trained on {describe(data_hparams)}, which from here is {root.resolve()} and holds "
+            "no such images: run evaluate from the folder `fit` ran in, or give the reference images with --real DIR"
         ) from None
     return data
 

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 from torch import Tensor
 
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError, reason, say
 from diffusion_lit.schedule import cosine_betas, linear_betas, scaled_linear_betas
 from diffusion_lit.text import need
 from diffusion_lit.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample
@@ -135,8 +136,11 @@ def scheduler_for(module):
     """The diffusers scheduler of a model's process and prediction, with the same betas as ours (checked), or a
     UserError for what diffusers' schedulers cannot express."""
     diffusers = need("diffusers")
-    schedule, prediction = module.schedule, module.prediction
-    if schedule.process == "flow":
+    schedule, prediction, kind = module.process, module.objective.prediction, module.process.spec()["process"]
+    if kind not in ("vp", "flow"):
+        raise UserError(f"a {type(schedule).__name__} process has no diffusers scheduler: export writes VP and flow "
+                        "models only")
+    if kind == "flow":
         if prediction != "v":
             raise UserError(f"a flow model predicting {prediction} has no diffusers scheduler (FlowMatch schedulers "
                             "take the velocity): only v-prediction flow models export")
@@ -248,3 +252,34 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"init_from: {path} is not a diffusers config (a JSON object)")
     return value
+
+
+class InitFrom(Callback):
+    """Starts a new run from the weights of a local diffusers `UNet2DModel` (a folder written by save_pretrained, or
+    a pipeline folder with `unet/`), loaded into the UNet and its EMA copy after checking that the plans match and
+    that the pipeline's scheduler (when there is one) is the model's process and prediction. A resumed run keeps
+    its own weights.
+
+    Args:
+        path: the UNet2DModel or pipeline folder.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = str(Path(path).expanduser().resolve())
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is not None:
+            return
+        if not isinstance(pl_module.net, UNet):
+            raise UserError(f"InitFrom loads a UNet2DModel into diffusion_lit's UNet; this model's net is a "
+                            f"{type(pl_module.net).__name__}")
+        scheduler = load_unet_weights(pl_module.net, self.path)
+        if scheduler is not None:
+            ours = pl_module.process.spec() | {"prediction": pl_module.objective.prediction}
+            for key, value in process_of(scheduler).items():
+                if ours.get(key, value) != value:
+                    raise UserError(f"InitFrom {self.path}: its scheduler says {key} {value!r} and this model has "
+                                    f"{ours[key]!r}: give the model that process and objective")
+        if pl_module.ema is not None:
+            pl_module.ema.module.load_state_dict(pl_module.net.state_dict())
+        say(f"InitFrom: the UNet starts from {self.path}")

@@ -13,6 +13,7 @@ from diffusion_lit.commands import load_checkpoint
 from diffusion_lit.diffusers_io import scheduler_for, to_diffusers, unet2d_config
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import space_text
+from diffusion_lit.old_data import describe
 from diffusion_lit.stable_diffusion import StableDiffusionModule, sd_writer
 from diffusion_lit.text import need
 from diffusion_lit.trust import parse_trusted
@@ -117,7 +118,7 @@ def ddpm_writer(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -
     if not isinstance(module.net, UNet):
         raise UserError(f"a {type(module.net).__name__} denoiser has no diffusers counterpart that this export writes "
                         "(only the UNet, as UNet2DModel)")
-    if module.latent:
+    if not module.latent.pixels:
         raise UserError("a latent model decodes through its autoencoder with our latent scale, which no diffusers "
                         "pipeline for UNet2DModel applies: only pixel-space models export")
     net = module.denoiser(ema)
@@ -129,24 +130,24 @@ def ddpm_writer(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -
 
     def write(partial: Path) -> None:
         pipeline.save_pretrained(str(partial), safe_serialization=True)
-        (partial / "README.md").write_text(card(module, checkpoint, ckpt, folder, ema), encoding="utf-8")
+        (partial / "README.md").write_text(card(module, checkpoint, ckpt, folder, ema, scheduler), encoding="utf-8")
 
     return write, f"DDPMPipeline: {type(scheduler).__name__}"
 
 
-def card(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool) -> str:
-    """The model card: what it is, how it was trained, how to sample it with diffusers."""
-    hp, schedule = module.hparams, module.schedule
+def card(module, checkpoint: dict, ckpt: Path, folder: Path, ema: bool, scheduler) -> str:
+    """The model card: what it is, how it was trained, how to sample it with diffusers (`scheduler`)."""
+    hp, schedule = module.hparams, module.process
     data = checkpoint.get("datamodule_hyper_parameters") or {}
-    flow = schedule.process == "flow"
+    flow = type(scheduler).__name__.startswith("FlowMatch")
     words = {"eps": "predicts the noise (epsilon)", "v": "predicts v" if not flow else "predicts the velocity",
              "x0": "predicts the clean image"}
-    num_classes = module.num_classes
+    num_classes = module.conditioning.num_classes
     run_config = ckpt.resolve().parent.parent / "config.yaml"
     return CARD.format(
         name=folder.name, pipeline="DDPMPipeline", process="rectified-flow" if flow else "DDPM (VP)",
-        prediction_words=words[module.prediction], steps=checkpoint.get("global_step", 0),
-        data=f"the {data.get('dataset', 'unknown')} dataset" + (f" in {data['root']}" if data.get("root") else ""),
+        prediction_words=words[module.objective.prediction], steps=checkpoint.get("global_step", 0),
+        data=describe(data),
         channels=hp.channels, size=hp.image_size, ckpt=ckpt.name, weights=module.weights_name(ema),
         schedule_words=(f"Rectified flow, shift {schedule.shift}." if flow else
                         f"{schedule.timesteps} timesteps, {schedule.kind} betas; x0 clipped to [-1, 1]."),

@@ -43,7 +43,12 @@ def averaged(module: nn.Module, decay: float, warmup: bool | float) -> AveragedM
             if ema.data_ptr() != param.data_ptr():  # a frozen weight the copy shares (LoRA) needs no averaging
                 ema.lerp_(param, 1 - d)
 
-    return AveragedModel(module, multi_avg_fn=update, use_buffers=False).requires_grad_(False)
+    averaged_model = AveragedModel(module, multi_avg_fn=update, use_buffers=False).requires_grad_(False)
+    for name, p in module.named_parameters():  # a frozen weight (LoRA's base) is shared, not copied
+        if not p.requires_grad:
+            owner, _, leaf = name.rpartition(".")
+            setattr(averaged_model.module.get_submodule(owner), leaf, p)
+    return averaged_model
 
 
 class Guide(nn.Module):
@@ -77,20 +82,6 @@ class Evaluations:
 
 Interval = tuple[float, float]
 GuideCondition = Literal["same", "null"]  # what a guide is given: each sample's condition, or the null one
-
-
-def noise_level(schedule, t: Tensor) -> Tensor:
-    """sigma / alpha at the network's time t (VP: timesteps, fractional ones interpolated; flow: 1000 t): the noise
-    level of x_t / alpha = x0 + (sigma / alpha) eps, which means the same on every process (EDM's sigma)."""
-    if schedule.process == "flow":
-        s = (t.double() / schedule.timesteps).clamp(0, 1)
-        return s / (1 - s)  # inf at pure noise
-    ac = schedule.alphas_cumprod.double()
-    levels = ((1 - ac) / ac).sqrt()
-    t = t.double().clamp(0, len(levels) - 1)
-    low = t.floor().long()
-    high = t.ceil().long()
-    return torch.lerp(levels[low], levels[high], t - low)
 
 
 def check_interval(interval: Interval | None) -> Interval:
@@ -151,7 +142,7 @@ def guided(net: nn.Module, y: Tensor | None, guidance_scale: float, null: Tensor
         if guidance_scale == 1.0:
             return main(x_t, t)
         if interval is not None:
-            level = noise_level(schedule, t)
+            level = schedule.noise_level(t)
             inside = (level > lo) & (level <= hi)
             if not inside.any():
                 return main(x_t, t)

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from diffusion_lit.data import image_files, to_8_bits
+from diffusion_lit.folders import image_files, to_8_bits
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import free_bytes, size_text, write_atomic
 

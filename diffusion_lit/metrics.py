@@ -126,8 +126,7 @@ def reference_cache_path(cache_dir: str | Path, extractor: str, data, num_real: 
     The key is the dataset (name, folder, image count), the image size and channels, and the feature extractor.
     """
     identity = {
-        "dataset": data.hparams.dataset,
-        "root": Path(data.hparams.root).resolve(),
+        **data.source.identity(),  # dataset and root: the keys of older versions, so their caches keep matching
         "images": len(data.reference_set),
         "image_size": data.image_size,
         "channels": data.channels,
@@ -135,7 +134,7 @@ def reference_cache_path(cache_dir: str | Path, extractor: str, data, num_real: 
         "extractor": extractor,
     }
     digest = hashlib.sha1(repr(sorted(identity.items())).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"{data.hparams.dataset}-{extractor.rsplit('.', 1)[-1]}-{digest}.pt"
+    return Path(cache_dir).expanduser() / f"{identity['dataset']}-{extractor.rsplit('.', 1)[-1]}-{digest}.pt"
 
 
 def load_features(path: Path) -> Tensor:

@@ -13,27 +13,28 @@ from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.guidance import Evaluations, GuideCondition, Interval, guided  # noqa: F401 (guided: sampling's API)
-from diffusion_lit.schedule import FlowSchedule, NoiseSchedule, gather
-from diffusion_lit.solvers import SOLVERS, Spacing, ddim_grid_sample, evenly_spaced, grid_for, trailing
+from diffusion_lit.process import Process, VP
+from diffusion_lit.schedule import gather
+from diffusion_lit.solvers import SOLVERS, Spacing, ddim_grid_sample, evenly_spaced, trailing
 from diffusion_lit.targets import Prediction, split
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's prediction
 Variance = Literal["posterior", "beta"]
 
 
-def predict(model: Model, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, prediction: Prediction,
+def predict(model: Model, schedule: VP, x_t: Tensor, t: Tensor, prediction: Prediction,
             clip: bool) -> tuple[Tensor, Tensor]:
     """(x0, eps) from the model's prediction at integer timesteps t, x0 optionally clipped to [-1, 1] (eps is the
     unclipped one, as in DDIM's code)."""
     alpha, sigma = schedule.alpha_sigma(t, x_t.ndim)
-    x0, eps = split(prediction, "vp", model(x_t, t), x_t, alpha, sigma)
+    x0, eps = split(prediction, schedule, model(x_t, t), x_t, alpha, sigma)
     return (x0.clamp(-1, 1) if clip else x0), eps
 
 
 @torch.no_grad()
 def ddpm_sample(
     model: Model,
-    schedule: NoiseSchedule,
+    schedule: VP,
     x_T: Tensor,
     generator: torch.Generator | None = None,
     variance: Variance = "posterior",
@@ -85,7 +86,7 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: Spacing = "linspace") ->
     return (evenly_spaced if spacing == "linspace" else trailing)(timesteps, steps).tolist()
 
 
-def check_ddim(schedule: NoiseSchedule, steps: int, eta: float, spacing: Spacing = "linspace") -> list[int]:
+def check_ddim(schedule: VP, steps: int, eta: float, spacing: Spacing = "linspace") -> list[int]:
     """DDIM's timesteps, after checking its settings (a UserError when they are out of range)."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
@@ -95,7 +96,7 @@ def check_ddim(schedule: NoiseSchedule, steps: int, eta: float, spacing: Spacing
 @torch.no_grad()
 def ddim_sample(
     model: Model,
-    schedule: NoiseSchedule,
+    schedule: VP,
     x_T: Tensor,
     steps: int = 50,
     eta: float = 0.0,
@@ -146,7 +147,7 @@ Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
 
 def sample(
     model: Model,
-    schedule: NoiseSchedule | FlowSchedule,
+    schedule: Process,
     x_T: Tensor,
     sampler: Sampler = "ddim",
     steps: int = 50,
@@ -166,7 +167,8 @@ def sample(
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
     solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``), for a
-    model that predicts `prediction` under `schedule`'s process (DDPM / DDIM: VP only).
+    model that predicts `prediction` under the process `schedule` (DDPM: a discrete one, VP; DDIM walks a discrete
+    process's timesteps and any other's grid levels).
 
     With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
     a conditional model samples unconditionally (its "null" class). A text model takes its prompts' features as
@@ -197,8 +199,8 @@ def sample(
         counts.images += len(x_T)
     model = guided(model, labels, guidance_scale, null, guide, guidance_interval, schedule, counts, guide_condition)
     check_sampler(sampler, schedule, steps, eta, spacing)
-    if schedule.process == "flow" and sampler == "ddim":
-        grid = grid_for(schedule, steps, spacing)
+    if not schedule.discrete and sampler == "ddim":
+        grid = schedule.grid(steps, spacing)
         return ddim_grid_sample(model, grid, x_T, eta, generator, clip_x0, return_intermediates, prediction)
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
@@ -206,23 +208,23 @@ def sample(
     if sampler == "ddim":
         return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction,
                            spacing)
-    grid = grid_for(schedule, steps, spacing)
+    grid = schedule.grid(steps, spacing)
     return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates, prediction)
 
 
-def check_sampler(sampler: str, schedule: NoiseSchedule | FlowSchedule, steps: int, eta: float, spacing: str) -> None:
+def check_sampler(sampler: str, schedule: Process, steps: int, eta: float, spacing: str) -> None:
     """A UserError for settings no sampler takes, before any network call."""
     if sampler not in ("ddpm", "ddim", *SOLVERS):
         raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}")
-    if schedule.process == "flow" and sampler == "ddpm":
-        raise UserError("sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a flow model: use ddim "
-                        "(with --eta 1 for DDPM-like noise), euler, heun or dpmpp_2m")
-    if sampler in SOLVERS or schedule.process == "flow":
-        grid_for(schedule, steps, spacing)  # checks steps and spacing
+    if not schedule.discrete and sampler == "ddpm":
+        raise UserError(f"sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a {type(schedule).__name__} "
+                        "model: use ddim (with --eta 1 for DDPM-like noise), euler, heun or dpmpp_2m")
+    if sampler in SOLVERS or not schedule.discrete:
+        schedule.grid(steps, spacing)  # checks steps and spacing
     elif spacing != "linspace" and not (sampler == "ddim" and spacing == "trailing"):
         raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own"
                         + (" or 'trailing'" if sampler == "ddim" else ""))
-    if sampler == "ddim" and schedule.process == "vp":
+    if sampler == "ddim" and schedule.discrete:
         check_ddim(schedule, steps, eta, spacing)
     elif sampler == "ddim" and not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
@@ -238,7 +240,7 @@ def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale
 
 def generate(
     model: Model,
-    schedule: NoiseSchedule,
+    schedule: Process,
     num_samples: int,
     shape: tuple[int, int, int],
     generator: torch.Generator,

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
-from diffusion_lit.targets import Prediction, Process, inverse, split
+from diffusion_lit.targets import Prediction, inverse, split
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, network time) -> the network's prediction
 Spacing = Literal["linspace", "trailing", "karras"]
@@ -33,13 +32,13 @@ class Grid:
     alpha: Tensor
     sigma: Tensor
     scale: Tensor
-    process: Process = "vp"
+    process: object  # the process (`diffusion_lit.process`) the levels belong to
 
     @classmethod
-    def vp(cls, t: Tensor, s: Tensor) -> "Grid":
+    def vp(cls, t: Tensor, s: Tensor, process) -> "Grid":
         """A VP grid from EDM's sigmas s = sigma / alpha [N + 1] (the last 0)."""
         alpha = 1 / (1 + s.double() ** 2).sqrt()
-        return cls(torch.as_tensor(t).float(), alpha, alpha * s, alpha)
+        return cls(torch.as_tensor(t).float(), alpha, alpha * s, alpha, process)
 
     @property
     def level(self) -> Tensor:
@@ -51,7 +50,7 @@ class Grid:
         return float((self.alpha[i] / self.sigma[i]).log())
 
 
-def edm_sigmas(schedule: NoiseSchedule) -> Tensor:
+def edm_sigmas(schedule) -> Tensor:
     """s = sqrt((1 - ᾱ_t) / ᾱ_t) of every integer timestep t = 0..T-1 (float64, increasing)."""
     alphas_cumprod = schedule.alphas_cumprod.double().cpu()
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
@@ -73,7 +72,7 @@ def trailing(timesteps: int, steps: int) -> Tensor:
     return torch.from_numpy(np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1).flip(0)
 
 
-def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", rho: float = 7.0) -> Grid:
+def vp_grid(schedule, steps: int, spacing: Spacing = "linspace", rho: float = 7.0) -> Grid:
     """`steps` levels of a VP schedule and then clean.
 
     ``linspace``: the integer timesteps evenly spaced over [0, T-1], both ends included (DDIM's). ``trailing``: T - 1
@@ -95,24 +94,7 @@ def vp_grid(schedule: NoiseSchedule, steps: int, spacing: Spacing = "linspace", 
         t = timestep_of(s, sigmas)
     else:
         raise UserError(f"unknown step spacing {spacing!r}: use 'linspace', 'trailing' or 'karras'")
-    return Grid.vp(t, torch.cat([s, s.new_zeros(1)]))
-
-
-def flow_grid(schedule: FlowSchedule, steps: int, spacing: Spacing = "linspace") -> Grid:
-    """`steps` levels of the flow, t = 1, 1 - 1/N, ..., 1/N (each shifted by the schedule's shift), then t = 0."""
-    if steps < 1:
-        raise UserError(f"steps must be at least 1, got {steps}")
-    if spacing != "linspace":
-        raise UserError(f"spacing {spacing!r} is for VP models; a flow model takes linspace (and its flow_shift)")
-    t = schedule.shifted(torch.linspace(1, 0, steps + 1, dtype=torch.float64))
-    return Grid(schedule.network_time(t[:-1]).float(), 1 - t, t, torch.ones_like(t), "flow")
-
-
-def grid_for(schedule: NoiseSchedule | FlowSchedule, steps: int, spacing: Spacing = "linspace") -> Grid:
-    """The solvers' grid for a model trained with `schedule` (a UserError for settings it does not take)."""
-    if isinstance(schedule, FlowSchedule):
-        return flow_grid(schedule, steps, spacing)
-    return vp_grid(schedule, steps, spacing)
+    return Grid.vp(t, torch.cat([s, s.new_zeros(1)]), schedule)
 
 
 def data_prediction(model: Model, y: Tensor, grid: Grid, i: int, clip_x0: bool, prediction: Prediction) -> Tensor:

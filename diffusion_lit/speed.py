@@ -1,5 +1,5 @@
-"""Fast paths, each a switch that leaves the results the same (within rounding): torch.compile, bf16 autocast,
-and a grad-free mode for sampling. The channels_last switch lives in the module (weights and a pre-hook)."""
+"""Fast paths, each a switch that leaves the results the same (within rounding): torch.compile and channels-last
+memory (run-time acts, the `Accelerate` callback: not part of the model or its checkpoints) and bf16 autocast."""
 
 import sys
 from contextlib import AbstractContextManager
@@ -7,6 +7,7 @@ from functools import cache
 from typing import Literal
 
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 
 from diffusion_lit.errors import reason
@@ -47,6 +48,31 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype, enabled=dtype is not None)
 
 
-def grad_off(inference_mode: bool) -> AbstractContextManager:
-    """torch.inference_mode (no autograd bookkeeping at all) or the plainer torch.no_grad."""
-    return torch.inference_mode() if inference_mode else torch.no_grad()
+def to_channels_last(net: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the image x_t in channels-last memory format, as the network's weights are."""
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+class Accelerate(Callback):
+    """Run-time speed switches for `fit`, applied to the denoiser and its EMA copy when training starts; they
+    change neither the model nor its checkpoints.
+
+    Args:
+        channels_last: keep the denoisers' weights (and so their activations) in channels-last memory format.
+        compile: `torch.compile` the denoisers (skipped, with one line saying why, where it cannot run).
+    """
+
+    def __init__(self, channels_last: bool = False, compile: bool = False) -> None:
+        self.channels_last, self.compile, self.done = channels_last, compile, False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        nets = [pl_module.net, *([pl_module.ema.module] if pl_module.ema is not None else [])]
+        if self.channels_last:
+            for net in nets:
+                net.to(memory_format=torch.channels_last)
+                net.register_forward_pre_hook(to_channels_last)
+        if self.compile:
+            compile_modules(nets, trainer.strategy.root_device)

@@ -18,9 +18,12 @@ from torch import Tensor, nn
 
 from diffusion_lit.diffusers_io import process_of, read_json
 from diffusion_lit.errors import UserError, reason
-from diffusion_lit.module import DiffusionModule, absolute
-from diffusion_lit.targets import Weighting
-from diffusion_lit.text import need
+from diffusion_lit.conditioning import Prompts
+from diffusion_lit.latent import Latent, absolute
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.objective import Objective, Weighting
+from diffusion_lit.process import VP
+from diffusion_lit.text import CLIPText, need
 
 SD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections: diffusers' LoRA scripts' default
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -164,13 +167,7 @@ class StableDiffusionModule(DiffusionModule):
         cache_latents: encode the training images once when fit starts.
         cache_text: encode each distinct caption once (the text encoder is frozen) and keep its features in host
             memory (236 kB a caption for SD 1.x); it saves the text encoder's work from the second epoch on.
-        compile: `torch.compile` the denoiser.
-        inference_mode: sample under `torch.inference_mode`.
     """
-
-    warn_latent_eps = False  # the pretrained model's prediction is fixed
-    moved_key = "pretrained"  # its autoencoder is the pretrained folder's vae
-    moved_hint = "--autoencoder PATH (sample, evaluate, export) or --model.pretrained PATH (fit)"
 
     def __init__(
         self,
@@ -193,54 +190,38 @@ class StableDiffusionModule(DiffusionModule):
         frozen_dtype: FrozenDtype = "float32",
         cache_latents: bool = False,
         cache_text: bool = False,
-        compile: bool = False,
-        inference_mode: bool = True,
     ) -> None:
         if frozen_dtype not in DTYPES:
             raise UserError(f"frozen_dtype must be one of {', '.join(DTYPES)}, got {frozen_dtype!r}")
         pretrained = absolute(pretrained)
         _, scheduler = read_pipeline(pretrained)
-        process = process_of(scheduler)
-        if process["process"] != "vp":
+        found = process_of(scheduler)
+        if found["process"] != "vp":
             raise UserError(f"pretrained {pretrained}: a flow-matching scheduler; SD 1.x / 2.x's are VP schedulers")
         keep_ema = lora_rank is None if ema is None else ema
         net = partial(PretrainedUNet, folder=pretrained, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(lora_targets), gradient_checkpointing=gradient_checkpointing,
                       frozen_dtype=frozen_dtype)
         super().__init__(
-            net=net, image_size=image_size, channels=channels, num_classes=num_classes, p_uncond=p_uncond,
-            schedule=process["schedule"], timesteps=process["timesteps"], process="vp",
-            prediction=process["prediction"], loss_weighting=loss_weighting, snr_gamma=snr_gamma,
+            net=net, image_size=image_size, channels=channels, num_classes=num_classes,
+            process=VP(found["schedule"], found["timesteps"]),
+            objective=Objective(found["prediction"], loss_weighting, snr_gamma),
+            conditioning=Prompts(CLIPText(pretrained), p_uncond, cache=cache_text),
+            latent=Latent(pretrained, cache=cache_latents),
             ema_decay=ema_decay if keep_ema else None, ema_warmup=ema_warmup, optimizer=optimizer,
-            warmup_steps=warmup_steps, compile=compile, inference_mode=inference_mode, text_encoder=pretrained,
-            autoencoder=pretrained, cache_latents=cache_latents,
+            warmup_steps=warmup_steps,
         )
         self.hparams.clear()  # save_hyperparameters adds to what the parent saved: this class's arguments alone,
         self.save_hyperparameters()  # from which the parent's follow
         self.hparams["pretrained"] = pretrained  # absolute (the CLI's hyperparameters hold it as it was typed)
-        self.autoencoder_fingerprint()  # taken of the float32 weights, before any cast
-        self.frozen.to(DTYPES[frozen_dtype])
-        if self.ema is not None and self.net.lora:  # the EMA copy shares the frozen weights instead of copying them
-            for name, p in self.net.named_parameters():
-                if not p.requires_grad:
-                    owner, _, leaf = name.rpartition(".")
-                    setattr(self.ema.module.get_submodule(owner), leaf, p)
-        self.text_cache: dict[str, Tensor] | None = {} if cache_text else None
+        self.latent.fingerprint()  # taken of the float32 weights, before any cast
+        self.latent.frozen.to(DTYPES[frozen_dtype])
+        self.conditioning.frozen.to(DTYPES[frozen_dtype])
 
     @property
     def lora(self) -> bool:
         """Trained through LoRA adapters."""
         return self.net.lora
-
-    def encode_prompts(self, prompts: Sequence[str], ema: bool = True) -> Tensor:
-        """Text features of the prompts; with `cache_text`, each distinct prompt is encoded once in training (not
-        under inference mode, whose tensors could not be used in training later)."""
-        if self.text_cache is None or torch.is_inference_mode_enabled():
-            return super().encode_prompts(prompts, ema)
-        new = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
-        if new:  # kept in host memory (77 x 768 floats, 236 kB a caption for SD 1.x), brought over per batch
-            self.text_cache.update(zip(new, super().encode_prompts(new, ema).cpu()))
-        return torch.stack([self.text_cache[p] for p in prompts]).to(self.device)
 
 
 LORA_CARD = """---

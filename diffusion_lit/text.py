@@ -19,7 +19,7 @@ def say_cut(encoder: nn.Module, lengths: list[int], unit: str) -> None:
     if cut and not getattr(encoder, "said_cut", False):
         encoder.said_cut = True
         say(f"{cut} of {len(lengths)} prompts are longer than the text encoder reads ({encoder.max_length} {unit}) "
-            "and are cut; raise --model.max_prompt_length to keep them whole (said once)")
+            "and are cut; raise the encoder's max_length to keep them whole (said once)")
 
 
 def byte_tokens(prompts: list[str], length: int) -> Tensor:
@@ -34,14 +34,21 @@ def byte_tokens(prompts: list[str], length: int) -> Tensor:
 class ByteTextEncoder(nn.Module):
     """Bytes -> a few transformer layers -> features [B, max_length, width], trained with the denoiser.
 
+    Args:
+        width: the features' width.
+        depth: transformer layers.
+        heads: attention heads; unset, width / 32.
+        max_length: bytes of a prompt it reads (the rest is cut).
+
     Padding is a token like any other (SD 1.x attends over CLIP's padding too), so the empty prompt has features
     of its own.
     """
 
     trainable = True
 
-    def __init__(self, width: int = 128, depth: int = 2, heads: int = 4, max_length: int = 32) -> None:
+    def __init__(self, width: int = 128, depth: int = 2, heads: int | None = None, max_length: int = 32) -> None:
         super().__init__()
+        heads = heads or max(1, width // 32)
         if width % heads:
             raise UserError(f"the text encoder's width {width} must be divisible by its heads ({heads})")
         self.width, self.max_length = width, max_length
@@ -77,6 +84,7 @@ class CLIPText(nn.Module):
         super().__init__()
         transformers = need("transformers")
         root = Path(folder).expanduser()
+        self.folder = str(root.resolve())
         model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
         tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
         if not (model_dir / "config.json").is_file():
@@ -102,10 +110,3 @@ class CLIPText(nn.Module):
 
     def train(self, mode: bool = True) -> "CLIPText":
         return super().train(False)  # frozen: always in eval mode
-
-
-def text_encoder(spec: str, width: int, depth: int, max_length: int) -> nn.Module:
-    """``bytes`` (a ByteTextEncoder of that size) or a local folder with a CLIP text model."""
-    if spec == "bytes":
-        return ByteTextEncoder(width, depth, max(1, width // 32), max_length)
-    return CLIPText(spec)

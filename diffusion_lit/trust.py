@@ -3,9 +3,9 @@
 A checkpoint's hyperparameters say which network and optimizer to build (`class_path` entries). Loading them
 imports and calls what they name, so a crafted file could name any callable (`os.system`, say). The rule: a
 `class_path` in a checkpoint must be one of diffusion_lit's networks (for `net`), one of torch.optim's optimizers
-(for `optimizer`), or a class the user named on the command line (`--trust_class`, or the config they gave);
-a trusted name must then import as a subclass of the base its place asks for (`nn.Module`, `Optimizer`). Anything
-else is refused with a UserError while it is still a string.
+(for `optimizer`), one of `diffusion_lit.sources` (for the data's `source`), or a class the user named on the command
+line (`--trust_class`, or the config they gave); a trusted name must then import as a subclass of the base its place
+asks for (`nn.Module`, `Optimizer`, `Source`). Anything else is refused with a UserError while it is still a string.
 """
 
 import importlib
@@ -14,7 +14,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from diffusion_lit.conditioning import Unconditional
 from diffusion_lit.errors import UserError
+from diffusion_lit.latent import Pixels
+from diffusion_lit.objective import Objective
+from diffusion_lit.process import Process
+from diffusion_lit.sources import SOURCES as SOURCE_CLASSES, Source
 
 NETWORKS = {"diffusion_lit.unet.UNet", "diffusion_lit.UNet", "diffusion_lit.dit.DiT", "diffusion_lit.DiT"}
 OPTIMIZERS = {
@@ -23,12 +28,24 @@ OPTIMIZERS = {
     if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
 }
 GUIDES = {"diffusion_lit.guidance.Guide"}
+SOURCES = {f"diffusion_lit.sources.{cls.__name__}" for cls in SOURCE_CLASSES}  # data.source in a checkpoint
 PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Optimizer),  # key -> (allowed, base)
-          "guide": (GUIDES, nn.Module)}
-BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer"}
+          "guide": (GUIDES, nn.Module), "source": (SOURCES, Source),
+          # the model's parts (diffusion_lit.process, objective, conditioning, text, latent)
+          "process": ({"diffusion_lit.process.VP", "diffusion_lit.process.Flow", "diffusion_lit.VP", "diffusion_lit.Flow"},
+                      Process),
+          "objective": ({"diffusion_lit.objective.Objective"}, Objective),
+          "conditioning": ({"diffusion_lit.conditioning.Labels", "diffusion_lit.conditioning.Prompts"}, Unconditional),
+          "encoder": ({"diffusion_lit.text.ByteTextEncoder", "diffusion_lit.text.CLIPText"}, nn.Module),
+          "latent": ({"diffusion_lit.latent.Latent"}, Pixels)}
+BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer",
+              Process: "diffusion_lit.process.Process", Objective: "diffusion_lit.objective.Objective",
+              Unconditional: "diffusion_lit.conditioning.Unconditional", Pixels: "diffusion_lit.latent.Pixels",
+              Source: "diffusion_lit.sources.Source"}
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI writes into every checkpoint
 MODULES = {"diffusion_lit.module.DiffusionModule", "diffusion_lit.autoencoder.AutoencoderModule",
            "diffusion_lit.stable_diffusion.StableDiffusionModule"}
+DATAMODULES = {"diffusion_lit.data.DiffusionDataModule"}
 
 
 def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:
@@ -57,12 +74,23 @@ def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the
         allowed, base = PLACES.get(key, (set(), nn.Module))
         if not isinstance(name, str) or (name not in allowed and name not in trusted):
             raise UserError(
-                f"{source} names {name!r} as its {key or 'class'}, which is not one of diffusion_lit's networks or "
-                f"torch.optim's optimizers: refused before importing it. If it is a class of your own that you trust, "
-                f"name it on the command line: --trust_class {name}"
+                f"{source} names {name!r} as its {key or 'class'}, which is not one of diffusion_lit's networks, "
+                f"data sources or torch.optim's optimizers: refused before importing it. If it is a class of your own "
+                f"that you trust, name it on the command line: --trust_class {name}"
             )
         if name in trusted:
             check_subclass(name, base, source)
+
+
+def check_data_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the checkpoint") -> None:
+    """Raises UserError unless a checkpoint's data hyperparameters are a DiffusionDataModule's whose `source` is one
+    of diffusion_lit's sources or a trusted subclass of `Source`."""
+    builder = hparams.get("_class_path")
+    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or builder not in (None, *DATAMODULES):
+        raise UserError(f"{source} asks for its data to be built by "
+                        f"{hparams.get('_instantiator') or hparams.get('_class_path')!r}, which diffusion_lit does not "
+                        "use: refused (a crafted or foreign checkpoint)")
+    check_hparams({k: v for k, v in hparams.items() if not k.startswith("_")}, trusted, source)
 
 
 def check_subclass(name: str, base: type, source: str) -> None:

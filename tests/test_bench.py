@@ -17,8 +17,8 @@ import bench  # noqa: E402
 def config(name: str, tmp_path) -> dict:
     """The config, its image folder (if any) replaced by a few 28x28 digits-like images."""
     cfg = yaml.safe_load((REPO / "configs" / name).read_text())
-    if cfg["data"]["dataset"] == "folder":
-        cfg["data"]["root"] = str(write_image_folder(tmp_path / "images", size=28))
+    if cfg["data"]["source"]["class_path"] == "diffusion_lit.sources.ImageFolder":
+        cfg["data"]["source"]["init_args"] = {"root": str(write_image_folder(tmp_path / "images", size=28))}
     return cfg
 
 
@@ -38,7 +38,7 @@ def test_diffusers_twin_is_within_ten_percent_of_ours(name, tmp_path):
 
 def test_one_measurement_reports_every_number(tmp_path):
     args = Namespace(config="configs/tiny_cpu.yaml", network="diffusers", device="cpu", batch_size=2,
-                     precision="32-true", channels_last=False, compile=False, no_inference_mode=False, warmup=0, repeats=1,
+                     precision="32-true", channels_last=False, compile=False, warmup=0, repeats=1,
                      sample_steps=1)
     result = bench.measure(args, config("tiny_cpu.yaml", tmp_path))
     assert result["batch_size"] == 2 and result["ddpm_steps"] == 1000
@@ -54,7 +54,7 @@ def test_the_share_of_a_training_step_the_guide_takes_is_measured(tmp_path):
         "class_path": "diffusion_lit.unet.UNet", "init_args": {"base_channels": 8, "channel_mult": [1],
                                                               "attention_resolutions": [], "norm_groups": 4}}}}
     args = Namespace(config="configs/tiny_cpu.yaml", network="ours", device="cpu", batch_size=2, precision="32-true",
-                     channels_last=False, compile=False, no_inference_mode=False, warmup=0, repeats=3, sample_steps=1)
+                     channels_last=False, compile=False, warmup=0, repeats=3, sample_steps=1)
     result = bench.measure(args, cfg)
     assert 0 < result["guide_params"] < result["params"]
     assert -1 < result["guide_share_of_step"] < 1  # a time ratio: its value is the benchmark's to print, not a test's

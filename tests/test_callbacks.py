@@ -43,7 +43,7 @@ def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
     (tmp_path / "callbacks.yaml").write_text(yaml.safe_dump(config))
     return cli(
         "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--config", tmp_path / "callbacks.yaml",
-        "--data.dataset", "folder", "--data.root", images, "--data.batch_size", 4, "--trainer.max_steps", 4,
+        "--data.source", "ImageFolder", "--data.source.root", images, "--data.batch_size", 4, "--trainer.max_steps", 4,
         "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.enable_progress_bar", "false", *extra,
         **env_vars,
     )
@@ -51,7 +51,7 @@ def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
 
 def test_ddp_fit_logs_fid_once_per_evaluation_from_exactly_s_samples(tmp_path):
     result = fit_with_callbacks(
-        tmp_path, {"num_samples": 11, "num_real": 20, "feature_extractor": "digits"}, "--model.conditional", "true",
+        tmp_path, {"num_samples": 11, "num_real": 20, "feature_extractor": "digits"}, "--model.conditioning", "Labels",
         "--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp",
     )
     assert result.returncode == 0, result.stderr

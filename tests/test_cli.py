@@ -111,8 +111,8 @@ def test_a_config_given_to_the_wrong_command_names_the_right_one(tmp_path):
 def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):
     images = write_image_folder(tmp_path / "images", n_per_class=16, size=16)
     common = [
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
-        "--data.root", images, "--data.batch_size", 8,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
+        "--data.source.root", images, "--data.batch_size", 8,
         "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.log_every_n_steps", 1,
         "--checkpoint.every_n_train_steps", 3, "--trainer.val_check_interval", 3,
     ]
@@ -143,8 +143,8 @@ def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):
 def test_resume_without_a_checkpoint_stops_with_a_message(tmp_path):
     images = write_image_folder(tmp_path / "images")
     result = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
-        "--data.root", images,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
+        "--data.source.root", images,
         "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--ckpt_path", "last",
     )
     assert result.returncode != 0
@@ -154,17 +154,18 @@ def test_resume_without_a_checkpoint_stops_with_a_message(tmp_path):
 def test_missing_dataset_prints_one_message(tmp_path):
     # CIFAR-10 has no stand-in (MNIST has the shipped digits: tests/test_digits.py)
     result = cli(
-        "fit", "--config", REPO / "configs/cifar10.yaml", "--data.root", tmp_path / "nowhere",
-        "--data.download", "false",
+        "fit", "--config", REPO / "configs/cifar10.yaml", "--data.source.root", tmp_path / "nowhere",
+        "--data.source.download", "false",
         "--trainer.logger.init_args.save_dir", tmp_path / "runs",
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(message) == 1 and str(tmp_path / "nowhere") in message[0] and "--data.dataset folder" in message[0]
+    assert len(message) == 1 and str(tmp_path / "nowhere") in message[0] and "--data.source ImageFolder" in message[0]
 
 
 def test_missing_image_folder_prints_one_message(tmp_path):
-    result = python_m("fit", "--config", REPO / "configs/mnist.yaml", "--data.dataset", "folder", "--data.root", tmp_path / "x")
+    result = python_m("fit", "--config", REPO / "configs/mnist.yaml",
+                      "--data.source", "ImageFolder", "--data.source.root", tmp_path / "x")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr

@@ -24,8 +24,8 @@ def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     images = write_image_folder(tmp / "images", n_per_class=16, size=16)
     result = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
-        "--data.root", images, "--data.batch_size", 8,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
+        "--data.source.root", images, "--data.batch_size", 8,
         "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp / "runs",
     )
     assert result.returncode == 0, result.stderr
@@ -126,9 +126,9 @@ def test_evaluate_needs_something_to_score():
 def test_conditional_fit_and_guided_sampling(tmp_path, checkpoint):
     images = write_image_folder(tmp_path / "images", n_per_class=16, size=16)  # classes a and b
     result = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
-        "--data.root", images, "--data.batch_size", 8,
-        "--model.conditional", "true", "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
+        "--data.source.root", images, "--data.batch_size", 8,
+        "--model.conditioning", "Labels", "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
     )
     assert result.returncode == 0, result.stderr
     conditional = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
@@ -156,12 +156,13 @@ def test_a_checkpoint_from_before_v_and_flow_samples_as_it_did():
     data = REPO / "tests" / "data"
     module, checkpoint = load_checkpoint(str(data / "eps_ddpm_v1.ckpt"))
     assert "process" not in checkpoint["hyper_parameters"] and "prediction" not in checkpoint["hyper_parameters"]
-    assert module.schedule.process == "vp" and module.prediction == "eps" and module.t_sampling == "uniform"
+    assert module.process.spec() == {"process": "vp", "schedule": "cosine", "timesteps": 100}
+    assert module.objective.prediction == "eps" and module.objective.t_sampling == "uniform"
     old = torch.load(data / "eps_ddpm_v1_samples.pt", weights_only=True)
     with module.sampling() as net:
-        ddim = sample(net, module.schedule, old["x_T"], "ddim", steps=10, labels=old["labels"], guidance_scale=2.0)
-        ddpm = sample(net, module.schedule, old["x_T"], "ddpm", generator=torch.Generator().manual_seed(2))
-        dpmpp = sample(net, module.schedule, old["x_T"], "dpmpp_2m", steps=8, spacing="karras")
+        ddim = sample(net, module.process, old["x_T"], "ddim", steps=10, labels=old["labels"], guidance_scale=2.0)
+        ddpm = sample(net, module.process, old["x_T"], "ddpm", generator=torch.Generator().manual_seed(2))
+        dpmpp = sample(net, module.process, old["x_T"], "dpmpp_2m", steps=8, spacing="karras")
     # The stored samples were drawn on another CPU: convolutions and matrix products round differently from one CPU
     # (and SIMD width) to the next, so the same operations agree to float32 rounding, not bit for bit (seen: 3e-7
     # for DDIM, 3e-6 for DDPM's 1000 noisy steps on an AMD EPYC with ATEN_CPU_CAPABILITY=default). 1e-4 is still
@@ -175,19 +176,20 @@ def test_a_checkpoint_from_before_v_and_flow_samples_as_it_did():
 def test_flow_fit_and_sample(tmp_path):
     """A rectified-flow run through the CLI; `sample` learns the process from the checkpoint, needs no flag."""
     images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)
-    fit = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", images,
+    fit = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
+              "--data.source", "ImageFolder", "--data.source.root", images,
               "--data.batch_size", 8, "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
-              "--model.process", "flow", "--model.loss_weighting", "min_snr")
+              "--model.process", "Flow", "--model.objective.loss_weighting", "min_snr")
     assert fit.returncode == 0, fit.stderr
     ckpt = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["process"] == "flow"
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["process"]["class_path"].endswith(".Flow")
     heun = cli("sample", "--ckpt_path", ckpt, "--num_samples", 3, "--sampler", "heun", "--steps", 3,
                "--out", tmp_path / "h.npz")
     assert heun.returncode == 0, heun.stderr
     assert "(5 network evaluations per image;" in heun.stdout  # 3 levels: 2 + 2 + 1
     assert np.load(tmp_path / "h.npz")["arr_0"].shape == (3, 16, 16, 1)
     ddpm = cli("sample", "--ckpt_path", ckpt, "--sampler", "ddpm", "--out", tmp_path / "d.npz")
-    assert ddpm.returncode == 2 and "flow model" in ddpm.stderr and "Traceback" not in ddpm.stderr
+    assert ddpm.returncode == 2 and "Flow model" in ddpm.stderr and "Traceback" not in ddpm.stderr
 
 
 def test_fid_and_kid_of_one_set_against_itself_are_never_negative():

@@ -10,7 +10,8 @@ from diffusion_lit.dit import DiT
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sampling import ddim_sample, guided, sample
-from diffusion_lit.schedule import NoiseSchedule
+from diffusion_lit.conditioning import Labels
+from diffusion_lit.process import VP
 
 from conftest import assert_halves_its_loss, bars, tiny_unet
 
@@ -18,10 +19,10 @@ tiny_dit = partial(DiT, patch_size=2, hidden_size=32, depth=2, num_heads=2)
 
 
 def test_labels_are_dropped_at_the_configured_rate():
-    model = DiffusionModule(net=tiny_unet, image_size=8, channels=1, num_classes=10, conditional=True, p_uncond=0.2)
+    model = DiffusionModule(net=tiny_unet, image_size=8, channels=1, num_classes=10, conditioning=Labels(0.2))
     torch.manual_seed(0)
     y = torch.randint(0, 10, (100_000,))
-    dropped = model.drop_labels(y)
+    dropped = model.conditioning.drop(y)
     share = (dropped == 10).float().mean().item()
     assert share == pytest.approx(0.2, abs=0.005)  # 4 standard deviations of a binomial share at n = 100000
     kept = dropped != 10
@@ -52,12 +53,12 @@ def test_unconditional_path_is_unchanged():
         torch.nn.init.normal_(p, std=0.2)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
     assert torch.equal(net(x, t), net(x, t, torch.tensor([1, 2])))
-    module = DiffusionModule(net=tiny_unet, image_size=8, channels=1, num_classes=10, conditional=False)
-    assert module.num_classes == 0 and module.net.class_emb is None  # labelled data, unconditional model
+    module = DiffusionModule(net=tiny_unet, image_size=8, channels=1, num_classes=10, conditioning=None)
+    assert module.conditioning.num_classes == 0 and module.net.class_emb is None  # labelled data, unconditional model
 
 
 def test_labels_or_guidance_from_an_unconditional_model_is_an_error():
-    schedule, net = NoiseSchedule("linear", 10), tiny_unet(1, 8, 0)
+    schedule, net = VP("linear", 10), tiny_unet(1, 8, 0)
     with pytest.raises(UserError, match="unconditional"):
         sample(net, schedule, torch.randn(2, 1, 8, 8), steps=2, labels=torch.tensor([1, 2]))
     with pytest.raises(UserError, match="unconditional"):
@@ -71,10 +72,10 @@ def test_guided_sampling_batches_both_passes():
     net = tiny_unet(1, 8, 10)
     original = net.forward
     net.forward = lambda x, t, y=None: calls.append(len(x)) or original(x, t, y)
-    ddim_sample(guided(net, torch.tensor([1, 2, 3]), 2.0), NoiseSchedule("linear", 100), torch.randn(3, 1, 8, 8), steps=5)
+    ddim_sample(guided(net, torch.tensor([1, 2, 3]), 2.0), VP("linear", 100), torch.randn(3, 1, 8, 8), steps=5)
     assert calls == [6] * 5  # one call of 2B per step
     calls.clear()
-    ddim_sample(guided(net, torch.tensor([1, 2, 3]), 1.0), NoiseSchedule("linear", 100), torch.randn(3, 1, 8, 8), steps=5)
+    ddim_sample(guided(net, torch.tensor([1, 2, 3]), 1.0), VP("linear", 100), torch.randn(3, 1, 8, 8), steps=5)
     assert calls == [3] * 5  # w = 1 needs the conditional pass alone
 
 
@@ -114,6 +115,7 @@ def test_unpatchify_inverts_patchify():
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
 def test_tiny_dit_overfits_eight_images(conditional):
     loader = DataLoader(TensorDataset(bars(), torch.arange(8) % 2), batch_size=8)
-    model = DiffusionModule(net=tiny_dit, image_size=8, channels=1, num_classes=2, conditional=conditional,
-                            optimizer=partial(torch.optim.Adam, lr=2e-3), schedule="cosine")
+    model = DiffusionModule(net=tiny_dit, image_size=8, channels=1, num_classes=2,
+                            conditioning=Labels() if conditional else None,
+                            optimizer=partial(torch.optim.Adam, lr=2e-3), process=VP("cosine"))
     assert_halves_its_loss(model, loader)

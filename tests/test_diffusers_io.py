@@ -1,5 +1,5 @@
 """Models that leave and enter as diffusers pipelines: our UNet as UNet2DModel and back, the schedulers, `export`
-read by diffusers' own DDPMPipeline, and `--model.init_from`."""
+read by diffusers' own DDPMPipeline, and the `InitFrom` callback."""
 
 from functools import partial
 
@@ -11,6 +11,8 @@ from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline, UNet2DMode
 from diffusion_lit.diffusers_io import from_diffusers, load_unet_weights, process_of, scheduler_for, to_diffusers, unet2d_config
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.objective import Objective
+from diffusion_lit.process import VP, Flow
 from diffusion_lit.sampling import ddim_sample
 from diffusion_lit.unet import UNet
 
@@ -78,15 +80,16 @@ def test_a_unet2dmodel_folder_initialises_our_unet(tmp_path, num_classes):
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_the_exported_scheduler_has_our_betas_exactly(kind, prediction):
-    module = DiffusionModule(tiny_unet, image_size=8, channels=1, schedule=kind, prediction=prediction)
+    module = DiffusionModule(tiny_unet, image_size=8, channels=1, process=VP(kind), objective=Objective(prediction))
     scheduler = scheduler_for(module)
-    assert torch.equal(scheduler.betas.float(), module.schedule.betas)  # else the export refuses
+    assert torch.equal(scheduler.betas.float(), module.process.betas)  # else the export refuses
     said = process_of(dict(scheduler.config, _class_name=type(scheduler).__name__))
     assert said == {"process": "vp", "schedule": kind, "timesteps": 1000, "prediction": prediction}
-    flow = scheduler_for(DiffusionModule(tiny_unet, image_size=8, channels=1, process="flow", flow_shift=3.0))
+    flow = scheduler_for(DiffusionModule(tiny_unet, image_size=8, channels=1, process=Flow(3.0)))
     assert type(flow).__name__ == "FlowMatchEulerDiscreteScheduler" and flow.config.shift == 3.0
     with pytest.raises(UserError, match="only v-prediction flow models export"):
-        scheduler_for(DiffusionModule(tiny_unet, image_size=8, channels=1, process="flow", prediction="x0"))
+        scheduler_for(DiffusionModule(tiny_unet, image_size=8, channels=1, process=Flow(),
+                                      objective=Objective("x0")))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,8 @@ def images(tmp_path_factory):
 
 
 def fit(tmp_path, images, name: str, *extra) -> "Path":  # noqa: F821
-    result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", images,
+    result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
+                 "--data.source", "ImageFolder", "--data.source.root", images,
                  "--data.batch_size", 8, "--trainer.max_steps", 1, "--trainer.callbacks", "[]",
                  "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.logger.init_args.name", name,
                  *extra)
@@ -115,7 +119,8 @@ def perturb_checkpoint(path) -> None:
 
 @pytest.mark.parametrize("schedule, prediction", [("linear", "eps"), ("linear", "v"), ("cosine", "eps")])
 def test_diffusers_ddpm_pipeline_draws_what_our_sampler_draws(tmp_path, images, schedule, prediction):
-    ckpt = fit(tmp_path, images, "run", "--model.schedule", schedule, "--model.prediction", prediction)
+    ckpt = fit(tmp_path, images, "run", "--model.process", "VP", "--model.process.schedule", schedule,
+               "--model.objective.prediction", prediction)
     perturb_checkpoint(ckpt)
     out = tmp_path / "pipeline"
     result = cli("export", "--ckpt_path", ckpt, "--out", out)
@@ -131,7 +136,7 @@ def test_diffusers_ddpm_pipeline_draws_what_our_sampler_draws(tmp_path, images, 
     module = DiffusionModule.load_from_checkpoint(ckpt, weights_only=True)
     x_T = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))  # what the pipeline drew first
     with module.sampling() as net:
-        x0 = ddim_sample(net, module.schedule, x_T, steps=5, spacing="trailing", prediction=prediction)
+        x0 = ddim_sample(net, module.process, x_T, steps=5, spacing="trailing", prediction=prediction)
     ours = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     # The same five DDIM steps in float32; diffusers keeps ᾱ as a float32 cumulative product where ours is
     # computed in float64 and rounded, a relative 1e-6 apart. 1e-4 on [0, 1] images is far below a grey level.
@@ -142,9 +147,10 @@ def test_diffusers_ddpm_pipeline_draws_what_our_sampler_draws(tmp_path, images, 
 def test_export_refuses_what_diffusers_cannot_express(tmp_path, images):
     dit = fit(tmp_path, images, "dit", "--model.net", "diffusion_lit.dit.DiT", "--model.net.init_args.patch_size", 2,
               "--model.net.init_args.hidden_size", 32, "--model.net.init_args.depth", 1, "--model.net.init_args.num_heads", 2)
-    text = fit(tmp_path, images, "text", "--model.text_encoder", "bytes", "--model.text_width", 16,
-               "--model.text_depth", 1, "--data.dataset", "digits", "--data.captions", "true")
-    flow_x0 = fit(tmp_path, images, "flow_x0", "--model.process", "flow", "--model.prediction", "x0")
+    text = fit(tmp_path, images, "text", "--model.conditioning", "Prompts", "--model.conditioning.encoder",
+               "ByteTextEncoder", "--model.conditioning.encoder.width", 16, "--model.conditioning.encoder.depth", 1,
+               "--data.source", "ShippedDigits", "--data.captions", "true")
+    flow_x0 = fit(tmp_path, images, "flow_x0", "--model.process", "Flow", "--model.objective.prediction", "x0")
     for ckpt, why in ((dit, "DiT denoiser has no diffusers counterpart"), (text, "a text model's UNet"),
                       (flow_x0, "only v-prediction flow models export")):
         out = tmp_path / f"out_{ckpt.parent.parent.name}"
@@ -165,9 +171,11 @@ def test_init_from_refuses_a_mismatch_a_missing_folder_and_a_folder_without_weig
     cases = [("wide", "block_out_channels is [32, 64] there and [16, 32] here"), ("nowhere", "no such folder"),
              ("empty", "no config.json"), ("no_weights", "its weights could not be read")]
     for folder, why in cases:
-        result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root",
+        result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
+                     "--data.source", "ImageFolder", "--data.source.root",
                      images, "--data.batch_size", 8, "--trainer.max_steps", 1, "--trainer.callbacks", "[]",
-                     "--model.init_from", tmp_path / folder, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+                     "--trainer.callbacks+=diffusion_lit.diffusers_io.InitFrom", "--trainer.callbacks.path",
+                     tmp_path / folder, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
                      "--trainer.logger.init_args.name", folder, *net)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -178,15 +186,17 @@ def test_fit_starts_from_an_exported_pipeline(tmp_path, images):
     ckpt = fit(tmp_path, images, "first")
     perturb_checkpoint(ckpt)
     assert cli("export", "--ckpt_path", ckpt, "--out", tmp_path / "pipe").returncode == 0
-    wrong = fit_from(tmp_path, images, "wrong", "--model.prediction", "v")
+    wrong = fit_from(tmp_path, images, "wrong", "--model.objective.prediction", "v")
     assert wrong.returncode == 2 and "its scheduler says prediction 'eps'" in wrong.stderr
     result = fit_from(tmp_path, images, "second")
     assert result.returncode == 0, result.stderr
-    assert "init_from: the UNet starts from" in result.stderr
+    assert "InitFrom: the UNet starts from" in result.stderr
 
 
 def fit_from(tmp_path, images, name, *extra):
-    return cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", images,
-               "--data.batch_size", 8, "--trainer.max_steps", 1, "--trainer.callbacks", "[]", "--model.init_from",
+    return cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
+               "--data.source", "ImageFolder", "--data.source.root", images,
+               "--data.batch_size", 8, "--trainer.max_steps", 1, "--trainer.callbacks", "[]",
+               "--trainer.callbacks+=diffusion_lit.diffusers_io.InitFrom", "--trainer.callbacks.path",
                tmp_path / "pipe", "--trainer.logger.init_args.save_dir", tmp_path / "runs",
                "--trainer.logger.init_args.name", name, *extra)

@@ -11,6 +11,7 @@ from diffusion_lit.commands import evaluate
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.digits import DigitJudge, held_out, judge_counts, shipped_digits
 from diffusion_lit.metrics import ImageFeatures, compute, extract, fid_and_kid
+from diffusion_lit.sources import ShippedDigits
 
 from test_cli import REPO, cli
 
@@ -23,7 +24,7 @@ def test_the_shipped_digits_are_mnists_test_split():
     assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == TEST_SPLIT_COUNTS
     assert images[:, :, :4, :4].max() == 0 and images.float().mean().item() == pytest.approx(33.79, abs=0.05)
-    data = DiffusionDataModule("digits", batch_size=8)
+    data = DiffusionDataModule(ShippedDigits(), batch_size=8)
     data.setup()
     x, y = data.train_set[0]
     assert (data.image_size, data.channels, data.num_classes) == (28, 1, 10)
@@ -71,7 +72,7 @@ def test_evaluate_with_the_judge_on_real_digits(tmp_path, capsys):
 def test_offline_mnist_trains_on_the_shipped_digits(tmp_path):
     """The main command on a machine without the full MNIST and without a network: it trains, and says so once."""
     offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # every download refused
-    result = cli("fit", "--config", REPO / "configs/mnist.yaml", "--data.root", tmp_path / "empty",
+    result = cli("fit", "--config", REPO / "configs/mnist.yaml", "--data.source.root", tmp_path / "empty",
                  "--data.batch_size", 4, "--trainer.max_steps", 2, "--trainer.limit_val_batches", 0,
                  "--trainer.callbacks", "[]", "--trainer.logger.init_args.save_dir", tmp_path / "runs",
                  "--trainer.enable_progress_bar", "false", **offline)

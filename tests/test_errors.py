@@ -16,6 +16,7 @@ from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError
 from diffusion_lit.images import check_output, save_images
 from diffusion_lit.metrics import ImageFeatures, extract
+from diffusion_lit.sources import ImageFolder
 
 from conftest import write_image_folder
 from test_cli import REPO, cli, python_m
@@ -39,7 +40,7 @@ def checkpoints(tmp_path_factory, images):
 
 
 def fit_args(images, tmp):
-    return ["--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", images,
+    return ["--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder", "--data.source.root", images,
             "--data.batch_size", 4, "--trainer.logger.init_args.save_dir", tmp / "runs",
             "--trainer.enable_progress_bar", "false"]
 
@@ -54,15 +55,19 @@ def assert_clean_failure(result, *phrases):
 @pytest.mark.parametrize(
     "args,phrases",
     [
-        (["--model.schedule", "quadratic"], ["model.schedule", "'linear', 'cosine'"]),
-        (["--data.dataset", "imagenet"], ["data.dataset", "'mnist', 'cifar10', 'folder'"]),
+        (["--model.process", "VP", "--model.process.schedule", "quadratic"], ["schedule", "quadratic"]),
+        (["--model.schedule", "cosine"], ["--model.schedule is an option of older diffusion_lit",
+                                          "--model.process VP --model.process.schedule"]),
+        (["--model.conditional", "true"], ["--model.conditioning Labels"]),
+        (["--data.source", "ImageNet"], ["data.source", "ImageNet"]),
+        (["--data.dataset", "imagenet"], ["unknown dataset 'imagenet'", "ShippedDigits, MNIST, CIFAR10, ImageFolder"]),
         (["--model.optimizer.init_args.lr", "-0.1", "--trainer.max_steps", "1"], ["Invalid learning rate: -0.1"]),
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
         (["--model.warmup_steps", "-1"], ["warmup_steps must not be negative"]),
         (["--data.image_size", "15", "--trainer.max_steps", "1"], ["image_size 15 cannot be halved"]),
         (["--data.num_workers", "-1"], ["num_workers must be 0"]),
     ],
-    ids=["schedule", "dataset", "learning-rate", "max-steps", "warmup", "image-size", "workers"],
+    ids=["schedule", "old-schedule", "old-conditional", "source", "old-dataset", "learning-rate", "max-steps", "warmup", "image-size", "workers"],
 )
 def test_bad_fit_values(images, tmp_path, args, phrases):
     assert_clean_failure(cli("fit", *fit_args(images, tmp_path), *args), *phrases)
@@ -131,9 +136,9 @@ def test_unreadable_images_stop_before_training_or_are_skipped(images, tmp_path)
     shutil.copytree(images, folder)
     (folder / "a" / "corrupt.png").write_bytes(b"\x89PNG not really")
     stopped = cli("fit", *fit_args(folder, tmp_path))
-    assert_clean_failure(stopped, "1 of 33 image files", "corrupt.png", "--data.skip_unreadable true")
+    assert_clean_failure(stopped, "1 of 33 image files", "corrupt.png", "--data.source.skip_unreadable true")
     assert not (tmp_path / "runs" / "tiny_cpu" / "checkpoints").exists()  # before the first step
-    result = cli("fit", *fit_args(folder, tmp_path), "--data.skip_unreadable", "true", "--trainer.max_steps", 1)
+    result = cli("fit", *fit_args(folder, tmp_path), "--data.source.skip_unreadable", "true", "--trainer.max_steps", 1)
     assert result.returncode == 0, result.stderr
     assert "1 of 33 image files" in result.stderr and "left out" in result.stderr
 
@@ -141,7 +146,7 @@ def test_unreadable_images_stop_before_training_or_are_skipped(images, tmp_path)
 def test_a_folder_of_mixed_images_says_what_it_converts(tmp_path, capsys):
     write_image_folder(tmp_path / "mixed", n_per_class=4, size=16)
     Image.new("RGB", (20, 24)).save(tmp_path / "mixed" / "a" / "rgb.png")
-    DiffusionDataModule("folder", str(tmp_path / "mixed"), batch_size=2).setup()
+    DiffusionDataModule(ImageFolder(str(tmp_path / "mixed")), batch_size=2).setup()
     assert "of 9 images, 1 resized and center-cropped to 16x16 and 1 converted from other colour modes to L" in (
         capsys.readouterr().err)
 
@@ -173,12 +178,12 @@ def test_a_folder_as_checkpoint_is_named_a_folder(checkpoints):
 def test_evaluate_checks_the_reference_before_sampling(checkpoints, tmp_path, monkeypatch):
     good, _ = checkpoints
     checkpoint = torch.load(good, weights_only=True)
-    checkpoint["datamodule_hyper_parameters"]["root"] = "relative/images"  # as `fit` ran in another folder
+    checkpoint["datamodule_hyper_parameters"]["source"]["init_args"]["root"] = "relative/images"  # fit ran elsewhere
     torch.save(checkpoint, tmp_path / "moved.ckpt")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="run evaluate from the folder `fit` ran in, or give .* --real DIR") as err:
         evaluate(ckpt_path="moved.ckpt", num_samples=100000, feature_extractor="features.TinyFeatures")
-    assert "--data.root" not in str(err.value)
+    assert "--data.source.root" not in str(err.value)
 
     write_image_folder(tmp_path / "big", n_per_class=4, size=32)
     with pytest.raises(UserError, match="the samples are 16x16 with 1 channel and the real images 32x32"):
@@ -201,7 +206,7 @@ def test_a_config_error_is_one_line_not_the_usage(images, tmp_path):
 def test_a_guidance_scale_for_an_unconditional_model_is_said_before_training(images, tmp_path):
     # a subprocess: the order of our line and Lightning's own log lines is what is checked
     result = python_m("fit", "--config", REPO / "configs/mnist_cpu.yaml", *fit_args(images, tmp_path)[2:],
-                      "--model.conditional", "false", "--trainer.max_steps", 1)
+                      "--model.conditioning", "null", "--trainer.max_steps", 1)
     assert result.returncode == 0, result.stderr
     warning = result.stderr.index("SampleGrid: guidance_scale 1.25 is ignored")
     assert warning < result.stderr.index("Trainer.fit` stopped")

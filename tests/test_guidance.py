@@ -10,10 +10,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.guidance import Evaluations, Guide, guided, noise_level
+from diffusion_lit.guidance import Evaluations, Guide, guided
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sampling import ddim_timesteps, sample
-from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
+from diffusion_lit.process import VP, Flow
 
 from conftest import assert_halves_its_loss, bars, tiny_unet, write_image_folder
 from test_cli import REPO, cli
@@ -68,7 +68,7 @@ def test_a_guide_at_the_null_label_is_the_weak_side_of_cfg_and_autoguidance_at_o
 @pytest.mark.parametrize("process, sampler", SAMPLERS, ids=lambda v: v)
 def test_a_guide_identical_to_the_model_changes_no_sampler_output(process, sampler):
     main = random_net()
-    schedule = NoiseSchedule("linear", 20) if process == "vp" else FlowSchedule()
+    schedule = VP("linear", 20) if process == "vp" else Flow()
     x_T = torch.randn(2, 1, 8, 8)
     draw = partial(sample, main, schedule, x_T, sampler, 4, 1.0 if sampler == "ddim" else 0.0,
                    prediction="eps" if process == "vp" else "v")
@@ -84,19 +84,19 @@ def test_noise_levels_mean_the_same_on_both_processes(process):
     """sigma / alpha from the network's time: the flow's t / (1 - t), VP's sqrt((1 - ᾱ) / ᾱ)."""
     if process == "flow":
         t = torch.tensor([0.0, 0.25, 0.5, 0.75])
-        torch.testing.assert_close(noise_level(FlowSchedule(), 1000 * t), (t / (1 - t)).double())
+        torch.testing.assert_close(Flow().noise_level(1000 * t), (t / (1 - t)).double())
     else:
-        schedule = NoiseSchedule("cosine", 100)
+        schedule = VP("cosine", 100)
         ac = schedule.alphas_cumprod.double()
         expected = ((1 - ac) / ac).sqrt()
-        torch.testing.assert_close(noise_level(schedule, torch.tensor([0, 50, 99])), expected[[0, 50, 99]])
+        torch.testing.assert_close(schedule.noise_level(torch.tensor([0, 50, 99])), expected[[0, 50, 99]])
         # fractional timesteps (Karras grids) lie between their neighbours
-        assert expected[50] < noise_level(schedule, torch.tensor([50.5])).item() < expected[51]
+        assert expected[50] < schedule.noise_level(torch.tensor([50.5])).item() < expected[51]
 
 
 def test_guidance_on_an_interval_makes_one_pass_outside_it_and_two_inside():
-    schedule, steps, interval = NoiseSchedule("linear", 100), 10, (0.5, 3.0)
-    levels = noise_level(schedule, torch.tensor(ddim_timesteps(100, steps)))
+    schedule, steps, interval = VP("linear", 100), 10, (0.5, 3.0)
+    levels = schedule.noise_level(torch.tensor(ddim_timesteps(100, steps)))
     inside = int(((levels > 0.5) & (levels <= 3.0)).sum())
     assert 0 < inside < steps
     calls = []
@@ -142,7 +142,8 @@ def runs(tmp_path_factory):
     images = write_image_folder(tmp / "images", n_per_class=8, size=8)
 
     def fit(name, *extra):
-        result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root",
+        result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
+                     "--data.source", "ImageFolder", "--data.source.root",
                      images, "--data.batch_size", 8, "--trainer.max_steps", 1, "--trainer.callbacks", "[]",
                      "--trainer.logger.init_args.save_dir", tmp / "runs", "--trainer.logger.init_args.name", name,
                      *extra)
@@ -152,8 +153,8 @@ def runs(tmp_path_factory):
     return tmp, {
         "main": fit("main"), "small": fit("small", "--model.net.init_args.base_channels", 8,
                                           "--model.net.init_args.norm_groups", 4),
-        "flow": fit("flow", "--model.process", "flow"), "v": fit("v", "--model.prediction", "v"),
-        "conditional": fit("conditional", "--model.conditional", "true"),
+        "flow": fit("flow", "--model.process", "Flow"), "v": fit("v", "--model.objective.prediction", "v"),
+        "conditional": fit("conditional", "--model.conditioning", "Labels"),
         "bigger": fit("bigger", "--data.image_size", 16),
     }
 
@@ -164,7 +165,7 @@ def test_a_guide_checkpoint_guides_sample_and_counts_its_calls(runs):
     result = cli("sample", "--ckpt_path", ckpt["main"], "--guide_ckpt", ckpt["small"], "--guidance_scale", 2,
                  "--steps", 4, "--num_samples", 2, "--out", out, "--guidance_interval", "[0.1, 100]")
     assert result.returncode == 0, result.stderr
-    levels = noise_level(NoiseSchedule("cosine", 1000), torch.tensor(ddim_timesteps(1000, 4)))
+    levels = VP("cosine", 1000).noise_level(torch.tensor(ddim_timesteps(1000, 4)))
     inside = int(((levels > 0.1) & (levels <= 100)).sum())
     assert f"{4 + inside} network evaluations per image (4 of the model, {inside} of the guide" in result.stdout
     assert "ms per image" in result.stdout

@@ -12,8 +12,8 @@ from PIL import Image
 from diffusion_lit import commands, images as images_module
 from diffusion_lit.autoencoder import AutoencoderModule
 from diffusion_lit.commands import parse_prompts
-from diffusion_lit.data import FolderIndex, ImageFolder
 from diffusion_lit.errors import UserError
+from diffusion_lit.folders import FolderImages, FolderIndex
 from diffusion_lit.text import ByteTextEncoder
 
 from conftest import write_image_folder
@@ -142,7 +142,7 @@ def test_images_are_decoded_before_training_and_16_bits_scaled_not_clipped(tmp_p
 
     deep = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
     Image.fromarray(deep).save(root / "b" / "deep.png")  # 16-bit grayscale
-    loaded = np.asarray(ImageFolder(FolderIndex.scan(root, skip_unreadable=True), channels=1)[5][0])
+    loaded = np.asarray(FolderImages(FolderIndex.scan(root, skip_unreadable=True), channels=1)[5][0])
     assert loaded.min() == 0 and loaded.max() == 255 and len(np.unique(loaded)) > 32  # a ramp, not all white
     np.testing.assert_allclose(loaded, deep / 257, atol=0.5)
 

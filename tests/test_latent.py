@@ -10,8 +10,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.autoencoder import AutoencoderModule, psnr
 from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.conditioning import Prompts
 from diffusion_lit.errors import UserError
+from diffusion_lit.latent import Latent
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.sources import ImageFolder
+from diffusion_lit.text import ByteTextEncoder, CLIPText
 
 from conftest import assert_halves_its_loss, bars, tiny_unet, write_image_folder
 from test_cli import cli
@@ -43,27 +47,29 @@ def test_a_diffusers_folder_loads_through_model_autoencoder(tmp_path):
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                   norm_num_groups=4, scaling_factor=0.5)
     vae.save_pretrained(tmp_path / "sd" / "vae")  # SD's layout: the autoencoder in a vae sub-folder
-    model = DiffusionModule(tiny_unet, image_size=16, channels=1, autoencoder=str(tmp_path / "sd"))
-    assert model.shape == (2, 8, 8) and model.latent_scale.item() == 0.5  # its own scaling factor
+    model = DiffusionModule(tiny_unet, image_size=16, channels=1, latent=Latent(str(tmp_path / "sd")))
+    assert model.shape == (2, 8, 8) and model.latent.scale.item() == 0.5  # its own scaling factor
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     with torch.no_grad():
-        z = model.encode(x)
+        z = model.latent.encode(x)
         assert z.shape == (3, 2, 8, 8)
-        torch.testing.assert_close(model.decode(z), vae.decode(z / 0.5).sample.clamp(-1, 1))
-    assert not any(k.startswith("frozen.") for k in model.state_dict())
+        torch.testing.assert_close(model.latent.decode(z), vae.decode(z / 0.5).sample.clamp(-1, 1))
+    assert not any("frozen." in k for k in model.state_dict())
     with pytest.raises(UserError, match="does not exist"):
-        DiffusionModule(tiny_unet, image_size=16, channels=1, autoencoder=str(tmp_path / "nothing"))
+        DiffusionModule(tiny_unet, image_size=16, channels=1, latent=Latent(str(tmp_path / "nothing")))
     with pytest.raises(UserError, match="takes 1-channel images and the data has 3"):
-        DiffusionModule(tiny_unet, image_size=16, channels=3, autoencoder=str(tmp_path / "sd"))
-    with pytest.raises(UserError, match="give model.autoencoder too"):
-        DiffusionModule(tiny_unet, image_size=16, channels=1, cache_latents=True)
+        DiffusionModule(tiny_unet, image_size=16, channels=3, latent=Latent(str(tmp_path / "sd")))
+    # Caching latents without an autoencoder: the latent part needs one.
+    result = cli("fit", "--config", "configs/tiny_cpu.yaml", "--model.latent", "Latent", "--model.latent.cache", "true",
+                 "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.max_steps", 1)
+    assert result.returncode == 2 and "required: autoencoder" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("cache", ["false", "true"], ids=["encoded-each-step", "cached"])
 def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path, cache):
     root = write_image_folder(tmp_path / "images", n_per_class=16, size=16)
     runs = tmp_path / "runs"
-    common = ["--data.dataset", "folder", "--data.root", root, "--data.batch_size", 8,
+    common = ["--data.source", "ImageFolder", "--data.source.root", root, "--data.batch_size", 8,
               "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", runs]
     result = cli("fit", "--config", "configs/digits_autoencoder.yaml", *common,
                  "--model.block_out_channels", "[8, 16]", "--model.norm_num_groups", 4, "--trainer.max_steps", 4,
@@ -71,33 +77,35 @@ def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path, ca
     assert result.returncode == 0, result.stderr
     ae_ckpt = runs / "ae" / "checkpoints" / "last.ckpt"
     wrong = cli("sample", "--ckpt_path", ae_ckpt, "--out", tmp_path / "x.png")  # not a diffusion checkpoint
-    assert wrong.returncode == 2 and "an autoencoder's checkpoint" in wrong.stderr and "model.autoencoder" in wrong.stderr
+    assert (wrong.returncode == 2 and "an autoencoder's checkpoint" in wrong.stderr
+            and "model.latent.autoencoder" in wrong.stderr)
 
     def fit(name: str, steps: int, *extra):
-        return cli("fit", "--config", "configs/tiny_cpu.yaml", *common, "--model.autoencoder", ae_ckpt,
+        return cli("fit", "--config", "configs/tiny_cpu.yaml", *common, "--model.latent", "Latent",
+                   "--model.latent.autoencoder", ae_ckpt,
                    "--trainer.logger.init_args.name", name, "--trainer.max_steps", steps, "--trainer.val_check_interval",
                    2, "--checkpoint.every_n_train_steps", 2, "--trainer.callbacks.init_args.steps", 2,
-                   "--trainer.callbacks.init_args.every_n_steps", 2, "--model.cache_latents", cache, *extra)
+                   "--trainer.callbacks.init_args.every_n_steps", 2, "--model.latent.cache", cache, *extra)
 
     straight = fit("straight", 4)
     assert straight.returncode == 0, straight.stderr
-    assert "latent_scale:" in straight.stderr
+    assert "latent scale:" in straight.stderr
     assert fit("resumed", 2).returncode == 0
     resumed = fit("resumed", 4, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr
-    assert "latent_scale:" not in resumed.stderr  # measured once, then carried in the checkpoint
+    assert "latent scale:" not in resumed.stderr  # measured once, then carried in the checkpoint
     a = torch.load(runs / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(runs / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and not any(k.startswith("frozen.") for k in a)
+    assert a.keys() == b.keys() and not any("frozen." in k for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
     # The measured scale brings the training latents to unit variance.
     model = DiffusionModule.load_from_checkpoint(runs / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    data = DiffusionDataModule("folder", str(root), batch_size=8, num_workers=0)
+    data = DiffusionDataModule(ImageFolder(str(root)), batch_size=8, num_workers=0)
     data.setup("fit")
     images = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])
-    assert abs(model.encode(images).std().item() - 1.0) < 0.1
+    assert abs(model.latent.encode(images).std().item() - 1.0) < 0.1
 
     out = tmp_path / "samples.npz"
     result = cli("sample", "--ckpt_path", runs / "straight" / "checkpoints" / "last.ckpt", "--num_samples", 3,
@@ -127,10 +135,12 @@ def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path, ca
     assert wrong.returncode == 2 and "is not the one this model was trained with" in line and "other.ckpt" in line
 
 
-@pytest.mark.parametrize("package, setting", [("diffusers", "autoencoder"), ("transformers", "text_encoder")])
-def test_without_the_sd_extra_latent_and_clip_models_say_what_to_install(monkeypatch, tmp_path, package, setting):
+@pytest.mark.parametrize("package, part", [("diffusers", "latent"), ("transformers", "conditioning")])
+def test_without_the_sd_extra_latent_and_clip_models_say_what_to_install(monkeypatch, tmp_path, package, part):
     monkeypatch.setitem(sys.modules, package, None)  # as if it were not installed
+    build = {"latent": lambda: Latent(str(tmp_path)), "conditioning": lambda: Prompts(CLIPText(str(tmp_path)))}[part]
     with pytest.raises(UserError, match=rf'needs the {package} package: pip install -e "\.\[sd\]"'):
-        DiffusionModule(tiny_unet, image_size=16, channels=1, **{setting: str(tmp_path)})
-    DiffusionModule(tiny_unet, image_size=16, channels=1, text_encoder="bytes")  # the pixel trainer needs neither
+        DiffusionModule(tiny_unet, image_size=16, channels=1, **{part: build()})
+    DiffusionModule(tiny_unet, image_size=16, channels=1,
+                    conditioning=Prompts(ByteTextEncoder()))  # the pixel trainer needs neither
 

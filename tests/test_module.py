@@ -6,6 +6,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.objective import Objective
+from diffusion_lit.process import VP, Flow
 
 from conftest import assert_halves_its_loss, bars, tiny_unet
 
@@ -17,18 +19,18 @@ def tiny_module(**kwargs) -> DiffusionModule:
 
 OBJECTIVES = [
     {},  # DDPM's: eps, uniform t, no weighting
-    {"prediction": "v", "loss_weighting": "min_snr"},
-    {"prediction": "x0", "loss_weighting": "min_snr", "t_sampling": "logit_normal"},
-    {"process": "flow"},  # rectified flow: v, logit-normal t
-    {"process": "flow", "prediction": "x0", "loss_weighting": "min_snr", "t_sampling": "uniform"},
+    {"objective": lambda: Objective("v", "min_snr")},
+    {"objective": lambda: Objective("x0", "min_snr", t_sampling="logit_normal")},
+    {"process": lambda: Flow()},  # rectified flow: v, logit-normal t
+    {"process": lambda: Flow(), "objective": lambda: Objective("x0", "min_snr", t_sampling="uniform")},
 ]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=["eps", "v-minsnr", "x0-minsnr-lognorm", "flow", "flow-x0"])
 def test_tiny_model_overfits_eight_images(objective):
     loader = DataLoader(TensorDataset(bars(), torch.zeros(8)), batch_size=8)
-    assert_halves_its_loss(tiny_module(optimizer=partial(torch.optim.Adam, lr=2e-3), schedule="cosine", **objective),
-                           loader)
+    parts = {"process": VP("cosine")} | {name: make() for name, make in objective.items()}
+    assert_halves_its_loss(tiny_module(optimizer=partial(torch.optim.Adam, lr=2e-3), **parts), loader)
 
 
 @pytest.mark.parametrize("warmup, k", [(True, 10), (5.0, 5)])
@@ -73,23 +75,23 @@ def test_without_an_ema_the_trained_weights_sample_and_validate():
     assert not any(k.startswith("ema.") for k in model.state_dict())
     loader = DataLoader(TensorDataset(bars(), torch.zeros(8)), batch_size=8)
     assert_halves_its_loss(tiny_module(ema_decay=None, optimizer=partial(torch.optim.Adam, lr=2e-3),
-                                       schedule="cosine"), loader)
+                                       process=VP("cosine")), loader)
     with model.sampling() as net:
         assert net is model.net and not net.training
 
 
-def test_schedule_is_neither_checkpointed_nor_averaged():
+def test_process_is_neither_checkpointed_nor_averaged():
     model = tiny_module()
     keys = model.state_dict().keys()
-    assert not any(k.startswith("schedule.") for k in keys)
+    assert not any(k.startswith("process.") for k in keys)
     assert {k.split(".")[0] for k in keys} == {"net", "ema"}
     # The EMA holds a copy of the network alone: its tensors are the net's parameters plus its counter.
     ema_keys = {k for k in keys if k.startswith("ema.")}
     assert ema_keys == {"ema.n_averaged"} | {"ema.module." + k for k, _ in model.net.named_parameters()}
-    betas = model.schedule.betas.clone()
+    betas = model.process.betas.clone()
     for _ in range(3):
         model.ema.update_parameters(model.net)
-    assert torch.equal(model.schedule.betas, betas)
+    assert torch.equal(model.process.betas, betas)
     assert not any(p.requires_grad for p in model.ema.parameters())
 
 
@@ -110,9 +112,9 @@ def test_bad_values_are_user_errors():
         tiny_module(warmup_steps=-1)
     with pytest.raises(UserError, match="ema_decay"):
         tiny_module(ema_decay=1.5)
-    with pytest.raises(UserError, match="unknown process"):
-        tiny_module(process="edm")
-    with pytest.raises(UserError, match="prediction eps cannot be sampled on the flow"):
-        tiny_module(process="flow", prediction="eps")
+    with pytest.raises(UserError, match="unknown noise schedule"):
+        VP("quadratic")
+    with pytest.raises(UserError, match="prediction eps cannot be sampled on Flow"):
+        tiny_module(process=Flow(), objective=Objective("eps"))
     with pytest.raises(UserError, match="snr_gamma"):
-        tiny_module(loss_weighting="min_snr", snr_gamma=0)
+        Objective(loss_weighting="min_snr", snr_gamma=0)

@@ -11,7 +11,8 @@ from test_cli import REPO, cli
 
 def test_tour_runs(tmp_path, monkeypatch):
     images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)  # small images: a quick tour
-    run = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", images,
+    run = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
+              "--data.source", "ImageFolder", "--data.source.root", images,
               "--data.batch_size", 4,
               "--trainer.max_steps", 3, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
               "--trainer.log_every_n_steps", 1, "--trainer.callbacks", "[]")

@@ -9,6 +9,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.objective import Objective
+from diffusion_lit.process import Flow
+from diffusion_lit.sources import ImageFolder
 
 from conftest import tiny_unet, write_image_folder
 from test_guidance import tiny_guide
@@ -18,7 +21,7 @@ N = 6  # 32 training images in batches of 8: resuming mid-way through the second
 
 def run(root, ckpt_dir, max_steps, ckpt_path=None, **objective):
     seed_everything(0)
-    data = DiffusionDataModule("folder", str(root), batch_size=8, num_workers=0, val_fraction=0.2)
+    data = DiffusionDataModule(ImageFolder(str(root)), batch_size=8, num_workers=0, val_fraction=0.2)
     model = DiffusionModule(
         net=tiny_unet, image_size=data.image_size, channels=data.channels, ema_decay=0.99, warmup_steps=3,
         optimizer=partial(torch.optim.AdamW, lr=1e-3), **objective,
@@ -33,7 +36,8 @@ def run(root, ckpt_dir, max_steps, ckpt_path=None, **objective):
     return trainer, model
 
 
-@pytest.mark.parametrize("objective", [{}, {"process": "flow", "loss_weighting": "min_snr"}, {"guide": tiny_guide}],
+@pytest.mark.parametrize("objective", [{}, {"process": Flow(), "objective": Objective(loss_weighting="min_snr")},
+                                       {"guide": tiny_guide}],
                          ids=["ddpm", "flow", "guide"])
 def test_resumed_run_matches_uninterrupted_run(tmp_path, objective):
     root = write_image_folder(tmp_path / "images", n_per_class=20)  # 40 images: 32 train, 8 val

@@ -5,12 +5,12 @@ import torch
 
 from diffusion_lit.errors import UserError
 from diffusion_lit.sampling import ddim_sample, ddim_timesteps, ddpm_sample
-from diffusion_lit.schedule import NoiseSchedule
+from diffusion_lit.process import VP
 
-SCHEDULE = NoiseSchedule("linear", 1000)
+SCHEDULE = VP("linear", 1000)
 
 
-def exact_noise_model(x_star: torch.Tensor, schedule: NoiseSchedule):
+def exact_noise_model(x_star: torch.Tensor, schedule: VP):
     """The ideal denoiser for a dataset of one image: the eps that makes x_t from x_star."""
 
     def model(x_t, t):
@@ -26,7 +26,7 @@ def smooth_model(x_t, t):
     return 0.8 * torch.tanh(x_t) + 0.1 * torch.sin(t.float() / 100).view(-1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("schedule", [SCHEDULE, NoiseSchedule("cosine", 1000)], ids=["linear", "cosine"])
+@pytest.mark.parametrize("schedule", [SCHEDULE, VP("cosine", 1000)], ids=["linear", "cosine"])
 def test_both_samplers_recover_the_single_training_image(schedule):
     torch.manual_seed(0)
     x_star = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -54,7 +54,7 @@ def test_ddim_with_eta_zero_is_deterministic():
 
 
 def test_full_ddim_with_eta_one_is_ddpm_with_posterior_variance():
-    schedule = NoiseSchedule("linear", 200)
+    schedule = VP("linear", 200)
     x_T = torch.randn(2, 1, 4, 4)
     ddpm = ddpm_sample(smooth_model, schedule, x_T, generator=torch.Generator().manual_seed(7), clip_x0=False)
     ddim = ddim_sample(

@@ -14,20 +14,19 @@ from diffusers import (
 )
 
 from diffusion_lit.sampling import ddim_sample, network_evaluations, sample
-from diffusion_lit.schedule import FlowSchedule, NoiseSchedule
+from diffusion_lit.process import Flow, VP
 from diffusion_lit.solvers import (
     Grid,
     ddim_grid_sample,
     dpmpp_2m_sample,
     edm_sigmas,
     euler_sample,
-    flow_grid,
     heun_sample,
     vp_grid,
 )
 from diffusion_lit.targets import split, target
 
-SCHEDULE = NoiseSchedule("linear", 1000)
+SCHEDULE = VP("linear", 1000)
 
 
 def smooth_model(x_t, t):
@@ -37,7 +36,7 @@ def smooth_model(x_t, t):
 
 def grid_of(timesteps, sigmas) -> Grid:
     """Our grid from a diffusers scheduler's timesteps and EDM sigmas (the last 0)."""
-    return Grid.vp(torch.as_tensor(timesteps).float(), torch.as_tensor(sigmas, dtype=torch.float64))
+    return Grid.vp(torch.as_tensor(timesteps).float(), torch.as_tensor(sigmas, dtype=torch.float64), VP())
 
 
 def run_diffusers(scheduler, x: torch.Tensor, scale_input: bool) -> torch.Tensor:
@@ -72,7 +71,7 @@ def test_dpmpp_2m_matches_diffusers(kind):
     scheduler.set_timesteps(12)
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     theirs = run_diffusers(scheduler, x_T, scale_input=False)
-    sigmas = edm_sigmas(NoiseSchedule(kind, 1000))[scheduler.timesteps.long()]
+    sigmas = edm_sigmas(VP(kind, 1000))[scheduler.timesteps.long()]
     ours = dpmpp_2m_sample(smooth_model, grid_of(scheduler.timesteps, torch.cat([sigmas, torch.zeros(1)])), x_T)
     torch.testing.assert_close(ours, theirs, **TOLERANCE)
 
@@ -112,7 +111,7 @@ def test_flow_euler_matches_diffusers(shift):
     steps = 10
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps))  # the unshifted levels our grid uses
-    grid = flow_grid(FlowSchedule(shift), steps)
+    grid = Flow(shift).grid(steps)
     torch.testing.assert_close(grid.sigma.float(), scheduler.sigmas, rtol=0, atol=1e-6)
     torch.testing.assert_close(grid.t, scheduler.timesteps, rtol=0, atol=1e-3)
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -126,7 +125,7 @@ def test_flow_heun_matches_diffusers():
     scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(6)  # their levels: 1 to 1/1000, shifted; ours are taken from them
     levels = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2], scheduler.sigmas[-1:]]).double()
-    grid = Grid(1000 * levels[:-1].float(), 1 - levels, levels, torch.ones_like(levels), "flow")
+    grid = Grid(1000 * levels[:-1].float(), 1 - levels, levels, torch.ones_like(levels), Flow())
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     theirs = run_diffusers(scheduler, x_T, scale_input=False)
     ours = heun_sample(smooth_model, grid, x_T, prediction="v")
@@ -135,15 +134,15 @@ def test_flow_heun_matches_diffusers():
 
 def test_euler_on_the_flow_is_ddim():
     """DDIM's update x' = alpha' x0 + sigma' eps (eta 0), written out on the flow's levels, is Euler's step."""
-    grid = flow_grid(FlowSchedule(2.0), 12)
+    grid = Flow(2.0).grid(12)
     x = x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     for i in range(len(grid.t)):
         alpha, sigma = float(grid.alpha[i]), float(grid.sigma[i])
-        x0, eps = split("v", "flow", smooth_model(x, grid.t[i].expand(2)), x, alpha, sigma)
+        x0, eps = split("v", Flow(), smooth_model(x, grid.t[i].expand(2)), x, alpha, sigma)
         x = float(grid.alpha[i + 1]) * x0 + float(grid.sigma[i + 1]) * eps
     torch.testing.assert_close(euler_sample(smooth_model, grid, x_T, prediction="v"), x, **TOLERANCE)
     # and the samplers take `ddim` on a flow model as that same step
-    torch.testing.assert_close(sample(smooth_model, FlowSchedule(2.0), x_T, "ddim", 12, prediction="v",
+    torch.testing.assert_close(sample(smooth_model, Flow(2.0), x_T, "ddim", 12, prediction="v",
                                       clip_x0=False), x, **TOLERANCE)
 
 
@@ -160,12 +159,12 @@ def test_ddim_on_a_grid_is_ddim_with_noise_too():
 def gaussian_model(schedule, prediction: str, mean: float, std: float):
     """The exact model for data x0 ~ N(mean, std²): E[x0 | x_t] in closed form at the level's alpha and sigma, given
     as the target `prediction` (a fractional VP timestep is placed by log-sigma, as the grids place it)."""
-    if schedule.process == "vp":
+    if schedule.discrete:
         log_sigmas = edm_sigmas(schedule).log().numpy()
 
     def model(x_t, t):
         x_t = x_t.double()
-        if schedule.process == "vp":
+        if schedule.discrete:
             s = torch.from_numpy(np.exp(np.interp(t.double().numpy(), np.arange(len(log_sigmas)), log_sigmas)))
             alpha = (1 / (1 + s**2).sqrt()).view(-1, 1, 1, 1)
             sigma = alpha * s.view(-1, 1, 1, 1)
@@ -173,7 +172,7 @@ def gaussian_model(schedule, prediction: str, mean: float, std: float):
             alpha, sigma = schedule.alpha_sigma(t.double() / schedule.timesteps, 4)
         x0 = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (x_t - alpha * mean)
         eps = (x_t - alpha * x0) / sigma
-        return target(prediction, schedule.process, x0, eps, alpha, sigma).float()
+        return target(prediction, schedule, x0, eps, alpha, sigma).float()
 
     return model
 
@@ -189,7 +188,7 @@ def test_every_solver_turns_noise_into_the_gaussian_data(kind, prediction):
     """For x0 ~ N(m, std²), x_t ~ N(alpha m, alpha² std² + sigma²) and the probability-flow ODE keeps
     z = (x_t - alpha m) / sqrt(alpha² std² + sigma²): it ends at x0 = m + std z_T. Each solver's answer approaches
     it as its steps grow, and its samples have the data's mean and spread, for every target of both processes."""
-    schedule = FlowSchedule(3.0) if kind == "flow" else NoiseSchedule(kind, 1000)
+    schedule = Flow(3.0) if kind == "flow" else VP(kind, 1000)
     mean, std = 0.3, 0.5
     model = gaussian_model(schedule, prediction, mean, std)
     x_T = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0))

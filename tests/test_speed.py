@@ -1,13 +1,17 @@
 """Each fast path gives the plain path's losses and samples, within a stated tolerance."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from diffusion_lit import speed
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.process import VP
 from diffusion_lit.sampling import ddim_sample
-from diffusion_lit.speed import autocast
+from diffusion_lit.speed import Accelerate, autocast
 
 from conftest import tiny_unet, write_image_folder
 from test_cli import REPO, cli
@@ -15,25 +19,39 @@ from test_cli import REPO, cli
 
 def module(**kwargs) -> DiffusionModule:
     torch.manual_seed(0)  # the same initial weights for every variant
-    return DiffusionModule(net=tiny_unet, image_size=8, channels=1, schedule="cosine", **kwargs)
+    return DiffusionModule(net=tiny_unet, image_size=8, channels=1, process=VP("cosine"), **kwargs)
 
 
-def losses_and_samples(m: DiffusionModule, precision: str = "32-true", steps: int = 3) -> tuple[list[float], torch.Tensor]:
-    """Losses of `steps` Adam steps on a fixed batch (fixed t and noise), then 10-step DDIM samples from the EMA."""
+def accelerated(**switches) -> DiffusionModule:
+    """`module()` with the Accelerate callback's switches applied, as `fit` applies them at its setup."""
+    m = module()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))  # what compile reads
+    Accelerate(**switches).setup(trainer, m, "fit")
+    return m
+
+
+def losses_and_samples(m: DiffusionModule, precision: str = "32-true", steps: int = 3,
+                       no_grad: bool = False) -> tuple[list[float], torch.Tensor]:
+    """Losses of `steps` Adam steps on a fixed batch (fixed t and noise), then 10-step DDIM samples from the EMA
+    (under `m.sampling`'s inference mode, or, with `no_grad`, under torch.no_grad instead)."""
     x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     optimizer = torch.optim.Adam(m.net.parameters(), lr=1e-3)
     losses = []
     for step in range(steps):
         with autocast(torch.device("cpu"), precision):
-            loss = m.diffusion_loss(m.net, x0, generator=torch.Generator().manual_seed(step))
+            loss = m.objective.loss(m.net, m.process, x0, generator=torch.Generator().manual_seed(step))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         m.ema.update_parameters(m.net)
         losses.append(loss.item())
     x_T = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    if no_grad:  # m.sampling's denoiser in eval mode, without inference mode
+        model = m.denoiser().eval()
+        with torch.no_grad(), autocast(torch.device("cpu"), precision):
+            return losses, ddim_sample(model, m.process, x_T, steps=10)
     with m.sampling(precision) as model:
-        return losses, ddim_sample(model, m.schedule, x_T, steps=10)
+        return losses, ddim_sample(model, m.process, x_T, steps=10)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +60,7 @@ def plain():
 
 
 def test_channels_last_matches_plain(plain):
-    m = module(channels_last=True)
+    m = accelerated(channels_last=True)
     weights = [p for p in list(m.net.parameters()) + list(m.ema.module.parameters()) if p.ndim == 4]
     assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     losses, samples = losses_and_samples(m)
@@ -60,15 +78,13 @@ def test_bf16_autocast_matches_plain(plain):
 
 
 def test_inference_mode_matches_no_grad(plain):
-    m = module(inference_mode=False)
-    losses, samples = losses_and_samples(m)
+    losses, samples = losses_and_samples(module(), no_grad=True)
     assert losses == plain[0] and torch.equal(samples, plain[1])  # bit for bit
     assert plain[1].is_inference() and not samples.is_inference()
 
 
 def test_compile_matches_plain(plain):
-    m = module(compile=True)
-    m.compile_denoisers(torch.device("cpu"))
+    m = accelerated(compile=True)
     if speed.compile_failure("cpu"):
         pytest.skip(f"torch.compile cannot run here: {speed.compile_failure('cpu')}")
     losses, samples = losses_and_samples(m, steps=2)
@@ -79,8 +95,7 @@ def test_compile_matches_plain(plain):
 
 def test_compile_falls_back_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(speed, "compile_failure", lambda device_type: "InvalidCxxCompiler: no working C++ compiler")
-    m = module(compile=True)
-    m.compile_denoisers(torch.device("cpu"))
+    m = accelerated(compile=True)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unavailable" in err and "running uncompiled" in err
     assert m.net._compiled_call_impl is None  # left as it was
@@ -90,14 +105,19 @@ def test_fast_paths_from_the_command_line(tmp_path):
     """bf16 training with channels_last through `fit` (its end-of-training grid included), then bf16 sampling."""
     images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)
     run = cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder",
-        "--data.root", images, "--data.batch_size", 8,
+        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
+        "--data.source.root", images, "--data.batch_size", 8,
         "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
-        "--trainer.precision", "bf16-mixed", "--model.channels_last", "true",
+        "--trainer.precision", "bf16-mixed", "--trainer.callbacks+=diffusion_lit.speed.Accelerate",
+        "--trainer.callbacks.channels_last", "true",
     )
     assert run.returncode == 0, run.stderr
     ckpt = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["channels_last"] is True
+    # The run's callbacks held Accelerate with channels_last (a run-time switch, not the model's: not in the checkpoint)
+    callbacks = yaml.safe_load((tmp_path / "runs" / "tiny_cpu" / "config.yaml").read_text())["trainer"]["callbacks"]
+    assert {"class_path": "diffusion_lit.speed.Accelerate",
+            "init_args": {"channels_last": True, "compile": False}} in callbacks
+    assert "channels_last" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
     outs = {}
     for precision in ("32-true", "bf16-mixed"):
         done = cli("sample", "--ckpt_path", ckpt, "--num_samples", 4, "--steps", 5, "--precision", precision,

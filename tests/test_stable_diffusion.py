@@ -21,7 +21,8 @@ from diffusion_lit.diffusers_io import process_of  # noqa: E402
 from diffusion_lit.errors import UserError  # noqa: E402
 from diffusion_lit.images import to_uint8  # noqa: E402
 from diffusion_lit.sampling import sample  # noqa: E402
-from diffusion_lit.schedule import NoiseSchedule  # noqa: E402
+from diffusion_lit.process import VP  # noqa: E402
+from diffusion_lit.sources import ImageFolder  # noqa: E402
 from diffusion_lit.stable_diffusion import PretrainedUNet, StableDiffusionModule  # noqa: E402
 
 from test_cli import REPO, cli  # noqa: E402
@@ -90,7 +91,8 @@ def pipeline(folder: Path, lora: Path | None = None):
 
 def fit_args(tmp_path: Path, sd: Path, images: Path, name: str, *extra, frozen: str = "float32") -> list:
     """configs/sd_lora.yaml on the tiny pipeline and 16x16 images, on the CPU, the frozen weights in `frozen`."""
-    return ["fit", "--config", REPO / "configs" / "sd_lora.yaml", "--model.pretrained", sd, "--data.root", images,
+    return ["fit", "--config", REPO / "configs" / "sd_lora.yaml", "--model.pretrained", sd,
+            "--data.source.root", images,
             "--data.image_size", 16, "--data.batch_size", 4, "--data.num_workers", 0, "--data.val_fraction", 0,
             "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.max_steps", 4,
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.steps", 2,
@@ -116,7 +118,7 @@ def test_the_scheduler_config_sets_the_process(sd):
         process_of({**config, "beta_start": 0.001, "beta_end": 0.02})
     with pytest.raises(UserError, match="zero terminal SNR"):
         process_of({**config, "rescale_betas_zero_snr": True})
-    ours = NoiseSchedule("scaled_linear").betas
+    ours = VP("scaled_linear").betas
     theirs = diffusers.DDPMScheduler.from_config(config).betas
     # diffusers squares a float32 linspace, ours a float64 one rounded to float32: the last bit apart
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
@@ -127,13 +129,13 @@ def test_the_scheduler_config_sets_the_process(sd):
 def test_our_ddim_with_guidance_draws_what_stable_diffusion_pipeline_draws(tmp_path, prediction):
     folder = write_tiny_sd(tmp_path, prediction)
     module = StableDiffusionModule(str(folder), image_size=16).eval()
-    assert module.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
+    assert module.objective.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
     x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     with module.sampling() as net:
-        y = module.condition([PROMPT, PROMPT])
-        ours = sample(net, module.schedule, x_T, steps=5, spacing="trailing", labels=y, guidance_scale=4.0,
+        y = module.conditioning.condition([PROMPT, PROMPT])
+        ours = sample(net, module.process, x_T, steps=5, spacing="trailing", labels=y, guidance_scale=4.0,
                       **module.sampler_kwargs())
-        ours_images = (module.decode(ours) / 2 + 0.5).clamp(0, 1)
+        ours_images = (module.latent.decode(ours) / 2 + 0.5).clamp(0, 1)
     pipe = pipeline(folder)
     theirs = pipe(PROMPT, num_images_per_prompt=2, latents=x_T.clone(), num_inference_steps=5, guidance_scale=4.0,
                   output_type="latent").images
@@ -155,7 +157,7 @@ def test_lora_trains_the_adapters_alone_and_lowers_the_loss(sd, captioned):
     from lightning.pytorch import Trainer, seed_everything
 
     seed_everything(0)
-    data = DiffusionDataModule("folder", str(captioned), image_size=16, channels=3, batch_size=8, num_workers=0,
+    data = DiffusionDataModule(ImageFolder(str(captioned)), image_size=16, channels=3, batch_size=8, num_workers=0,
                                val_fraction=0, captions=True)
     module = StableDiffusionModule(str(sd), image_size=16, lora_rank=4,
                                    optimizer=partial(torch.optim.AdamW, lr=1e-2))
@@ -166,8 +168,9 @@ def test_lora_trains_the_adapters_alone_and_lowers_the_loss(sd, captioned):
     def fixed_loss() -> float:  # the same t and noise before and after: it moves only when the weights do
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            x0, y = module.encode(images, generator), module.condition(list(captions))
-            return module.diffusion_loss(module.net, x0.repeat(8, 1, 1, 1), y.repeat(8, 1, 1), generator).item()
+            x0, y = module.latent.encode(images, generator), module.conditioning.condition(list(captions))
+            return module.objective.loss(module.net, module.process, x0.repeat(8, 1, 1, 1), y.repeat(8, 1, 1),
+                                         generator).item()
 
     before, weights = fixed_loss(), trained_and_frozen(module)
     Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -196,7 +199,7 @@ def test_a_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, sd, 
     assert straight["global_step"] == resumed["global_step"] == 4
     net_keys = [k for k in straight["state_dict"] if k.startswith(("net.", "ema.module."))]
     assert net_keys and all(".lora_" in k for k in net_keys)  # the adapters and their EMA, not the frozen UNet
-    assert set(straight["state_dict"]) == {*net_keys, "latent_scale", "ema.n_averaged"}
+    assert set(straight["state_dict"]) == {*net_keys, "latent.scale", "ema.n_averaged"}
     adapters = sum(t.numel() for t in straight["state_dict"].values())
     unet = sum(p.numel() for p in diffusers.UNet2DConditionModel.from_pretrained(str(sd / "unet")).parameters())
     assert adapters < unet / 10
@@ -242,7 +245,7 @@ def test_diffusers_loads_the_export_and_draws_what_our_sample_draws(tmp_path, sd
 
 
 def test_gradient_checkpointing_bf16_and_cached_text_change_little(sd, captioned):
-    data = DiffusionDataModule("folder", str(captioned), image_size=16, channels=3, batch_size=8, num_workers=0,
+    data = DiffusionDataModule(ImageFolder(str(captioned)), image_size=16, channels=3, batch_size=8, num_workers=0,
                                val_fraction=0, captions=True)
     data.setup("fit")
     images, captions = next(iter(torch.utils.data.DataLoader(data.train_set, batch_size=8)))
@@ -251,9 +254,9 @@ def test_gradient_checkpointing_bf16_and_cached_text_change_little(sd, captioned
         module = StableDiffusionModule(str(sd), image_size=16, lora_rank=4, **switches).train()
         for p in module.trained_parameters():  # LoRA's B starts at 0: move it, so the gradients reach every weight
             torch.nn.init.normal_(p, std=0.1)
-        x0 = module.encode(images, torch.Generator().manual_seed(0))
-        y = module.condition(list(captions), ema=False)
-        loss = module.diffusion_loss(module.net, x0, y, torch.Generator().manual_seed(1))
+        x0 = module.latent.encode(images, torch.Generator().manual_seed(0))
+        y = module.conditioning.condition(list(captions), ema=False)
+        loss = module.objective.loss(module.net, module.process, x0, y, torch.Generator().manual_seed(1))
         loss.backward()
         return loss.item(), [p.grad.clone() for p in module.trained_parameters()], module
 
@@ -266,16 +269,16 @@ def test_gradient_checkpointing_bf16_and_cached_text_change_little(sd, captioned
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.manual_seed(0)
     cached, grads, module = loss_and_grads(cache_text=True)
-    assert set(module.text_cache) == set(captions)
+    assert set(module.conditioning.text_cache) == set(captions)
     encoded = []
-    module.frozen["text_encoder"].register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
-    module.condition(["a red square", "a green square", "a red square"], ema=False)
+    module.conditioning.frozen["encoder"].register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
+    module.conditioning.condition(["a red square", "a green square", "a red square"], ema=False)
     assert encoded == [1]  # the one caption not seen before
     # The captions were encoded once each instead of as a batch of 8: the features are equal to float32 rounding.
     assert cached == pytest.approx(plain, rel=1e-5)
     torch.manual_seed(0)
     half, grads, module = loss_and_grads(frozen_dtype="bfloat16")
-    assert module.frozen["autoencoder"].dtype == module.net.unet.conv_in.weight.dtype == torch.bfloat16
+    assert module.latent.vae.dtype == module.net.unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.trained_parameters())
     # bf16 keeps 8 bits of mantissa (a relative 0.4%) in every frozen weight and activation of the VAE, the text
     # encoder and the UNet: the loss moves by about that, the gradients a little more.

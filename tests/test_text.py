@@ -8,13 +8,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from diffusion_lit.conditioning import Prompts
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.digits import PHRASINGS, WORDS, digit_caption
 from diffusion_lit.dit import DiT
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
+from diffusion_lit.process import VP
 from diffusion_lit.sampling import guided, sample
-from diffusion_lit.text import CLIPText, byte_tokens
+from diffusion_lit.sources import ImageFolder, ShippedDigits
+from diffusion_lit.text import ByteTextEncoder, CLIPText, byte_tokens
 
 from conftest import assert_halves_its_loss, bars, tiny_unet, write_image_folder
 from test_cli import cli
@@ -23,8 +26,8 @@ tiny_dit = partial(DiT, patch_size=2, hidden_size=32, depth=2, num_heads=2)
 
 
 def text_module(net=tiny_unet, **kwargs) -> DiffusionModule:
-    return DiffusionModule(net, image_size=8, channels=1, text_encoder="bytes", text_width=32, max_prompt_length=16,
-                           **kwargs)
+    return DiffusionModule(net, image_size=8, channels=1,
+                           conditioning=Prompts(ByteTextEncoder(width=32, max_length=16)), **kwargs)
 
 
 def test_both_caption_conventions_are_read(tmp_path, capsys):
@@ -32,8 +35,8 @@ def test_both_caption_conventions_are_read(tmp_path, capsys):
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a/000.png", "text": "a bright bar"}) + "\n\n"
                                          + json.dumps({"file_name": "b/001.png", "text": "a low bar"}) + "\n")
     (root / "a" / "001.txt").write_text("from a text file\n")
-    data = DiffusionDataModule("folder", str(root), batch_size=1, num_workers=0, val_fraction=0.0, captions=True)
-    assert data.folder_captions == ["a bright bar", "from a text file", "", "a low bar"]
+    data = DiffusionDataModule(ImageFolder(str(root)), batch_size=1, num_workers=0, val_fraction=0.0, captions=True)
+    assert data.source.captions == ["a bright bar", "from a text file", "", "a low bar"]
     assert "1 of 4 images" in capsys.readouterr().err  # b/000.png: the empty prompt, said once
     data.setup("fit")
     image, caption = data.train_set.dataset[1]
@@ -43,14 +46,14 @@ def test_both_caption_conventions_are_read(tmp_path, capsys):
 def test_missing_or_broken_captions_are_clear_errors(tmp_path):
     root = write_image_folder(tmp_path / "images", n_per_class=2)
     with pytest.raises(UserError, match="no captions in .*metadata.jsonl"):
-        DiffusionDataModule("folder", str(root), captions=True)
+        DiffusionDataModule(ImageFolder(str(root)), captions=True)
     (root / "metadata.jsonl").write_text('{"file_name": "a/000.png"}\n')
     with pytest.raises(UserError, match="line 1: each line must be a JSON object with \"file_name\" and \"text\""):
-        DiffusionDataModule("folder", str(root), captions=True)
+        DiffusionDataModule(ImageFolder(str(root)), captions=True)
 
 
 def test_digits_are_captioned_from_their_labels():
-    data = DiffusionDataModule("digits", batch_size=8, num_workers=0, captions=True)
+    data = DiffusionDataModule(ShippedDigits(), batch_size=8, num_workers=0, captions=True)
     data.setup("fit")
     _, labels = data.train_set.dataset.dataset.images, data.train_set.dataset.dataset.labels
     for i in data.train_set.indices[:12]:
@@ -81,14 +84,14 @@ def test_cross_attention_follows_the_prompt_and_guidance_mixes_the_two_passes(ne
     torch.manual_seed(0)
     model = text_module(net)
     perturb(model.net)
-    perturb(model.text_encoder)
-    model.text_ema.module.load_state_dict(model.text_encoder.state_dict())
+    perturb(model.conditioning.encoder)
+    model.conditioning.ema.module.load_state_dict(model.conditioning.encoder.state_dict())
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
-        seven, three, empty = (model.encode_prompts([p, p]) for p in ("seven", "three", ""))
+        seven, three, empty = (model.conditioning.encode([p, p]) for p in ("seven", "three", ""))
         out_seven, out_three, out_empty = (model.net(x, t, c) for c in (seven, three, empty))
         assert (out_seven - out_three).abs().max() > 1e-3  # the output changes with the prompt
-        null = model.null_condition()
+        null = model.conditioning.null()
         # The null condition is the empty prompt's features, encoded alone; here it sits in a batch of two, which
         # takes other matrix-product kernels on some CPUs: equal to float32 rounding, not bit for bit.
         torch.testing.assert_close(null[0], empty[0], rtol=1e-5, atol=1e-6)
@@ -97,7 +100,7 @@ def test_cross_attention_follows_the_prompt_and_guidance_mixes_the_two_passes(ne
         # Without prompts a text model samples from the empty prompt: guidance then changes nothing.
         x_T = torch.randn(2, 1, 8, 8)
         for sampler in ("ddim", "euler", "heun", "dpmpp_2m"):  # every solver takes prompts the same way
-            draw = lambda **kw: sample(model.net, model.schedule, x_T, sampler, 3, null=null, **kw)  # noqa: E731
+            draw = lambda **kw: sample(model.net, model.process, x_T, sampler, 3, null=null, **kw)  # noqa: E731
             # D + 4 (D - D) is D up to rounding: the guided pass is a batch of 4, not 2 (other kernels, eps a few
             # 1e-7 apart), and the noisiest step's x0 = (x_t - sigma eps) / alpha multiplies that by sigma / alpha
             # (~160 on the linear schedule). Seen here: up to 5e-4.
@@ -111,14 +114,18 @@ def test_cross_attention_follows_the_prompt_and_guidance_mixes_the_two_passes(ne
 def test_tiny_text_model_halves_its_loss_on_eight_captioned_images():
     captions = [f"a bar in row {i}" for i in range(8)]
     loader = DataLoader(list(zip(bars(), captions)), batch_size=8)
-    model = text_module(optimizer=partial(torch.optim.Adam, lr=2e-3), schedule="cosine")
+    model = text_module(optimizer=partial(torch.optim.Adam, lr=2e-3), process=VP("cosine"))
     assert_halves_its_loss(model, loader)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.conditioning.encoder.parameters())
 
 
 def test_labels_and_prompts_exclude_each_other():
-    with pytest.raises(UserError, match="exclude each other"):
-        DiffusionModule(tiny_unet, image_size=8, channels=1, num_classes=2, conditional=True, text_encoder="bytes")
+    # A model has one conditioning: a text model on labelled data embeds no classes and refuses labels.
+    model = DiffusionModule(tiny_unet, image_size=8, channels=1, num_classes=2,
+                            conditioning=Prompts(ByteTextEncoder(width=32)))
+    assert model.conditioning.num_classes == 0 and model.net.class_emb is None
+    with pytest.raises(UserError, match="reads prompts, not labels"):
+        model.conditioning.condition(torch.tensor([0, 1]))
 
 
 def write_tiny_clip(folder) -> None:
@@ -141,18 +148,18 @@ def write_tiny_clip(folder) -> None:
 
 def test_a_local_clip_text_model_loads_through_text_encoder(tmp_path):
     write_tiny_clip(tmp_path / "clip")
-    model = DiffusionModule(tiny_unet, image_size=8, channels=1, text_encoder=str(tmp_path / "clip"))
-    assert isinstance(model.frozen["text_encoder"], CLIPText) and model.text_encoder is None
-    features = model.encode_prompts(["seven", "a handwritten 7"])
+    model = DiffusionModule(tiny_unet, image_size=8, channels=1, conditioning=Prompts(CLIPText(str(tmp_path / "clip"))))
+    assert isinstance(model.conditioning.frozen["encoder"], CLIPText) and model.conditioning.encoder is None
+    features = model.conditioning.encode(["seven", "a handwritten 7"])
     assert features.shape == (2, 16, 32)
     assert not torch.equal(features[0], features[1])
-    assert not any(p.requires_grad for p in model.frozen.parameters())
-    assert not any(k.startswith("frozen.") for k in model.state_dict())  # read from its folder, not saved again
-    loaded = DiffusionModule(tiny_unet, image_size=8, channels=1, text_encoder=str(tmp_path / "clip"))
+    assert not any(p.requires_grad for p in model.conditioning.frozen.parameters())
+    assert not any("frozen." in k for k in model.state_dict())  # read from its folder, not saved again
+    loaded = DiffusionModule(tiny_unet, image_size=8, channels=1, conditioning=Prompts(CLIPText(str(tmp_path / "clip"))))
     loaded.load_state_dict(model.state_dict())
-    torch.testing.assert_close(loaded.encode_prompts(["seven"]), features[:1])
+    torch.testing.assert_close(loaded.conditioning.encode(["seven"]), features[:1])
     with pytest.raises(UserError, match="config.json is missing"):
-        DiffusionModule(tiny_unet, image_size=8, channels=1, text_encoder=str(tmp_path))
+        DiffusionModule(tiny_unet, image_size=8, channels=1, conditioning=Prompts(CLIPText(str(tmp_path))))
 
 
 def test_text_fit_and_sample_with_prompts(tmp_path):
@@ -160,9 +167,10 @@ def test_text_fit_and_sample_with_prompts(tmp_path):
     for i, image in enumerate(sorted(root.rglob("*.png"))):
         image.with_suffix(".txt").write_text(f"{image.parent.name} number {i % 3}")
     runs = tmp_path / "runs"
-    result = cli("fit", "--config", "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root", root,
-                 "--data.captions", "true", "--data.batch_size", 4, "--model.text_encoder", "bytes",
-                 "--model.text_width", 32, "--trainer.logger.init_args.save_dir", runs, "--trainer.max_steps", 2,
+    result = cli("fit", "--config", "configs/tiny_cpu.yaml", "--data.source", "ImageFolder", "--data.source.root", root,
+                 "--data.captions", "true", "--data.batch_size", 4, "--model.conditioning", "Prompts",
+                 "--model.conditioning.encoder", "ByteTextEncoder", "--model.conditioning.encoder.width", 32,
+                 "--trainer.logger.init_args.save_dir", runs, "--trainer.max_steps", 2,
                  "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.every_n_steps", 2,
                  "--trainer.callbacks.init_args.steps", 2)
     assert result.returncode == 0, result.stderr
@@ -177,7 +185,8 @@ def test_text_fit_and_sample_with_prompts(tmp_path):
 
     result = cli("sample", "--ckpt_path", ckpt, "--labels", "1", "--out", tmp_path / "x.png")
     assert result.returncode == 2 and "reads prompts, not labels" in result.stderr
-    result = cli("fit", "--config", "configs/tiny_cpu.yaml", "--model.text_encoder", "bytes",
+    result = cli("fit", "--config", "configs/tiny_cpu.yaml", "--model.conditioning", "Prompts",
+                 "--model.conditioning.encoder", "ByteTextEncoder",
                  "--trainer.logger.init_args.save_dir", tmp_path / "other", "--trainer.max_steps", 1)
     assert result.returncode == 2 and "--data.captions true" in result.stderr
 

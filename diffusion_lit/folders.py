@@ -1,0 +1,180 @@
+"""A folder of images as training data: the readable images below it found once (with their class sub-folders, sizes
+and colour modes) before training, their captions, and the images as a dataset. Also reads folders for `evaluate`."""
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm  # Lightning's own progress-bar library
+
+from diffusion_lit.errors import UserError, reason, say
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def walk(root: Path) -> Iterator[Path]:
+    """Every file below root, without recursion (a folder nested thousands deep cannot exhaust Python's stack);
+    symbolic links to folders are followed once each."""
+    stack, seen = [Path(root)], set()
+    while stack:
+        folder = stack.pop()
+        try:
+            real = folder.resolve()
+            if real in seen:
+                continue
+            seen.add(real)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable folder holds nothing we can use
+        for entry in entries:
+            if entry.is_dir():
+                stack.append(Path(entry.path))
+            elif entry.is_file():
+                yield Path(entry.path)
+
+
+def image_files(root: Path) -> list[Path]:
+    """The image files below root (by extension)."""
+    return [p for p in walk(root) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (Pillow's I;16 modes, and I holding 16-bit values) scaled to 8 bits; Pillow's own
+    conversion would clip every value above 255 to white. Other images as they are."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64).clip(min=0)
+        top = values.max(initial=0)
+        if image.mode == "I" and top <= 255:  # 8-bit values in a 32-bit mode
+            return Image.fromarray(values.astype(np.uint8), "L")
+        top = 65535.0 if top <= 65535 else top
+        return Image.fromarray(np.round(values * (255.0 / top)).astype(np.uint8), "L")
+    return image
+
+
+@dataclass
+class FolderIndex:
+    """The readable images below a folder, with their labels (the top-level sub-folder, when every image lies in
+    one; else 0), sizes and colour modes, found once before training so that a bad file stops nothing mid-run."""
+
+    root: Path
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+    sizes: list[tuple[int, int]]
+    modes: list[str]
+
+    @classmethod
+    def scan(cls, root: str | Path, skip_unreadable: bool = False) -> "FolderIndex":
+        """Decodes every image file once (a progress bar for large folders), so that a truncated one is found before
+        the first step; unreadable files stop with one message listing them, or are left out with a warning when
+        `skip_unreadable`."""
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"image folder {root} does not exist: give an existing folder with --data.source.root")
+        candidates = sorted(image_files(root))
+        files, sizes, modes, bad = [], [], [], []
+        for path in tqdm(candidates, f"checking the images in {root}", disable=len(candidates) < 2000, leave=False):
+            try:
+                with Image.open(path) as image:
+                    image.load()  # the whole file, not only its header
+                    size, mode = image.size, image.mode
+                sizes.append(size)
+                modes.append(mode)
+                files.append(path)
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                bad.append(f"{path} ({reason(err)})")
+        if bad:
+            listing = f"{len(bad)} of {len(candidates)} image files in {root} cannot be read: {', '.join(bad[:3])}"
+            listing += ", ..." if len(bad) > 3 else ""
+            if not skip_unreadable:
+                raise UserError(f"{listing}. Remove or replace them, or pass --data.source.skip_unreadable true to "
+                                "leave them out")
+            say(f"{listing}; left out (skip_unreadable)")
+        if not files:
+            raise UserError(
+                f"no images found in {root}: point --data.source.root at a folder of image files "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}), optionally in one sub-folder per class"
+            )
+        parts = [p.relative_to(root).parts for p in files]
+        classes = sorted({q[0] for q in parts}) if all(len(q) > 1 for q in parts) else []
+        if classes and (empty := sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                                        and d.name not in classes)):
+            # Dropping them would shift the labels of the classes after them.
+            classes = sorted(classes + empty)
+            say(f"{root}: {len(empty)} class folder(s) hold no images ({', '.join(empty[:3])}"
+                f"{', ...' if len(empty) > 3 else ''}): kept as classes without images, so labels follow the folder names")
+        index = {name: i for i, name in enumerate(classes)}
+        return cls(root, files, [index[q[0]] if classes else 0 for q in parts], classes, sizes, modes)
+
+    def native(self) -> tuple[int, int]:
+        """(size, channels) of the first image: its shorter side, and 1 channel for grayscale, else 3."""
+        return min(self.sizes[0]), 1 if self.modes[0] in GRAYSCALE_MODES else 3
+
+    def conversions(self, size: int, channels: int) -> str | None:
+        """One line saying how many images are resized or change colour mode on the way to size x size, or None."""
+        resized = sum(s != (size, size) for s in self.sizes)
+        target = "L" if channels == 1 else "RGB"
+        converted = sum(m != target for m in self.modes)
+        deep = sum(m == "I" or m.startswith("I;16") for m in self.modes)
+        said = [f"{resized} resized and center-cropped to {size}x{size}"] if resized else []
+        said += [f"{deep} scaled from 16 to 8 bits"] if deep else []
+        said += [f"{converted} converted from other colour modes to {target}"] if converted else []
+        return f"{self.root}: of {len(self.files)} images, {' and '.join(said)}" if said else None
+
+
+def read_captions(root: Path, files: list[Path]) -> list[str | None]:
+    """Each image's caption: from a `metadata.jsonl` (Hugging Face's imagefolder layout: one JSON object per line
+    with `file_name`, relative to that file's folder, and `text`) anywhere below root, else from a `.txt` file of the
+    same name beside the image; None where there is neither."""
+    captions = {}
+    for meta in sorted(p for p in walk(root) if p.name == "metadata.jsonl"):
+        for number, line in enumerate(read_text(meta).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row["text"], str):
+                    raise TypeError
+                captions[(meta.parent / row["file_name"]).resolve()] = row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{meta}, line {number}: each line must be a JSON object with \"file_name\" and "
+                                f"\"text\" (a string), got {line[:80]!r}") from None
+    found = []
+    for path in files:
+        text = captions.get(path.resolve())
+        if text is None and (beside := path.with_suffix(".txt")).is_file():
+            text = read_text(beside).strip()
+        found.append(text)
+    return found
+
+
+def read_text(path: Path) -> str:
+    """A caption file's text (UTF-8); a UserError when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"caption file {path} cannot be read as UTF-8 text ({reason(err)}): fix or remove it") from None
+
+
+class FolderImages(Dataset):
+    """The images of a FolderIndex, converted to grayscale (1 channel) or RGB, with their labels."""
+
+    def __init__(self, index: FolderIndex, channels: int, transform=None) -> None:
+        self.index = index
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index.files)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.index.files[i]) as image:
+            image = to_8_bits(image).convert(self.mode)
+        return (self.transform(image) if self.transform else image), self.index.labels[i]
+

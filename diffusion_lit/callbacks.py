@@ -10,7 +10,6 @@ from torch import Tensor
 
 from diffusion_lit.digits import judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason, say
-from diffusion_lit.guidance import GuideCondition, Interval, check_interval
 from diffusion_lit.images import grid, save_images, to_uint8
 from diffusion_lit.metrics import (
     ImageFeatures,
@@ -22,8 +21,8 @@ from diffusion_lit.metrics import (
     reference_cache_path,
     save_features,
 )
-from diffusion_lit.sampling import Sampler, check_sampler, generate, sample
-from diffusion_lit.solvers import Spacing
+from diffusion_lit.sampling import generate, sample
+from diffusion_lit.settings import Sampling
 
 
 class ProgressBar(RichProgressBar):
@@ -44,37 +43,24 @@ def _due(trainer, every_n_steps: int, last_step: int) -> bool:
     return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and step != last_step
 
 
-def setup_guidance(callback, pl_module, name: str) -> None:
-    """Checks a callback's sampler settings and loads its guide checkpoint, when fit starts (see `checked`)."""
+def setup_sampling(callback, pl_module, name: str) -> None:
+    """Checks a callback's sampler settings against the model and loads its guide checkpoint, when fit starts rather
+    than at the first grid: bad settings stop before the first step."""
     from diffusion_lit.commands import load_guide  # the commands' checks, not the other way round
 
-    if callback.guide is None and callback.guide_ckpt:  # once, however many stages set the callback up
-        callback.guide = load_guide(callback.guide_ckpt, pl_module)
-    callback.sampler_kwargs = checked(callback.sampler_kwargs, pl_module, name, callback.guide is not None)
+    callback.sampling.check(pl_module.process)
+    if callback.guide is None and callback.sampling.guide_ckpt:  # once, however many stages set the callback up
+        callback.guide = load_guide(callback.sampling.guide_ckpt, pl_module)
+    callback.sampling = callback.sampling.for_model(pl_module, callback.guide is not None, name)
 
 
 def sampling_kwargs(callback, pl_module) -> dict:
     """What a callback's sampler calls take: the model's own settings, the callback's, and its guide checkpoint's
     denoiser in place of the model's guide."""
-    kwargs = pl_module.sampler_kwargs() | callback.sampler_kwargs
+    kwargs = pl_module.sampler_kwargs() | callback.sampling.kwargs()
     if callback.guide is not None:
         kwargs["guide"] = callback.guide.to(pl_module.device)
     return kwargs
-
-
-def checked(sampler_kwargs: dict, pl_module, callback: str, guide_ckpt: bool = False) -> dict:
-    """A callback's sampler settings, checked against the model when fit starts rather than at the first grid: bad
-    sampler settings stop before the first step, and a guidance scale for an unconditional model is dropped, said once."""
-    check_sampler(sampler_kwargs["sampler"], pl_module.process, sampler_kwargs["steps"], sampler_kwargs["eta"],
-                  sampler_kwargs["spacing"])
-    check_interval(sampler_kwargs["guidance_interval"])
-    guided = pl_module.conditioning.conditional or pl_module.guide is not None or guide_ckpt
-    if not guided and sampler_kwargs["guidance_scale"] != 1.0:
-        say(f"{callback}: guidance_scale {sampler_kwargs['guidance_scale']} is ignored, since this model is "
-            "unconditional (model.conditional is false or the data has no labels) and has no guide "
-            "(model.guide, or the callback's guide_ckpt)")
-        return {**sampler_kwargs, "guidance_scale": 1.0}
-    return sampler_kwargs
 
 
 def run_share(trainer, total_steps: float) -> float | None:
@@ -140,47 +126,30 @@ class SampleGrid(Callback):
     Args:
         every_n_steps: optimizer steps between grids.
         num_samples: images in the grid.
-        sampler: ``ddim`` (the default), ``ddpm`` (all T steps), or an ODE solver: ``euler``, ``heun``, ``dpmpp_2m``.
-        steps: DDIM steps, or the solver's levels.
-        eta: DDIM eta.
-        guidance_scale: guidance w: classifier-free for a conditional model (one row per class) or a text model (one
-            row per prompt), autoguidance for a model with a guide.
+        sampling: the sampler and its guidance (`diffusion_lit.settings.Sampling`); guidance is classifier-free for
+            a conditional model (one row per class) or a text model (one row per prompt), autoguidance with a guide.
         seed: seed of the noise.
         denoising_strip: also log `samples/denoising`, one image at ten points of its denoising.
-        spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
         prompts: for a text model, the prompts of the rows (by default up to 8 distinct captions of the data).
-        guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
-        guide_ckpt: autoguidance from this checkpoint (an earlier or smaller run of the same kind).
-        guide_condition: ``same`` (the guide sees each sample's label or prompt) or ``null`` (the null one).
     """
 
     def __init__(
         self,
         every_n_steps: int = 1000,
         num_samples: int = 64,
-        sampler: Sampler = "ddim",
-        steps: int = 50,
-        eta: float = 0.0,
-        guidance_scale: float = 1.0,
+        sampling: Sampling | None = None,
         seed: int = 0,
         denoising_strip: bool = True,
-        spacing: Spacing = "linspace",
         prompts: list[str] | None = None,
-        guidance_interval: Interval | None = None,
-        guide_ckpt: str | None = None,
-        guide_condition: GuideCondition = "same",
     ) -> None:
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
-        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                               "spacing": spacing, "guidance_interval": guidance_interval,
-                               "guide_condition": guide_condition}
-        self.guide_ckpt, self.guide = guide_ckpt, None
+        self.sampling, self.guide = sampling or Sampling(), None
         self.denoising_strip = denoising_strip
         self.prompts = prompts
         self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        setup_guidance(self, pl_module, "SampleGrid")
+        setup_sampling(self, pl_module, "SampleGrid")
         self.rows = pl_module.conditioning.rows(self.prompts, trainer.datamodule)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -237,20 +206,14 @@ class FID(Callback):
         num_samples: generated images per evaluation, over all ranks (FID is biased upwards for small numbers;
             compare values only at equal num_samples, and prefer KID below a few thousand).
         num_real: real training images in the reference statistics.
-        sampler: ``ddim``, ``ddpm``, ``euler``, ``heun`` or ``dpmpp_2m``.
-        steps: DDIM steps, or the solver's levels.
-        eta: DDIM eta.
-        guidance_scale: classifier-free guidance w for a conditional model (scored on balanced classes).
+        sampling: the sampler and its guidance (`diffusion_lit.settings.Sampling`); a conditional model is scored on
+            balanced classes.
         batch_size: images per sampling batch on each rank.
         feature_extractor: ``inception``, ``digits`` or the import path of an ``nn.Module`` class (see
             `ImageFeatures`).
         weights_path: a local file of the Inception weights, for machines without network access.
         cache_dir: where reference features are cached.
         seed: seed of the noise (each rank adds its rank).
-        spacing: the ODE solvers' step spacing, ``linspace`` or ``karras``.
-        guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
-        guide_ckpt: autoguidance from this checkpoint (an earlier or smaller run of the same kind).
-        guide_condition: ``same`` (the guide sees each sample's label or prompt) or ``null`` (the null one).
     """
 
     def __init__(
@@ -258,25 +221,15 @@ class FID(Callback):
         every_n_steps: int = 10000,
         num_samples: int = 2000,
         num_real: int = 10000,
-        sampler: Sampler = "ddim",
-        steps: int = 50,
-        eta: float = 0.0,
-        guidance_scale: float = 1.0,
+        sampling: Sampling | None = None,
         batch_size: int = 256,
         feature_extractor: str = "inception",
         weights_path: str | None = None,
         cache_dir: str = "~/.cache/diffusion_lit/fid",
         seed: int = 0,
-        spacing: Spacing = "linspace",
-        guidance_interval: Interval | None = None,
-        guide_ckpt: str | None = None,
-        guide_condition: GuideCondition = "same",
     ) -> None:
         self.every_n_steps, self.num_samples, self.num_real = every_n_steps, num_samples, num_real
-        self.sampler_kwargs = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                               "spacing": spacing, "guidance_interval": guidance_interval,
-                               "guide_condition": guide_condition}
-        self.guide_ckpt, self.guide = guide_ckpt, None
+        self.sampling, self.guide = sampling or Sampling(), None
         self.batch_size, self.seed = batch_size, seed
         self.feature_extractor, self.weights_path, self.cache_dir = feature_extractor, weights_path, cache_dir
         self.features: ImageFeatures | None = None
@@ -287,7 +240,7 @@ class FID(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or self.features is not None:
             return
-        setup_guidance(self, pl_module, "FID")
+        setup_sampling(self, pl_module, "FID")
         try:
             self.features = ImageFeatures(self.feature_extractor, self.weights_path)
         except UserError:

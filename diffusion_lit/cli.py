@@ -33,7 +33,7 @@ from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.export import export
-from diffusion_lit.legacy import refuse_old_model_spelling, upgrade_hparams
+from diffusion_lit.legacy import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import refuse_old_configs, upgrade_words
 from diffusion_lit.stable_diffusion import StableDiffusionModule
@@ -215,17 +215,18 @@ def config_files(words: list[str]) -> list[Path]:
     return [Path(f) for f in files]
 
 
-def model_sections(files: list[Path]) -> list[tuple[str, dict]]:
-    """(file, its `model:` section) of the config files that have one."""
-    sections = []
+def read_configs(files: list[Path]) -> list[tuple[str, dict]]:
+    """(file, its contents) of the config files that read as a mapping (LightningCLI says what is wrong with the
+    others)."""
+    configs = []
     for path in files:
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # LightningCLI says what is wrong with the file
-        if isinstance(config, dict) and isinstance(config.get("model"), dict):
-            sections.append((str(path), config["model"]))
-    return sections
+            continue
+        if isinstance(config, dict):
+            configs.append((str(path), config))
+    return configs
 
 
 def named_module(words: list[str]) -> tuple[str, type, bool] | None:
@@ -271,7 +272,9 @@ def main(args: list[str] | None = None) -> None:
             return
         words = upgrade_words(words)  # --data.dataset, --data.root, ...: read for one more release
         refuse_old_configs(config_files(words))
-        refuse_old_model_spelling(words, model_sections(config_files(words)))
+        configs = read_configs(config_files(words))
+        refuse_old_model_spelling(words, [(path, c["model"]) for path, c in configs if isinstance(c.get("model"), dict)])
+        refuse_flat_sampler_settings(words, configs)
         model_class, subclass_mode, args = DiffusionModule, False, list(words)
         named = named_module(words)
         if words and words[0] == "autoencoder":  # the synonym: the same CLI around the autoencoder's module

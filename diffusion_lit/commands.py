@@ -31,6 +31,7 @@ from diffusion_lit.legacy import upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import describe
 from diffusion_lit.sampling import Sampler, generate
+from diffusion_lit.settings import Sampling
 from diffusion_lit.solvers import Spacing
 from diffusion_lit.speed import Precision
 from diffusion_lit.trust import check_data_hparams, check_hparams, parse_trusted
@@ -309,6 +310,8 @@ def sample(
     check_output(out)  # before the work, not after it
     trusted = parse_trusted(trust_class)
     module, _ = load_checkpoint(ckpt_path, trusted, autoencoder)
+    settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt, guide_condition)
+    settings.check(module.process)
     guide = load_guide(guide_ckpt, module, trusted)
     set_flow_shift(module, flow_shift)
     text = parse_prompts(prompt, prompts, num_samples, module.conditioning.captions)
@@ -318,10 +321,8 @@ def sample(
     count = num_samples if y is None else len(y)
     check_space(out, count, (module.hparams.channels, module.hparams.image_size, module.hparams.image_size))
     counts, start = Evaluations(), time.perf_counter()
-    images = generate_images(module, count, seed, batch_size, ema, precision, labels=y,
-                             guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
-                             spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval,
-                             guide_condition=guide_condition)
+    images = generate_images(module, count, seed, batch_size, ema, precision, labels=y, clip_x0=clip_x0, guide=guide,
+                             counts=counts, **settings.kwargs())
     seconds = time.perf_counter() - start
     per_row = num_samples if text is not None and len(text) > num_samples else None  # a row per prompt
     print(f"wrote {len(images)} images to {save_kept(images, out, per_row)} ({evaluations_text(counts)}; "
@@ -416,6 +417,9 @@ def evaluate(
     fake_images = load_images(samples) if samples is not None else None
     if ckpt_path is not None:
         module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
+        settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt,
+                            guide_condition)
+        settings.check(module.process)
         guide = load_guide(guide_ckpt, module, parse_trusted(trust_class))
         set_flow_shift(module, flow_shift)
         data = checkpoint_data(checkpoint, parse_trusted(trust_class)) if real is None else None
@@ -446,9 +450,7 @@ def evaluate(
         y = parse_labels("all", num_samples, classes) if classes else None
         counts, start = Evaluations(), time.perf_counter()
         fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
-                                      guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta,
-                                      spacing=spacing, guide=guide, counts=counts, guidance_interval=guidance_interval,
-                                      guide_condition=guide_condition)
+                                      guide=guide, counts=counts, **settings.kwargs())
         model_calls, guide_calls = counts.per_image()
         sampling = {"model_evaluations": model_calls, "guide_evaluations": guide_calls,
                     "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}

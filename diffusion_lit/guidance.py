@@ -94,6 +94,13 @@ def check_interval(interval: Interval | None) -> Interval:
     return float(lo), float(hi)
 
 
+def check_guide_condition(guide_condition: str) -> None:
+    """A UserError unless it is ``same`` or ``null``."""
+    if guide_condition not in ("same", "null"):
+        raise UserError(f"guide_condition must be 'same' (the guide sees each sample's condition) or 'null' (the null "
+                        f"label or empty prompt), got {guide_condition!r}")
+
+
 def guided(net: nn.Module, y: Tensor | None, guidance_scale: float, null: Tensor | None = None,
            guide: nn.Module | None = None, interval: Interval | None = None, schedule=None,
            counts: Evaluations | None = None, guide_condition: GuideCondition = "same") -> Model:
@@ -107,9 +114,7 @@ def guided(net: nn.Module, y: Tensor | None, guidance_scale: float, null: Tensor
     pass. The mix is the same on eps, v or x0: each is linear in the others at a given x_t.
     """
     lo, hi = check_interval(interval)
-    if guide_condition not in ("same", "null"):
-        raise UserError(f"guide_condition must be 'same' (the guide sees each sample's condition) or 'null' (the null "
-                        f"label or empty prompt), got {guide_condition!r}")
+    check_guide_condition(guide_condition)
     if interval is not None and schedule is None:
         raise ValueError("a guidance interval needs the schedule, to tell noise levels from t")
     counts = counts if counts is not None else Evaluations()

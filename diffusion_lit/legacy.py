@@ -1,6 +1,6 @@
 """Checkpoints and configs written before the model was built from parts (process, objective, conditioning, latent):
 their flat hyperparameters and state-dict names, upgraded to the parts' layout wherever a checkpoint is read, and
-their spellings on the command line refused with the new one. (The data's old settings: `diffusion_lit.upgrade`.)"""
+their spellings on the command line refused with the new one. (The data's old settings: `diffusion_lit.old_data`.)"""
 
 from diffusion_lit.errors import UserError
 
@@ -109,3 +109,25 @@ def refuse_old_model_spelling(words: list[str], configs: list[tuple[str, dict]])
             if key in NEW_SPELLING and not (key == "process" and value not in ("vp", "flow")):
                 raise UserError(f"{path}: model.{key} is a setting of older diffusion_lit: use {NEW_SPELLING[key]} "
                                 "(in YAML: the part's class_path and init_args)")
+
+
+SAMPLER_KEYS = ("sampler", "steps", "eta", "guidance_scale", "spacing", "guidance_interval", "guide_ckpt",
+                "guide_condition")
+
+
+def refuse_flat_sampler_settings(words: list[str], configs: list[tuple[str, dict]]) -> None:
+    """One UserError for SampleGrid's and FID's sampler settings written flat, as older code took them (they are
+    `sampling: {...}` now, `diffusion_lit.settings.Sampling`)."""
+    for word in words:
+        key = word.split("=", 1)[0].rpartition(".")[2]
+        if word.startswith("--trainer.callbacks.") and ".sampling." not in word and key in SAMPLER_KEYS:
+            raise UserError(f"{word.split('=', 1)[0]}: the callbacks' sampler settings are grouped now: use "
+                            f"--trainer.callbacks.init_args.sampling.{key}")
+    for path, config in configs:
+        callbacks = (config.get("trainer") or {}).get("callbacks") or []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            args = (callback or {}).get("init_args") or {} if isinstance(callback, dict) else {}
+            flat = [key for key in SAMPLER_KEYS if key in args]
+            if flat:
+                raise UserError(f"{path}: {callback.get('class_path')} takes its sampler settings grouped now: write "
+                                f"init_args: {{..., sampling: {{{', '.join(f'{k}: ...' for k in flat)}}}}}")

@@ -3,7 +3,8 @@
 own training scripts add them), and written back the way diffusers reads it (`export`: a pipeline folder, or
 `pytorch_lora_weights.safetensors` for `StableDiffusionPipeline.load_lora_weights`).
 
-    python -m diffusion_lit fit --config configs/sd_lora.yaml --model.pretrained SD_FOLDER --data.root IMAGES
+    python -m diffusion_lit fit --config configs/sd_lora.yaml --model.pretrained SD_FOLDER \
+        --data.source ImageFolder --data.source.root IMAGES
 """
 
 import shutil
@@ -22,6 +23,7 @@ from diffusion_lit.conditioning import Prompts
 from diffusion_lit.latent import Latent, absolute
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.objective import Objective, Weighting
+from diffusion_lit.old_data import describe
 from diffusion_lit.process import VP
 from diffusion_lit.text import CLIPText, need
 
@@ -276,7 +278,7 @@ def sd_writer(module: StableDiffusionModule, checkpoint: dict, ckpt: Path, folde
     unet, hp = module.denoiser(ema).unet, module.hparams
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     words = {"name": folder.name, "pretrained": hp.pretrained, "steps": checkpoint.get("global_step", 0),
-             "data": f"the images in {data['root']}" if data.get("root") else "its images", "folder": folder,
+             "data": describe(data), "folder": folder,
              "weights": module.weights_name(ema), "sampler": SAME_SAMPLER,
              "prompt": "a photo of ..."}
     if module.lora:

@@ -33,9 +33,10 @@ def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
         "trainer": {
             "callbacks": [
                 {"class_path": "diffusion_lit.callbacks.SampleGrid",
-                 "init_args": {"every_n_steps": 2, "num_samples": 4, "steps": 3}},
+                 "init_args": {"every_n_steps": 2, "num_samples": 4, "sampling": {"steps": 3}}},
                 {"class_path": "diffusion_lit.callbacks.FID",
-                 "init_args": {"every_n_steps": 2, "steps": 3, "cache_dir": str(tmp_path / "cache"), **fid_args}},
+                 "init_args": {"every_n_steps": 2, "sampling": {"steps": 3}, "cache_dir": str(tmp_path / "cache"),
+                              **fid_args}},
                 {"class_path": "diffusion_lit.callbacks.GuideCheckpoint", "init_args": {"share": 0.5}},
             ]
         }

@@ -84,7 +84,7 @@ def test_latent_diffusion_trains_resumes_exactly_and_samples_images(tmp_path, ca
         return cli("fit", "--config", "configs/tiny_cpu.yaml", *common, "--model.latent", "Latent",
                    "--model.latent.autoencoder", ae_ckpt,
                    "--trainer.logger.init_args.name", name, "--trainer.max_steps", steps, "--trainer.val_check_interval",
-                   2, "--checkpoint.every_n_train_steps", 2, "--trainer.callbacks.init_args.steps", 2,
+                   2, "--checkpoint.every_n_train_steps", 2, "--trainer.callbacks.init_args.sampling.steps", 2,
                    "--trainer.callbacks.init_args.every_n_steps", 2, "--model.latent.cache", cache, *extra)
 
     straight = fit("straight", 4)

@@ -95,7 +95,7 @@ def fit_args(tmp_path: Path, sd: Path, images: Path, name: str, *extra, frozen: 
             "--data.source.root", images,
             "--data.image_size", 16, "--data.batch_size", 4, "--data.num_workers", 0, "--data.val_fraction", 0,
             "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.max_steps", 4,
-            "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.steps", 2,
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.sampling.steps", 2,
             "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.logger.init_args.name", name,
             "--checkpoint.every_n_train_steps", 2, "--model.frozen_dtype", frozen,
             "--model.optimizer.init_args.lr", 1e-2, *extra]

@@ -172,7 +172,7 @@ def test_text_fit_and_sample_with_prompts(tmp_path):
                  "--model.conditioning.encoder", "ByteTextEncoder", "--model.conditioning.encoder.width", 32,
                  "--trainer.logger.init_args.save_dir", runs, "--trainer.max_steps", 2,
                  "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.every_n_steps", 2,
-                 "--trainer.callbacks.init_args.steps", 2)
+                 "--trainer.callbacks.init_args.sampling.steps", 2)
     assert result.returncode == 0, result.stderr
     assert (runs / "tiny_cpu" / "samples.png").is_file()  # a row per caption of the data
     ckpt = runs / "tiny_cpu" / "checkpoints" / "last.ckpt"

@@ -61,7 +61,7 @@ def score(ckpt_path: str, guidance: list[float], num_samples: int, steps: int, e
           grid: str | None) -> None:
     module, checkpoint = load_checkpoint(ckpt_path)
     judge = DigitJudge()
-    classes = module.num_classes
+    classes = module.conditioning.num_classes
     labels = parse_labels("all", num_samples, classes) if classes else None  # balanced over the classes
     results = {"ckpt_path": ckpt_path, "global_step": checkpoint["global_step"], "num_samples": num_samples,
                "steps": steps, "eta": eta, "seed": seed, "precision": precision}

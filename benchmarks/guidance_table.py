@@ -57,8 +57,8 @@ def main() -> None:
     module, checkpoint = load_checkpoint(args.ckpt_path, autoencoder=args.autoencoder)
     features = ImageFeatures("digits").to(module.device)
     real = checkpoint_reference(features, checkpoint_data(checkpoint), 10000, 500, "~/.cache/diffusion_lit/fid")
-    labels = parse_labels("all", args.num_samples, module.num_classes) if module.num_classes else None
-    print(f"{args.ckpt_path}: step {checkpoint['global_step']}, {module.schedule}, {module.prediction}, "
+    labels = parse_labels("all", args.num_samples, module.conditioning.num_classes) if module.conditioning.num_classes else None
+    print(f"{args.ckpt_path}: step {checkpoint['global_step']}, {module.process}, {module.objective.prediction}, "
           f"{args.num_samples} samples")
     print("| guide | guide's condition | w | interval | sampler | NFE (model + guide) | FID (judge) | confident | "
           "as asked | ms / image |")

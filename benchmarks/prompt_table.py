@@ -49,7 +49,7 @@ def main() -> None:
         sampler_steps, eta = head.split("@")
         sampler, steps = sampler_steps.split(":")
         kwargs = {"sampler": sampler, "steps": int(steps), "eta": float(eta), "guidance_scale": float(guidance)}
-        nfe = network_evaluations(sampler, int(steps), module.schedule.timesteps, float(guidance), True)
+        nfe = network_evaluations(sampler, int(steps), module.process.timesteps, float(guidance), True)
         for name in args.sets.split(","):
             digits = torch.arange(10).repeat_interleave(args.per_prompt)
             prompts = [PROMPT_SETS[name](int(d)) for d in digits]

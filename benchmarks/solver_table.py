@@ -54,9 +54,9 @@ def main() -> None:
     set_flow_shift(module, args.flow_shift)
     features = ImageFeatures("digits").to(module.device)
     real = checkpoint_reference(features, checkpoint_data(checkpoint), 10000, 500, "~/.cache/diffusion_lit/fid")
-    labels = parse_labels("all", args.num_samples, module.num_classes) if module.num_classes else None
+    labels = parse_labels("all", args.num_samples, module.conditioning.num_classes) if module.conditioning.num_classes else None
     guided = labels is not None and args.guidance_scale not in (0.0, 1.0)
-    print(f"{args.ckpt_path}: step {checkpoint['global_step']}, {module.schedule}, {module.prediction}, "
+    print(f"{args.ckpt_path}: step {checkpoint['global_step']}, {module.process}, {module.objective.prediction}, "
           f"{args.num_samples} samples" + (f", guidance {args.guidance_scale}" if labels is not None else ""))
     print("| solver | NFE | FID (judge) | confident | as asked | ms / image |")
     print("|---|---|---|---|---|---|")
@@ -66,7 +66,7 @@ def main() -> None:
         sampler, _, spacing = solver_spacing.partition(":")
         for budget in (int(b) for b in args.nfe.split(",")):
             steps = steps_for(sampler, budget, guided)
-            nfe = network_evaluations(sampler, steps, module.schedule.timesteps, args.guidance_scale, labels is not None)
+            nfe = network_evaluations(sampler, steps, module.process.timesteps, args.guidance_scale, labels is not None)
             start = time.perf_counter()
             images = generate_images(module, args.num_samples, 0, args.batch_size, precision=args.precision,
                                      labels=labels, guidance_scale=args.guidance_scale, sampler=sampler,

@@ -12,8 +12,11 @@ def drop_saved(module: nn.Module, state_dict: dict, prefix: str, local_metadata)
 
 def keep_loaded(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: a checkpoint without the frozen parts keeps the ones already read."""
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        state_dict.setdefault(prefix + name, tensor.detach())
+    for owner, part in module.named_modules():
+        owner = prefix + (owner + "." if owner else "")
+        for name, tensor in [*part.named_parameters(recurse=False), *part.named_buffers(recurse=False)]:
+            if name not in part._non_persistent_buffers_set:  # what state_dict would hold
+                state_dict.setdefault(owner + name, tensor.detach())
 
 
 class Frozen(nn.ModuleDict):

@@ -67,8 +67,8 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
     upgraded = {**checkpoint, "hyper_parameters": upgrade_hparams(copy.deepcopy(checkpoint["hyper_parameters"]))}
     check_hparams(upgraded["hyper_parameters"], trusted, str(path))
     if "block_out_channels" in upgraded["hyper_parameters"]:  # AutoencoderModule's, not DiffusionModule's
-        raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.autoencoder "
-                        "in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
+        raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.latent's "
+                        "autoencoder in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
     try:
         cls = module_class(upgraded["hyper_parameters"])

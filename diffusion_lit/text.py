@@ -88,13 +88,13 @@ class CLIPText(nn.Module):
         model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
         tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
         if not (model_dir / "config.json").is_file():
-            raise UserError(f"text_encoder {folder}: no CLIP text model there (config.json is missing); give a folder "
-                            "written by save_pretrained, or 'bytes' for a text encoder trained with the denoiser")
+            raise UserError(f"CLIPText {folder}: no CLIP text model there (config.json is missing); give a folder "
+                            "written by save_pretrained, or use ByteTextEncoder, a text encoder trained with the denoiser")
         try:
             self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
             self.model = transformers.CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as err:
-            raise UserError(f"text_encoder {folder} could not be loaded as a CLIP text model ({reason(err)})") from None
+            raise UserError(f"CLIPText {folder} could not be loaded as a CLIP text model ({reason(err)})") from None
         self.model.requires_grad_(False).eval()
         self.width = self.model.config.hidden_size
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)

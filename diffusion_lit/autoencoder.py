@@ -3,7 +3,7 @@ any dataset the DataModule serves, or read from a local diffusers folder (such a
 
     python -m diffusion_lit autoencoder fit --config configs/digits_autoencoder.yaml
 
-A diffusion config then names it with `model.autoencoder`: the checkpoint this writes, or a diffusers folder.
+A diffusion config then names it as `model.latent`'s autoencoder (`diffusion_lit.latent.Latent`): the checkpoint this writes, or a diffusers folder.
 """
 
 from collections.abc import Sequence
@@ -139,7 +139,7 @@ def load_autoencoder(spec: str) -> tuple[nn.Module, float | None, float]:
     else:
         raise UserError(f"autoencoder {spec} does not exist: give a checkpoint of `diffusion_lit autoencoder fit` or "
                         "a local diffusers folder (one that moved: --autoencoder PATH on sample and evaluate, "
-                        "--model.autoencoder PATH on fit)")
+                        "--model.latent.autoencoder PATH on fit)")
     return vae.requires_grad_(False).eval(), scale, float(shift)
 
 

@@ -273,10 +273,11 @@ def main(args: list[str] | None = None) -> None:
         words = upgrade_words(words)  # --data.dataset, --data.root, ...: read for one more release
         refuse_old_configs(config_files(words))
         configs = read_configs(config_files(words))
-        refuse_old_model_spelling(words, [(path, c["model"]) for path, c in configs if isinstance(c.get("model"), dict)])
         refuse_flat_sampler_settings(words, configs)
         model_class, subclass_mode, args = DiffusionModule, False, list(words)
         named = named_module(words)
+        if named is None or named[1] is DiffusionModule:  # another module's settings are its own
+            refuse_old_model_spelling(words, [(p, c["model"]) for p, c in configs if isinstance(c.get("model"), dict)])
         if words and words[0] == "autoencoder":  # the synonym: the same CLI around the autoencoder's module
             args = words[1:]
             if named and named[1] is not AutoencoderModule:

@@ -80,6 +80,8 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
         raise
     except Exception as err:
+        if isinstance(err.__cause__, UserError):  # a part's own refusal, wrapped by jsonargparse
+            raise err.__cause__ from None
         raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
     return module.to(_device()).eval(), checkpoint
 

@@ -1,6 +1,6 @@
 """diffusers at the border: our UNet as diffusers' `UNet2DModel` and back (one table of tensor names), our processes
 as diffusers' schedulers, a pipeline folder that `DiffusionPipeline.from_pretrained` loads (`export`), and the
-weights of a `UNet2DModel` folder loaded into our UNet (`init_from`).
+weights of a `UNet2DModel` folder loaded into our UNet (`InitFrom`).
 
 Both networks are DDPM's UNet; `UNet2DModel` expresses ours with `flip_sin_to_cos` and `freq_shift` (the
 timestep embedding's order and frequencies), `downsample_padding`, `norm_eps` and single-head attention
@@ -31,7 +31,7 @@ OPTIONS = {"in_channels": "--data.channels", "out_channels": "--data.channels", 
            f"--{NET}num_res_blocks", "down_block_types": f"--{NET}attention_resolutions", "up_block_types":
            f"--{NET}attention_resolutions", "norm_num_groups": f"--{NET}norm_groups", "norm_eps": f"--{NET}norm_eps",
            "downsample_padding": f"--{NET}downsample_padding", "flip_sin_to_cos": f"--{NET}flip_sin_to_cos",
-           "freq_shift": f"--{NET}freq_shift", "num_class_embeds": "--model.conditional on data with that many classes"}
+           "freq_shift": f"--{NET}freq_shift", "num_class_embeds": "--model.conditioning Labels on data with that many classes"}
 
 
 def unet2d_config(net: UNet) -> dict:
@@ -200,10 +200,10 @@ def process_of(scheduler_config: dict) -> dict:
 def unet_folder(path: Path) -> Path:
     """The folder with a UNet2DModel's config.json: the one given, or its `unet/` (a pipeline folder)."""
     if not path.is_dir():
-        raise UserError(f"init_from {path}: no such folder; give a UNet2DModel folder or a pipeline folder with unet/")
+        raise UserError(f"InitFrom {path}: no such folder; give a UNet2DModel folder or a pipeline folder with unet/")
     folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
-        raise UserError(f"init_from {path}: no config.json there nor in unet/; give a folder written by "
+        raise UserError(f"InitFrom {path}: no config.json there nor in unet/; give a folder written by "
                         "save_pretrained (a UNet2DModel's, or a pipeline's)")
     return folder
 
@@ -216,7 +216,7 @@ def load_unet_weights(net: UNet, spec: str) -> dict | None:
     folder = unet_folder(path)
     config = read_json(folder / "config.json")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise UserError(f"init_from {spec}: a {config['_class_name']}, not a UNet2DModel: only DDPM-style UNets load")
+        raise UserError(f"InitFrom {spec}: a {config['_class_name']}, not a UNet2DModel: only DDPM-style UNets load")
     defaults = {k: p.default for k, p in inspect.signature(diffusers.UNet2DModel.__init__).parameters.items()}
     for key, value in unet2d_config(net).items():
         if key == "dropout":
@@ -226,17 +226,17 @@ def load_unet_weights(net: UNet, spec: str) -> dict | None:
         if theirs != value:
             option = OPTIONS.get(key)
             fix = f" (set it with {option})" if option else " (our UNet has no such variant)"
-            raise UserError(f"init_from {spec}: the UNet's {key} is {theirs!r} there and {value!r} here{fix}; "
+            raise UserError(f"InitFrom {spec}: the UNet's {key} is {theirs!r} there and {value!r} here{fix}; "
                             "the plans must match to load the weights")
     try:
         unet = diffusers.UNet2DModel.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
-        raise UserError(f"init_from {spec}: its weights could not be read ({reason(err)}); a folder written by "
+        raise UserError(f"InitFrom {spec}: its weights could not be read ({reason(err)}); a folder written by "
                         "save_pretrained holds diffusion_pytorch_model.safetensors") from None
     try:
         net.load_state_dict(from_diffusers(net, unet.state_dict()))
     except KeyError as err:
-        raise UserError(f"init_from {spec}: the UNet2DModel has no tensor {err} that our UNet needs") from None
+        raise UserError(f"InitFrom {spec}: the UNet2DModel has no tensor {err} that our UNet needs") from None
     scheduler = folder.parent / "scheduler" / "scheduler_config.json" if folder.name == "unet" else None
     if scheduler is not None and scheduler.is_file():
         return read_json(scheduler)
@@ -248,9 +248,9 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"init_from: {path} cannot be read as a diffusers config ({reason(err)})") from None
+        raise UserError(f"{path} cannot be read as a diffusers config ({reason(err)})") from None
     if not isinstance(value, dict):
-        raise UserError(f"init_from: {path} is not a diffusers config (a JSON object)")
+        raise UserError(f"{path} is not a diffusers config (a JSON object)")
     return value
 
 

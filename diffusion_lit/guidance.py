@@ -25,6 +25,21 @@ Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's predicti
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> out = net(x_t, t, y)
 
 
+@dataclass
+class EMAUpdate:
+    """AveragedModel's update with the warm-up ramp (a class, not a closure: a model built in Python pickles)."""
+
+    decay: float
+    ramp: float | None
+
+    def __call__(self, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
+        n = int(num_averaged)
+        d = min(self.decay, (1 + n) / (self.ramp + n)) if self.ramp is not None else self.decay
+        for ema, param in zip(ema_params, params):
+            if ema.data_ptr() != param.data_ptr():  # a frozen weight the copy shares (LoRA) needs no averaging
+                ema.lerp_(param, 1 - d)
+
+
 def averaged(module: nn.Module, decay: float, warmup: bool | float) -> AveragedModel:
     """The EMA copy of a trained module (no gradients): ema <- decay ema + (1 - decay) param after each optimizer
     step. Warming up, decay = min(decay, (1 + n) / (k + n)) after n updates, k = 10 (`warmup` true) or the number
@@ -36,13 +51,7 @@ def averaged(module: nn.Module, decay: float, warmup: bool | float) -> AveragedM
     if ramp is not None and ramp <= 1:
         raise UserError(f"ema_warmup must be true, false or a number above 1 (the k of (1 + n) / (k + n)), got {warmup}")
 
-    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (ramp + n)) if ramp is not None else decay
-        for ema, param in zip(ema_params, params):
-            if ema.data_ptr() != param.data_ptr():  # a frozen weight the copy shares (LoRA) needs no averaging
-                ema.lerp_(param, 1 - d)
-
+    update = EMAUpdate(decay, ramp)
     averaged_model = AveragedModel(module, multi_avg_fn=update, use_buffers=False).requires_grad_(False)
     for name, p in module.named_parameters():  # a frozen weight (LoRA's base) is shared, not copied
         if not p.requires_grad:

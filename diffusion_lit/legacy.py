@@ -42,6 +42,8 @@ def is_old(hparams: dict) -> bool:
 
 def upgrade_hparams(hparams: dict) -> dict:
     """The flat hyperparameters of an older checkpoint in the parts' layout (newer ones as they are)."""
+    if "pretrained" in hparams:  # a Stable Diffusion fine-tune: its run-time switches are gone
+        return {k: v for k, v in hparams.items() if k not in ("compile", "inference_mode")}
     if not is_old(hparams):
         return hparams
     old = dict(hparams)
@@ -104,7 +106,10 @@ def refuse_old_model_spelling(words: list[str], configs: list[tuple[str, dict]])
         if key in NEW_SPELLING and not (key == "process" and value not in ("vp", "flow")):
             raise UserError(f"--model.{key} is an option of older diffusion_lit: use {NEW_SPELLING[key]}")
     for path, model in configs:
-        model = model.get("init_args", model) if model.get("class_path", "").endswith("DiffusionModule") else model
+        if "class_path" in model:  # a module a config names: another class's settings, or DiffusionModule's
+            if model["class_path"] not in ("diffusion_lit.module.DiffusionModule", "diffusion_lit.DiffusionModule"):
+                continue
+            model = model.get("init_args") or {}
         for key, value in model.items():
             if key in NEW_SPELLING and not (key == "process" and value not in ("vp", "flow")):
                 raise UserError(f"{path}: model.{key} is a setting of older diffusion_lit: use {NEW_SPELLING[key]} "

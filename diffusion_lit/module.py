@@ -136,7 +136,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
                 m.train(mode)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        y = self.conditioning.drop(batch[1])
+        y = self.conditioning.drop(batch[1] if len(batch) > 1 else None)  # images alone: no labels to drop
         x0, y = self.latent.encode(batch[0]), self.conditioning.condition(y, ema=False)
         loss = total = self.objective.loss(self.net, self.process, x0, y)
         if self.guide is not None:  # the same images and conditions, its own t and noise
@@ -158,8 +158,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
         # Fixed t and noise per batch, so val/loss moves only when the EMA weights do.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         x0 = self.latent.encode(batch[0], generator)
-        loss = self.objective.loss(self.denoiser(), self.process, x0, self.conditioning.condition(batch[1]),
-                                   generator)
+        y = self.conditioning.condition(batch[1] if len(batch) > 1 else None)
+        loss = self.objective.loss(self.denoiser(), self.process, x0, y, generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -4,7 +4,7 @@ and Stable Diffusion, and rectified flow (`Flow`: Liu et al. 2022; Esser et al. 
 
 A process owns everything that differs from one process to the next: alpha and sigma at a time t, the time the
 network sees, how training draws t, the noise level sigma / alpha, the solvers' grids, which predictions it can be
-sampled from, and `spec()`, the identity that checkpoints record and guides, `init_from` and `export` compare. Its
+sampled from, and `spec()`, the identity that checkpoints record and guides, `InitFrom` and `export` compare. Its
 buffers are not saved (`persistent=False`): a checkpoint records `spec()` and loading checks it.
 
 A process of one's own subclasses `Process` and gives `alpha_sigma` and `spec` (docs/extending.md).

@@ -188,7 +188,7 @@ def sample(
         if not num_classes:
             raise UserError(
                 "this model is unconditional (trained without labels): leave out labels and guidance_scale, "
-                "or train a conditional one (--model.conditional true on labelled data), or guide it with a weaker "
+                "or train a conditional one (--model.conditioning Labels on labelled data), or guide it with a weaker "
                 "model of the same data (autoguidance: model.guide, or --guide_ckpt)"
             )
         if labels is None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from diffusion_lit.diffusers_io import process_of, read_json
@@ -144,24 +143,15 @@ class StableDiffusionModule(DiffusionModule):
     Args:
         pretrained: the local pipeline folder (save_pretrained's: unet/, vae/, text_encoder/, tokenizer/,
             scheduler/). Read again whenever the model is loaded: its checkpoints do not hold the frozen weights.
-        image_size: image height and width (linked from the data): 512 for SD 1.x, 768 for SD 2.x's v models.
-        channels: image channels (linked from the data): 3.
-        num_classes: linked from the data; unused (SD reads prompts).
         lora_rank: train LoRA adapters of this rank on `lora_targets` instead of every UNet weight; unset: full
             fine-tuning.
         lora_alpha: LoRA's alpha (the adapters are scaled by alpha / rank); unset, the rank.
         lora_targets: the UNet modules that get adapters (names, or the ends of dotted names).
-        ema: keep an EMA of the trained weights (of the adapters alone with LoRA); unset: on for full fine-tuning,
-            off with LoRA.
-        ema_decay: the EMA's decay once warmed up.
-        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates, an average over about the
-            last 11% of the steps until ema_decay caps it; a number k ramps it as (1 + n) / (k + n): a smaller k
-            averages longer (k = 5: about the last 25%).
+        ema: keep an EMA of the trained weights (of the adapters alone with LoRA; its decay: `ema_decay`); unset: on
+            for full fine-tuning, off with LoRA.
         p_uncond: the probability that a caption is dropped to the empty prompt (for classifier-free guidance).
         loss_weighting: ``none`` or ``min_snr``.
         snr_gamma: gamma of Min-SNR-gamma.
-        optimizer: the optimizer class and its arguments.
-        warmup_steps: linear learning-rate warm-up over this many optimizer steps.
         gradient_checkpointing: recompute the UNet's activations in the backward pass (far less activation memory,
             one more forward pass of compute).
         frozen_dtype: ``bfloat16`` keeps the frozen weights (VAE, text encoder and, with LoRA, the UNet's) in bf16:
@@ -169,29 +159,24 @@ class StableDiffusionModule(DiffusionModule):
         cache_latents: encode the training images once when fit starts.
         cache_text: encode each distinct caption once (the text encoder is frozen) and keep its features in host
             memory (236 kB a caption for SD 1.x); it saves the text encoder's work from the second epoch on.
+        kwargs: DiffusionModule's own settings (image_size, channels, ema_decay, optimizer, warmup_steps, ...).
     """
 
     def __init__(
         self,
         pretrained: str,
-        image_size: int = 512,
-        channels: int = 3,
-        num_classes: int = 0,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
         lora_targets: Sequence[str] = SD_TARGETS,
         ema: bool | None = None,
-        ema_decay: float = 0.9999,
-        ema_warmup: bool | float = True,
         p_uncond: float = 0.1,
         loss_weighting: Weighting = "none",
         snr_gamma: float = 5.0,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
         frozen_dtype: FrozenDtype = "float32",
         cache_latents: bool = False,
         cache_text: bool = False,
+        **kwargs,
     ) -> None:
         if frozen_dtype not in DTYPES:
             raise UserError(f"frozen_dtype must be one of {', '.join(DTYPES)}, got {frozen_dtype!r}")
@@ -200,22 +185,17 @@ class StableDiffusionModule(DiffusionModule):
         found = process_of(scheduler)
         if found["process"] != "vp":
             raise UserError(f"pretrained {pretrained}: a flow-matching scheduler; SD 1.x / 2.x's are VP schedulers")
-        keep_ema = lora_rank is None if ema is None else ema
+        if not (lora_rank is None if ema is None else ema):
+            kwargs["ema_decay"] = None
         net = partial(PretrainedUNet, folder=pretrained, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(lora_targets), gradient_checkpointing=gradient_checkpointing,
                       frozen_dtype=frozen_dtype)
         super().__init__(
-            net=net, image_size=image_size, channels=channels, num_classes=num_classes,
-            process=VP(found["schedule"], found["timesteps"]),
+            net=net, process=VP(found["schedule"], found["timesteps"]),
             objective=Objective(found["prediction"], loss_weighting, snr_gamma),
             conditioning=Prompts(CLIPText(pretrained), p_uncond, cache=cache_text),
-            latent=Latent(pretrained, cache=cache_latents),
-            ema_decay=ema_decay if keep_ema else None, ema_warmup=ema_warmup, optimizer=optimizer,
-            warmup_steps=warmup_steps,
+            latent=Latent(pretrained, cache=cache_latents), **kwargs,
         )
-        self.hparams.clear()  # save_hyperparameters adds to what the parent saved: this class's arguments alone,
-        self.save_hyperparameters()  # from which the parent's follow
-        self.hparams["pretrained"] = pretrained  # absolute (the CLI's hyperparameters hold it as it was typed)
         self.latent.fingerprint()  # taken of the float32 weights, before any cast
         self.latent.frozen.to(DTYPES[frozen_dtype])
         self.conditioning.frozen.to(DTYPES[frozen_dtype])

@@ -179,7 +179,7 @@ def test_init_from_refuses_a_mismatch_a_missing_folder_and_a_folder_without_weig
                      "--trainer.logger.init_args.name", folder, *net)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert lines[-1].startswith("error: init_from") and why in lines[-1], lines[-1]
+        assert lines[-1].startswith("error: InitFrom") and why in lines[-1], lines[-1]
 
 
 def test_fit_starts_from_an_exported_pipeline(tmp_path, images):

@@ -33,7 +33,7 @@ from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.export import export
-from diffusion_lit.legacy import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
+from diffusion_lit.old_model import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import refuse_old_configs, upgrade_words
 from diffusion_lit.stable_diffusion import StableDiffusionModule

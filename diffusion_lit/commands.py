@@ -27,7 +27,7 @@ from diffusion_lit.metrics import (
     save_features,
 )
 from diffusion_lit.latent import absolute
-from diffusion_lit.legacy import upgrade_hparams
+from diffusion_lit.old_model import upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import describe
 from diffusion_lit.sampling import Sampler, generate

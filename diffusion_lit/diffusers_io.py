@@ -17,6 +17,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from diffusion_lit.errors import UserError, reason, say
+from diffusion_lit.process import VP
 from diffusion_lit.schedule import cosine_betas, linear_betas, scaled_linear_betas
 from diffusion_lit.text import need
 from diffusion_lit.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample
@@ -195,6 +196,15 @@ def process_of(scheduler_config: dict) -> dict:
     timesteps = (len(scheduler_config["trained_betas"]) if scheduler_config.get("trained_betas") is not None
                  else scheduler_config.get("num_train_timesteps", 1000))
     return {"process": "vp", "schedule": kinds[kind], "timesteps": timesteps, "prediction": prediction}
+
+
+def vp_of(scheduler_config: dict, what: str) -> tuple[VP, str]:
+    """(the VP process, the prediction) of a pipeline's scheduler config; a UserError naming `what` for a
+    flow-matching one."""
+    found = process_of(scheduler_config)
+    if found["process"] != "vp":
+        raise UserError(f"{what}: a flow-matching scheduler; SD 1.x / 2.x's are VP schedulers")
+    return VP(found["schedule"], found["timesteps"]), found["prediction"]
 
 
 def unet_folder(path: Path) -> Path:

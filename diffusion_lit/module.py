@@ -18,7 +18,7 @@ from diffusion_lit.objective import Objective
 from diffusion_lit.process import VP, Process
 from diffusion_lit.speed import autocast
 from diffusion_lit.unet import UNet
-from diffusion_lit.legacy import recorded_process, upgrade_state_dict
+from diffusion_lit.old_model import recorded_process, upgrade_state_dict
 
 GuideFactory = Callable[[int, int, int], Guide]  # (in_channels, image_size, num_classes) -> Guide
 

@@ -16,14 +16,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from diffusion_lit.diffusers_io import process_of, read_json
+from diffusion_lit.diffusers_io import read_json, vp_of
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.conditioning import Prompts
 from diffusion_lit.latent import Latent, absolute
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.objective import Objective, Weighting
 from diffusion_lit.old_data import describe
-from diffusion_lit.process import VP
 from diffusion_lit.text import CLIPText, need
 
 SD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections: diffusers' LoRA scripts' default
@@ -182,17 +181,14 @@ class StableDiffusionModule(DiffusionModule):
             raise UserError(f"frozen_dtype must be one of {', '.join(DTYPES)}, got {frozen_dtype!r}")
         pretrained = absolute(pretrained)
         _, scheduler = read_pipeline(pretrained)
-        found = process_of(scheduler)
-        if found["process"] != "vp":
-            raise UserError(f"pretrained {pretrained}: a flow-matching scheduler; SD 1.x / 2.x's are VP schedulers")
+        process, prediction = vp_of(scheduler, f"pretrained {pretrained}")
         if not (lora_rank is None if ema is None else ema):
             kwargs["ema_decay"] = None
         net = partial(PretrainedUNet, folder=pretrained, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(lora_targets), gradient_checkpointing=gradient_checkpointing,
                       frozen_dtype=frozen_dtype)
         super().__init__(
-            net=net, process=VP(found["schedule"], found["timesteps"]),
-            objective=Objective(found["prediction"], loss_weighting, snr_gamma),
+            net=net, process=process, objective=Objective(prediction, loss_weighting, snr_gamma),
             conditioning=Prompts(CLIPText(pretrained), p_uncond, cache=cache_text),
             latent=Latent(pretrained, cache=cache_latents), **kwargs,
         )

@@ -1,11 +1,5 @@
-import os
 from functools import partial
 from pathlib import Path
-
-# OpenMP's threads wait for work by spinning: where the tests start processes beside this one (DDP, `python -m`,
-# DataLoader workers) on 2 cores, spinning threads take the cores from the ones with work (a UNet forward measured
-# 1.9 s instead of 20 ms with four such processes). Sleeping waits cost nothing here. Set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest

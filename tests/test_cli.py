@@ -29,7 +29,7 @@ def cli(*args, cwd=REPO, **env_vars) -> subprocess.CompletedProcess:
     same command line again. A few tests always run one (`python_m`), so the module's entry point is covered too.
     """
     words = [str(a) for a in args]
-    if env_vars or any("ddp" in w for w in words):
+    if env_vars or any(w == "ddp" or w.startswith(("ddp_", "--trainer.strategy=ddp")) for w in words):
         return python_m(*words, cwd=cwd, **env_vars)
     out, err = io.StringIO(), io.StringIO()
     before_cwd, before_env, before_filters = os.getcwd(), dict(os.environ), warnings.filters[:]

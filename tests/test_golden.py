@@ -37,7 +37,7 @@ def test_a_golden_checkpoint_samples_as_it_did(name, tmp_path):
     for command in golden["commands"]:
         out = tmp_path / f"{command['name']}.npz"
         args = [word.replace("{here}", str(GOLDEN)).replace("{out}", str(out)) for word in command["args"]]
-        result = cli(*args)  # in this process; the ddpm command in a subprocess (`cli` does so for "ddp"): ~5 s more
+        result = cli(*args)  # in this process
         assert result.returncode == 0, f"{' '.join(args)}\n{result.stderr}"
         new, old = np.load(out)["arr_0"].astype(int), command["images"].numpy().astype(int)
         assert new.shape == old.shape, command["args"]

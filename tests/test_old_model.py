@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.legacy import recorded_process, upgrade_hparams, upgrade_state_dict
+from diffusion_lit.old_model import recorded_process, upgrade_hparams, upgrade_state_dict
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.process import VP, Flow
 

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -119,10 +120,13 @@ def run_lock(log_dir: Path) -> Iterator[None]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
-        try:
-            holder = f" (process {int(lock_path.read_text())})"
-        except (OSError, ValueError):
-            holder = ""
+        holder = ""
+        for _ in range(40):  # the holder writes its process id just after taking the lock: wait up to 2 s for it
+            try:
+                holder = f" (process {int(lock_path.read_text())})"
+                break
+            except (OSError, ValueError):
+                time.sleep(0.05)
         raise UserError(
             f"{log_dir} is in use by another fit{holder}: one run folder takes one writer. Wait for it to end, or "
             "train under another name with --trainer.logger.init_args.name NAME"

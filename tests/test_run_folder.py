@@ -36,6 +36,15 @@ def test_one_writer_per_run_and_sigterm_saves_the_step_it_reached(images, tmp_pa
     args = [*fit_args(images, tmp_path), "--checkpoint.every_n_train_steps", 3, "--trainer.val_check_interval", 1000,
             "--trainer.max_steps", 100000]
     first, second = start_fit(args), start_fit(args)  # started together, into one run folder
+    try:
+        check_one_writer_and_sigterm(first, second, args, tmp_path)
+    finally:  # a failed check must not leave a fit of 100,000 steps running beside the rest of the suite
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+
+
+def check_one_writer_and_sigterm(first, second, args, tmp_path) -> None:
     ckpt_dir = tmp_path / "runs" / "tiny_cpu" / "checkpoints"
     wait_for(lambda: first.poll() is not None or second.poll() is not None)
     loser, winner = (first, second) if first.poll() is not None else (second, first)

@@ -44,9 +44,10 @@ def test_a_golden_checkpoint_samples_as_it_did(name, tmp_path):
         # The stored images may come from another CPU than this one: convolutions and matrix products round
         # differently from one CPU (and SIMD width) to the next, so the floats agree to rounding, not bit for bit,
         # and a value on a grey level's edge may round to its neighbour in uint8. One grey level apart, then, and
-        # only rarely (at most 2% of the values): a change in the math moves far more (golden_v2/README.md: another
-        # label, prompt or guidance scale moved 74-90% of the values by more than one level).
+        # for a minority of the values: ATen's plain kernels (ATEN_CPU_CAPABILITY=default) moved 9 of the 128 values
+        # of one 8x8 Heun draw (7%), while a change in the math moves far more (golden_v2/README.md: another label,
+        # prompt or guidance scale moved 74-90% of the values by more than one level).
         differ = new != old
-        assert np.abs(new - old).max() <= 1 and differ.mean() <= 0.02, (
+        assert np.abs(new - old).max() <= 1 and differ.mean() <= 0.25, (
             f"{name} {command['name']}: {differ.sum()} of {differ.size} values differ, by up to "
             f"{np.abs(new - old).max()} grey levels\n{' '.join(command['args'])}")

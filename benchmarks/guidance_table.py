@@ -18,7 +18,6 @@ import argparse
 import json
 import time
 
-import torch
 
 from diffusion_lit.commands import (
     checkpoint_data,

@@ -13,7 +13,6 @@ import torch
 from diffusion_lit import checkpointing
 from diffusion_lit.checkpointing import AtomicCheckpointIO, newest_checkpoint
 from diffusion_lit.cli import main
-from diffusion_lit.errors import UserError
 
 from test_cli import REPO, cli
 from test_errors import assert_clean_failure, fit_args, images  # noqa: F401 (fixture)

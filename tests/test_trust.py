@@ -9,7 +9,7 @@ from diffusion_lit.commands import load_checkpoint
 from diffusion_lit.errors import UserError
 from diffusion_lit.trust import check_hparams
 
-from test_cli import REPO, cli
+from test_cli import cli
 from test_errors import assert_clean_failure, checkpoints, fit_args, images  # noqa: F401 (fixtures)
 
 MARKER_COMMAND = "touch {marker}"

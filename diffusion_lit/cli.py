@@ -276,8 +276,11 @@ def main(args: list[str] | None = None) -> None:
         refuse_flat_sampler_settings(words, configs)
         model_class, subclass_mode, args = DiffusionModule, False, list(words)
         named = named_module(words)
-        if named is None or named[1] is DiffusionModule:  # another module's settings are its own
-            refuse_old_model_spelling(words, [(p, c["model"]) for p, c in configs if isinstance(c.get("model"), dict)])
+        models = [(p, c["model"]) for p, c in configs if isinstance(c.get("model"), dict)]
+        if named is None or named[1] is DiffusionModule:
+            refuse_old_model_spelling(words, models)
+        elif named[1] is StableDiffusionModule:  # its other settings are its own
+            refuse_old_model_spelling(words, models, ("compile", "inference_mode"))
         if words and words[0] == "autoencoder":  # the synonym: the same CLI around the autoencoder's module
             args = words[1:]
             if named and named[1] is not AutoencoderModule:

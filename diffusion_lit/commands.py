@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.core.saving import _load_state
+from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from torch import Tensor, nn
 
 from diffusion_lit.data import DiffusionDataModule, from_config
@@ -64,7 +65,8 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise UserError(f"{path} is not a checkpoint written by diffusion_lit's `fit` (no hyperparameters in it)")
     # Older checkpoints' flat hyperparameters in the parts' layout (the checkpoint returned keeps what it holds).
-    upgraded = {**checkpoint, "hyper_parameters": upgrade_hparams(copy.deepcopy(checkpoint["hyper_parameters"]))}
+    upgraded = {**checkpoint, "state_dict": dict(checkpoint.get("state_dict") or {}),
+                "hyper_parameters": upgrade_hparams(copy.deepcopy(checkpoint["hyper_parameters"]))}
     check_hparams(upgraded["hyper_parameters"], trusted, str(path))
     if "block_out_channels" in upgraded["hyper_parameters"]:  # AutoencoderModule's, not DiffusionModule's
         raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.latent's "
@@ -76,6 +78,7 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
             moved(upgraded["hyper_parameters"], absolute(autoencoder))
         # What `load_from_checkpoint` does once it has read the file: built from the (upgraded) hyperparameters,
         # the hooks and the state dict loaded.
+        _pl_migrate_checkpoint(upgraded, path)  # what load_from_checkpoint does for older Lightning versions' files
         module = _load_state(cls, upgraded, strict=True)
     except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
         raise

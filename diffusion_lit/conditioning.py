@@ -77,13 +77,14 @@ class Labels(Unconditional):
         p_uncond: the probability that a training label is dropped to the null class.
     """
 
+    conditional = True
+
     def __init__(self, p_uncond: float = 0.1) -> None:
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
             raise UserError(f"p_uncond must lie in [0, 1], got {p_uncond}")
         self.p_uncond = p_uncond
-        self.num_classes = 0
-        self.conditional = True
+        self.num_classes = 0  # set by bind, from the data
 
     def bind(self, num_classes: int, ema_decay: float | None, ema_warmup: bool | float) -> None:
         if num_classes < 1:

@@ -76,6 +76,8 @@ class Latent(Pixels):
 
     clip_x0 = False  # latents are not bounded by [-1, 1]
     pixels = False
+    fit_option = "--model.latent.autoencoder PATH"  # how `fit` points at a moved autoencoder
+    warn_eps = True  # say that eps prediction samples badly here (off where the prediction is not a choice: SD)
 
     def __init__(self, autoencoder: str, scale: float | None = None, cache: bool = False) -> None:
         super().__init__()
@@ -83,7 +85,6 @@ class Latent(Pixels):
             raise UserError(f"the latent scale must be positive, got {scale}")
         self.path, self.cache = absolute(autoencoder), cache
         vae, own_scale, self.shift = load_autoencoder(self.path)
-        self.ours = own_scale is None  # trained by `diffusion_lit autoencoder fit`
         self.frozen = Frozen(autoencoder=vae)
         # 0 until measured when fit starts; saved, so a resumed or loaded model uses the same scale.
         self.register_buffer("scale", torch.tensor(float(scale or own_scale or 0.0)))
@@ -123,7 +124,7 @@ class Latent(Pixels):
         return self.vae.encode(images.to(self.vae.dtype)).latent_dist
 
     def on_fit_start(self, module, datamodule) -> None:
-        if module.objective.prediction == "eps" and self.ours:
+        if module.objective.prediction == "eps" and self.warn_eps:
             say("a latent model with eps prediction: samplers cannot clip x0 in latent space, and at the noisiest VP "
                 "step x0 = (x_t - sigma eps) / alpha divides the error of eps by alpha (0.006 linear, 5e-5 cosine); "
                 "--model.objective.prediction v or --model.process Flow sample far better there")

@@ -208,8 +208,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         if printed and (found := self.latent.fingerprint()) not in (None, printed):
             raise UserError(f"the autoencoder {self.latent.path} is not the one this model was trained with (its "
                             f"weights' fingerprint is {found}, the checkpoint records {printed}): point at that one "
-                            "with --autoencoder PATH (sample, evaluate, export) or --model.latent.autoencoder PATH "
-                            "(fit)")
+                            f"with --autoencoder PATH (sample, evaluate, export) or {self.latent.fit_option} (fit)")
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():

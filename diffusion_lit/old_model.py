@@ -97,21 +97,18 @@ def recorded_process(checkpoint: dict) -> tuple[dict, str] | None:
     return spec, hparams.get("prediction") or ("v" if flow else "eps")
 
 
-def refuse_old_model_spelling(words: list[str], configs: list[tuple[str, dict]]) -> None:
-    """One UserError naming the new spelling for a flat model option of older code, on the command line or in a
-    config file's `model:` section (its `init_args`, for a module named by class_path)."""
+def refuse_old_model_spelling(words: list[str], configs: list[tuple[str, dict]],
+                              keys: tuple[str, ...] = tuple(NEW_SPELLING)) -> None:
+    """One UserError naming the new spelling for a flat model option of older code (of `keys`), on the command line
+    or in a config file's `model:` section (or its `init_args`, for a module named by class_path)."""
     for i, word in enumerate(words):
-        key = word[len("--model."):].split("=", 1)[0] if word.startswith("--model.") else None
+        key = word[len("--model."):].split("=", 1)[0].removeprefix("init_args.") if word.startswith("--model.") else None
         value = word.split("=", 1)[1] if "=" in word else (words[i + 1] if i + 1 < len(words) else "")
-        if key in NEW_SPELLING and not (key == "process" and value not in ("vp", "flow")):
-            raise UserError(f"--model.{key} is an option of older diffusion_lit: use {NEW_SPELLING[key]}")
+        if key in keys and not (key == "process" and value not in ("vp", "flow")):
+            raise UserError(f"{word.split('=', 1)[0]} is an option of older diffusion_lit: use {NEW_SPELLING[key]}")
     for path, model in configs:
-        if "class_path" in model:  # a module a config names: another class's settings, or DiffusionModule's
-            if model["class_path"] not in ("diffusion_lit.module.DiffusionModule", "diffusion_lit.DiffusionModule"):
-                continue
-            model = model.get("init_args") or {}
-        for key, value in model.items():
-            if key in NEW_SPELLING and not (key == "process" and value not in ("vp", "flow")):
+        for key, value in (model.get("init_args") or {} if "class_path" in model else model).items():
+            if key in keys and not (key == "process" and value not in ("vp", "flow")):
                 raise UserError(f"{path}: model.{key} is a setting of older diffusion_lit: use {NEW_SPELLING[key]} "
                                 "(in YAML: the part's class_path and init_args)")
 
@@ -131,7 +128,8 @@ def refuse_flat_sampler_settings(words: list[str], configs: list[tuple[str, dict
     for path, config in configs:
         callbacks = (config.get("trainer") or {}).get("callbacks") or []
         for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-            args = (callback or {}).get("init_args") or {} if isinstance(callback, dict) else {}
+            ours = isinstance(callback, dict) and str(callback.get("class_path")).rpartition(".")[2] in ("SampleGrid", "FID")
+            args = (callback.get("init_args") or {}) if ours else {}
             flat = [key for key in SAMPLER_KEYS if key in args]
             if flat:
                 raise UserError(f"{path}: {callback.get('class_path')} takes its sampler settings grouped now: write "

@@ -184,6 +184,8 @@ class StableDiffusionModule(DiffusionModule):
         process, prediction = vp_of(scheduler, f"pretrained {pretrained}")
         if not (lora_rank is None if ema is None else ema):
             kwargs["ema_decay"] = None
+        kwargs.setdefault("optimizer", torch.optim.AdamW)  # built in Python; a config names its own (sd_lora.yaml)
+        kwargs.setdefault("image_size", 512)  # SD 1.x's; the CLI links it from the data
         net = partial(PretrainedUNet, folder=pretrained, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(lora_targets), gradient_checkpointing=gradient_checkpointing,
                       frozen_dtype=frozen_dtype)
@@ -192,6 +194,9 @@ class StableDiffusionModule(DiffusionModule):
             conditioning=Prompts(CLIPText(pretrained), p_uncond, cache=cache_text),
             latent=Latent(pretrained, cache=cache_latents), **kwargs,
         )
+        for key in ("net", "process", "objective", "conditioning", "latent"):  # built here from this class's settings
+            self.hparams.pop(key, None)  # (a module built in Python would otherwise save them again, weights and all)
+        self.latent.fit_option, self.latent.warn_eps = "--model.init_args.pretrained PATH", False
         self.latent.fingerprint()  # taken of the float32 weights, before any cast
         self.latent.frozen.to(DTYPES[frozen_dtype])
         self.conditioning.frozen.to(DTYPES[frozen_dtype])

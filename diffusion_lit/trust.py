@@ -35,9 +35,10 @@ PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Op
           "process": ({"diffusion_lit.process.VP", "diffusion_lit.process.Flow", "diffusion_lit.VP", "diffusion_lit.Flow"},
                       Process),
           "objective": ({"diffusion_lit.objective.Objective"}, Objective),
-          "conditioning": ({"diffusion_lit.conditioning.Labels", "diffusion_lit.conditioning.Prompts"}, Unconditional),
+          "conditioning": ({"diffusion_lit.conditioning.Unconditional", "diffusion_lit.conditioning.Labels",
+                           "diffusion_lit.conditioning.Prompts"}, Unconditional),
           "encoder": ({"diffusion_lit.text.ByteTextEncoder", "diffusion_lit.text.CLIPText"}, nn.Module),
-          "latent": ({"diffusion_lit.latent.Latent"}, Pixels)}
+          "latent": ({"diffusion_lit.latent.Pixels", "diffusion_lit.latent.Latent"}, Pixels)}
 BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer",
               Process: "diffusion_lit.process.Process", Objective: "diffusion_lit.objective.Objective",
               Unconditional: "diffusion_lit.conditioning.Unconditional", Pixels: "diffusion_lit.latent.Pixels",

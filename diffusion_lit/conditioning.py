@@ -17,6 +17,12 @@ from diffusion_lit.guidance import averaged
 from diffusion_lit.unet import null_labels
 
 
+def check_p_uncond(p_uncond: float) -> None:
+    """A UserError unless the probability of dropping a condition lies in [0, 1]."""
+    if not 0.0 <= p_uncond <= 1.0:
+        raise UserError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+
+
 class Unconditional(nn.Module):
     """No condition: the plain case, and what every conditioning does unless it says otherwise."""
 
@@ -81,8 +87,7 @@ class Labels(Unconditional):
 
     def __init__(self, p_uncond: float = 0.1) -> None:
         super().__init__()
-        if not 0.0 <= p_uncond <= 1.0:
-            raise UserError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+        check_p_uncond(p_uncond)
         self.p_uncond = p_uncond
         self.num_classes = 0  # set by bind, from the data
 
@@ -124,8 +129,7 @@ class Prompts(Unconditional):
 
     def __init__(self, encoder: nn.Module, p_uncond: float = 0.1, cache: bool = False) -> None:
         super().__init__()
-        if not 0.0 <= p_uncond <= 1.0:
-            raise UserError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+        check_p_uncond(p_uncond)
         if cache and encoder.trainable:
             raise UserError("cache is for a frozen text encoder (CLIPText); a trained one's features change each step")
         self.p_uncond = p_uncond

@@ -74,7 +74,11 @@ class Process(nn.Module):
         t = self.time_of(check_levels(self, steps, spacing))
         alpha, sigma = (v.double().reshape(-1) for v in self.alpha_sigma(t, 1))
         alpha, sigma = torch.cat([alpha[:-1], alpha.new_ones(1)]), torch.cat([sigma[:-1], sigma.new_zeros(1)])
-        return Grid(self.network_time(t[:-1]).float(), alpha, sigma, alpha.clone(), self)
+        return Grid(self.network_time(t[:-1]).float(), alpha, sigma, self.solver_scale(alpha), self)
+
+    def solver_scale(self, alpha: Tensor) -> Tensor:
+        """c of the solvers' variables y = x_t / c, level k = sigma / c: alpha (EDM's) by default."""
+        return alpha.clone()
 
 
 def check_levels(process: Process, steps: int, spacing: str) -> Tensor:
@@ -197,12 +201,9 @@ class Flow(Process):
         """The flow's velocity dx_t/dt = eps - x0."""
         return -1.0, 1.0
 
-    def grid(self, steps: int, spacing: str = "linspace"):
-        """`steps` levels of the flow, t = 1, 1 - 1/N, ..., 1/N (each shifted by `shift`), then t = 0."""
-        from diffusion_lit.solvers import Grid
-
-        t = self.time_of(check_levels(self, steps, spacing))
-        return Grid(self.network_time(t[:-1]).float(), 1 - t, t, torch.ones_like(t), self)
+    def solver_scale(self, alpha: Tensor) -> Tensor:
+        """c = 1: the solvers walk the flow's own x_t and t (alpha reaches 0 at t = 1)."""
+        return torch.ones_like(alpha)
 
     def spec(self) -> dict:
         return {"process": "flow"}

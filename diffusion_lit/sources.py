@@ -13,7 +13,6 @@ or on the command line `--data.source ImageFolder --data.source.root DIR`. Leavi
 """
 
 import contextlib
-import importlib
 import inspect
 import io
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from diffusion_lit import digits
-from diffusion_lit.errors import UserError, reason, say
+from diffusion_lit.errors import UserError, say
 from diffusion_lit.folders import FolderImages, FolderIndex, read_captions
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -217,12 +216,10 @@ def build(spec) -> Source | None:
         spec = {"class_path": spec}
     if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
         raise UserError(f"data.source must name a class (class_path, init_args), got {spec!r}")
+    from diffusion_lit.trust import import_named  # which imports this module
+
     name = spec["class_path"] if "." in spec["class_path"] else f"{__name__}.{spec['class_path']}"
-    module, _, attr = name.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(f"data.source {name}: cannot import it ({reason(err)})") from None
+    cls = import_named(name, f"data.source {name}")
     if not (isinstance(cls, type) and issubclass(cls, Source)):
         raise UserError(f"data.source {name} is not a diffusion_lit.sources.Source")
     try:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from diffusion_lit.conditioning import Unconditional
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, reason
 from diffusion_lit.latent import Pixels
 from diffusion_lit.objective import Objective
 from diffusion_lit.process import Process
@@ -94,13 +94,18 @@ def check_data_hparams(hparams: dict, trusted: Iterable[str] = (), source: str =
     check_hparams({k: v for k, v in hparams.items() if not k.startswith("_")}, trusted, source)
 
 
-def check_subclass(name: str, base: type, source: str) -> None:
-    """Imports a class the user trusts and checks that it is a `base` subclass (a class, not any callable)."""
+def import_named(name: str, what: str) -> object:
+    """What the import path `name` names; a UserError beginning with `what` when it cannot be imported."""
     module, _, attr = name.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(f"--trust_class {name}: cannot import it ({err})") from None
+        raise UserError(f"{what}: cannot import it ({reason(err)})") from None
+
+
+def check_subclass(name: str, base: type, source: str) -> None:
+    """Imports a class the user trusts and checks that it is a `base` subclass (a class, not any callable)."""
+    obj = import_named(name, f"--trust_class {name}")
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise UserError(f"{source} names {name!r}, which is not a subclass of {BASE_NAMES[base]}: refused")
 

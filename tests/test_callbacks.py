@@ -75,10 +75,10 @@ def test_ddp_fit_logs_fid_once_per_evaluation_from_exactly_s_samples(tmp_path):
     assert {key.split(".")[0] for key in ckpt["state_dict"]} == {"net", "ema"}
 
 
-def test_fid_without_inception_weights_turns_itself_off(tmp_path):
+def test_fid_without_inception_weights_turns_itself_off(tmp_path, monkeypatch):
     # No network here, and an empty torch hub cache: training must go on and say why FID is off, once, in one line.
-    result = fit_with_callbacks(tmp_path, {"num_samples": 4, "feature_extractor": "inception"},
-                                TORCH_HOME=str(tmp_path / "torch_home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # read by torch.hub at each call: in this process
+    result = fit_with_callbacks(tmp_path, {"num_samples": 4, "feature_extractor": "inception"})
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "FID is off" in line]
     assert len(lines) == 1 and "weights_path" in lines[0]

@@ -114,7 +114,7 @@ def test_fit_writes_tensorboard_and_checkpoints_then_resumes(tmp_path):
         "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
         "--data.source.root", images, "--data.batch_size", 8,
         "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.log_every_n_steps", 1,
-        "--checkpoint.every_n_train_steps", 3, "--trainer.val_check_interval", 3,
+        "--checkpoint.every_n_train_steps", 3, "--trainer.val_check_interval", 3, "--trainer.callbacks", "[]",
     ]
     first = cli(*common, "--trainer.max_steps", 4)
     assert first.returncode == 0, first.stderr

@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory):
     result = cli(
         "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
         "--data.source.root", images, "--data.batch_size", 8,
-        "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp / "runs",
+        "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp / "runs", "--trainer.callbacks", "[]",
     )
     assert result.returncode == 0, result.stderr
     return tmp / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
@@ -129,6 +129,7 @@ def test_conditional_fit_and_guided_sampling(tmp_path, checkpoint):
         "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
         "--data.source.root", images, "--data.batch_size", 8,
         "--model.conditioning", "Labels", "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+        "--trainer.callbacks", "[]",
     )
     assert result.returncode == 0, result.stderr
     conditional = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
@@ -179,7 +180,7 @@ def test_flow_fit_and_sample(tmp_path):
     fit = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
               "--data.source", "ImageFolder", "--data.source.root", images,
               "--data.batch_size", 8, "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
-              "--model.process", "Flow", "--model.objective.loss_weighting", "min_snr")
+              "--model.process", "Flow", "--model.objective.loss_weighting", "min_snr", "--trainer.callbacks", "[]")
     assert fit.returncode == 0, fit.stderr
     ckpt = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["process"]["class_path"].endswith(".Flow")

@@ -10,7 +10,7 @@ from test_cli import REPO, cli
 
 
 def test_tour_runs(tmp_path, monkeypatch):
-    images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)  # small images: a quick tour
+    images = write_image_folder(tmp_path / "images", n_per_class=8, size=8)  # small images: a quick tour
     run = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
               "--data.source", "ImageFolder", "--data.source.root", images,
               "--data.batch_size", 4,

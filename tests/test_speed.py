@@ -1,5 +1,7 @@
 """Each fast path gives the plain path's losses and samples, within a stated tolerance."""
 
+import json
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,14 +19,19 @@ from conftest import tiny_unet, write_image_folder
 from test_cli import REPO, cli
 
 
-def module(**kwargs) -> DiffusionModule:
+# For torch.compile: a one-level UNet. Each graph (training forward, backward, sampling) is one C++ compile of about 10
+# s on 2 cores whatever its size, plus a few seconds per kernel; this network has half the kernels of tiny_unet.
+one_level_unet = partial(tiny_unet, base_channels=8, channel_mult=(1,), norm_groups=4)
+
+
+def module(net=tiny_unet) -> DiffusionModule:
     torch.manual_seed(0)  # the same initial weights for every variant
-    return DiffusionModule(net=tiny_unet, image_size=8, channels=1, process=VP("cosine"), **kwargs)
+    return DiffusionModule(net=net, image_size=8, channels=1, process=VP("cosine"))
 
 
-def accelerated(**switches) -> DiffusionModule:
-    """`module()` with the Accelerate callback's switches applied, as `fit` applies them at its setup."""
-    m = module()
+def accelerated(net=tiny_unet, **switches) -> DiffusionModule:
+    """`module(net)` with the Accelerate callback's switches applied, as `fit` applies them at its setup."""
+    m = module(net)
     trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))  # what compile reads
     Accelerate(**switches).setup(trainer, m, "fit")
     return m
@@ -83,14 +90,15 @@ def test_inference_mode_matches_no_grad(plain):
     assert plain[1].is_inference() and not samples.is_inference()
 
 
-def test_compile_matches_plain(plain):
-    m = accelerated(compile=True)
+def test_compile_matches_plain():
+    m = accelerated(one_level_unet, compile=True)
     if speed.compile_failure("cpu"):
         pytest.skip(f"torch.compile cannot run here: {speed.compile_failure('cpu')}")
     losses, samples = losses_and_samples(m, steps=2)
+    plain_losses, plain_samples = losses_and_samples(module(one_level_unet), steps=2)
     # Inductor fuses and reorders floating-point operations.
-    assert losses == pytest.approx(plain[0][:2], rel=1e-4)
-    assert torch.allclose(samples, losses_and_samples(module(), steps=2)[1], atol=1e-3)
+    assert losses == pytest.approx(plain_losses, rel=1e-4)
+    assert torch.allclose(samples, plain_samples, atol=1e-3)
 
 
 def test_compile_falls_back_with_one_line(monkeypatch, capsys):
@@ -102,13 +110,19 @@ def test_compile_falls_back_with_one_line(monkeypatch, capsys):
 
 
 def test_fast_paths_from_the_command_line(tmp_path):
-    """bf16 training with channels_last through `fit` (its end-of-training grid included), then bf16 sampling."""
-    images = write_image_folder(tmp_path / "images", n_per_class=8, size=16)
+    """bf16 training with channels_last through `fit` (its end-of-training grid included), then bf16 sampling.
+
+    Small images and a small grid: where the CPU has no bf16 instructions, bf16 is emulated and tens of times slower.
+    """
+    images = write_image_folder(tmp_path / "images", n_per_class=8, size=8)
+    grid = {"class_path": "diffusion_lit.callbacks.SampleGrid",
+            "init_args": {"every_n_steps": 2, "num_samples": 4, "sampling": {"steps": 3}}}
     run = cli(
         "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
         "--data.source.root", images, "--data.batch_size", 8,
         "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
-        "--trainer.precision", "bf16-mixed", "--trainer.callbacks+=diffusion_lit.speed.Accelerate",
+        "--trainer.precision", "bf16-mixed", "--trainer.callbacks", json.dumps([grid]),
+        "--trainer.callbacks+=diffusion_lit.speed.Accelerate",
         "--trainer.callbacks.channels_last", "true",
     )
     assert run.returncode == 0, run.stderr
@@ -117,6 +131,7 @@ def test_fast_paths_from_the_command_line(tmp_path):
     callbacks = yaml.safe_load((tmp_path / "runs" / "tiny_cpu" / "config.yaml").read_text())["trainer"]["callbacks"]
     assert {"class_path": "diffusion_lit.speed.Accelerate",
             "init_args": {"channels_last": True, "compile": False}} in callbacks
+    assert (tmp_path / "runs" / "tiny_cpu" / "samples.png").is_file()  # the grid, drawn in bf16 from channels-last weights
     assert "channels_last" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
     outs = {}
     for precision in ("32-true", "bf16-mixed"):

@@ -1,4 +1,4 @@
-"""DDPM ancestral sampling and DDIM: plain functions over (model, schedule, starting noise); `sample` for every
+"""DDPM ancestral sampling and DDIM: plain functions over (model, process, starting noise); `sample` for every
 sampler, with labels and guidance.
 
 `model(x_t, t)` predicts eps (or v or x0, named by `prediction`); timesteps are 0-based, t = T-1 the noisiest. All
@@ -22,19 +22,19 @@ Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's predicti
 Variance = Literal["posterior", "beta"]
 
 
-def predict(model: Model, schedule: VP, x_t: Tensor, t: Tensor, prediction: Prediction,
+def predict(model: Model, process: VP, x_t: Tensor, t: Tensor, prediction: Prediction,
             clip: bool) -> tuple[Tensor, Tensor]:
     """(x0, eps) from the model's prediction at integer timesteps t, x0 optionally clipped to [-1, 1] (eps is the
     unclipped one, as in DDIM's code)."""
-    alpha, sigma = schedule.alpha_sigma(t, x_t.ndim)
-    x0, eps = split(prediction, schedule, model(x_t, t), x_t, alpha, sigma)
+    alpha, sigma = process.alpha_sigma(t, x_t.ndim)
+    x0, eps = split(prediction, process, model(x_t, t), x_t, alpha, sigma)
     return (x0.clamp(-1, 1) if clip else x0), eps
 
 
 @torch.no_grad()
 def ddpm_sample(
     model: Model,
-    schedule: VP,
+    process: VP,
     x_T: Tensor,
     generator: torch.Generator | None = None,
     variance: Variance = "posterior",
@@ -46,7 +46,7 @@ def ddpm_sample(
 
     Args:
         model: the network (its prediction named by `prediction`: eps, v or x0).
-        schedule: the noise schedule the model was trained with.
+        process: the noise process the model was trained with.
         x_T: starting noise, [B, C, H, W].
         generator: source of the noise added at each step.
         variance: sigma_t² = posterior variance beta-tilde_t (``posterior``) or beta_t (``beta``).
@@ -57,15 +57,15 @@ def ddpm_sample(
     Returns:
         x_0, or (x_0, states) with return_intermediates.
     """
-    variances = schedule.posterior_variance if variance == "posterior" else schedule.betas
+    variances = process.posterior_variance if variance == "posterior" else process.betas
     x = x_T
     states = [x]
-    for step in reversed(range(schedule.timesteps)):
+    for step in reversed(range(process.timesteps)):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         # The mean of q(x_{t-1} | x_t, x0) at the predicted x0 (DDPM Eq. 7); unclipped, it equals Algorithm 2's
         # 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ᾱ_t) eps).
-        x0, _ = predict(model, schedule, x, t, prediction, clip_x0)
-        mean = gather(schedule.posterior_mean_coef1, t, x.ndim) * x0 + gather(schedule.posterior_mean_coef2, t, x.ndim) * x
+        x0, _ = predict(model, process, x, t, prediction, clip_x0)
+        mean = gather(process.posterior_mean_coef1, t, x.ndim) * x0 + gather(process.posterior_mean_coef2, t, x.ndim) * x
         if step > 0:  # Algorithm 2, line 3: z = 0 at the last step
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = mean + gather(variances, t, x.ndim).sqrt() * z
@@ -86,17 +86,17 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: Spacing = "linspace") ->
     return (evenly_spaced if spacing == "linspace" else trailing)(timesteps, steps).tolist()
 
 
-def check_ddim(schedule: VP, steps: int, eta: float, spacing: Spacing = "linspace") -> list[int]:
+def check_ddim(process: VP, steps: int, eta: float, spacing: Spacing = "linspace") -> list[int]:
     """DDIM's timesteps, after checking its settings (a UserError when they are out of range)."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
-    return ddim_timesteps(schedule.timesteps, steps, spacing)
+    return ddim_timesteps(process.timesteps, steps, spacing)
 
 
 @torch.no_grad()
 def ddim_sample(
     model: Model,
-    schedule: VP,
+    process: VP,
     x_T: Tensor,
     steps: int = 50,
     eta: float = 0.0,
@@ -110,7 +110,7 @@ def ddim_sample(
 
     Args:
         model: the network (its prediction named by `prediction`: eps, v or x0).
-        schedule: the noise schedule the model was trained with.
+        process: the noise process the model was trained with.
         x_T: starting noise, [B, C, H, W].
         steps: number of denoising steps (at most T).
         eta: 0 is deterministic DDIM; 1 gives DDPM's posterior variance.
@@ -122,15 +122,15 @@ def ddim_sample(
     Returns:
         x_0, or (x_0, states) with return_intermediates.
     """
-    ts = check_ddim(schedule, steps, eta, spacing)
+    ts = check_ddim(process, steps, eta, spacing)
     x = x_T
     states = [x]
     for i in reversed(range(len(ts))):
         t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
-        alpha_bar = schedule.alphas_cumprod[ts[i]]
+        alpha_bar = process.alphas_cumprod[ts[i]]
         # ᾱ of the next (less noisy) timestep; 1 after the last step, which lands on x_0 (and makes sigma 0).
-        alpha_bar_prev = schedule.alphas_cumprod[ts[i - 1]] if i > 0 else torch.ones_like(alpha_bar)
-        x0, eps = predict(model, schedule, x, t, prediction, clip_x0)
+        alpha_bar_prev = process.alphas_cumprod[ts[i - 1]] if i > 0 else torch.ones_like(alpha_bar)
+        x0, eps = predict(model, process, x, t, prediction, clip_x0)
         # Eq. 16: sigma = eta sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         # Eq. 12: x_prev = sqrt(ᾱ_prev) x0 + sqrt(1 - ᾱ_prev - sigma²) eps + sigma z
@@ -147,7 +147,7 @@ Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
 
 def sample(
     model: Model,
-    schedule: Process,
+    process: Process,
     x_T: Tensor,
     sampler: Sampler = "ddim",
     steps: int = 50,
@@ -167,7 +167,7 @@ def sample(
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
     solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``), for a
-    model that predicts `prediction` under the process `schedule` (DDPM: a discrete one, VP; DDIM walks a discrete
+    model that predicts `prediction` under `process` (DDPM: a discrete one, VP; DDIM walks a discrete
     process's timesteps and any other's grid levels).
 
     With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
@@ -197,35 +197,35 @@ def sample(
             raise UserError(f"labels must lie in [0, {num_classes - 1}] for this model, got {labels.unique().tolist()}")
     if counts is not None:
         counts.images += len(x_T)
-    model = guided(model, labels, guidance_scale, null, guide, guidance_interval, schedule, counts, guide_condition)
-    check_sampler(sampler, schedule, steps, eta, spacing)
-    if not schedule.discrete and sampler == "ddim":
-        grid = schedule.grid(steps, spacing)
+    model = guided(model, labels, guidance_scale, null, guide, guidance_interval, process, counts, guide_condition)
+    check_sampler(sampler, process, steps, eta, spacing)
+    if not process.discrete and sampler == "ddim":
+        grid = process.grid(steps, spacing)
         return ddim_grid_sample(model, grid, x_T, eta, generator, clip_x0, return_intermediates, prediction)
     if sampler == "ddpm":
-        return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
+        return ddpm_sample(model, process, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
                            prediction=prediction)
     if sampler == "ddim":
-        return ddim_sample(model, schedule, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction,
+        return ddim_sample(model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction,
                            spacing)
-    grid = schedule.grid(steps, spacing)
+    grid = process.grid(steps, spacing)
     return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates, prediction)
 
 
-def check_sampler(sampler: str, schedule: Process, steps: int, eta: float, spacing: str) -> None:
+def check_sampler(sampler: str, process: Process, steps: int, eta: float, spacing: str) -> None:
     """A UserError for settings no sampler takes, before any network call."""
     if sampler not in ("ddpm", "ddim", *SOLVERS):
         raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}")
-    if not schedule.discrete and sampler == "ddpm":
-        raise UserError(f"sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a {type(schedule).__name__} "
+    if not process.discrete and sampler == "ddpm":
+        raise UserError(f"sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a {type(process).__name__} "
                         "model: use ddim (with --eta 1 for DDPM-like noise), euler, heun or dpmpp_2m")
-    if sampler in SOLVERS or not schedule.discrete:
-        schedule.grid(steps, spacing)  # checks steps and spacing
+    if sampler in SOLVERS or not process.discrete:
+        process.grid(steps, spacing)  # checks steps and spacing
     elif spacing != "linspace" and not (sampler == "ddim" and spacing == "trailing"):
         raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own"
                         + (" or 'trailing'" if sampler == "ddim" else ""))
-    if sampler == "ddim" and schedule.discrete:
-        check_ddim(schedule, steps, eta, spacing)
+    if sampler == "ddim" and process.discrete:
+        check_ddim(process, steps, eta, spacing)
     elif sampler == "ddim" and not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
 
@@ -240,7 +240,7 @@ def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale
 
 def generate(
     model: Model,
-    schedule: Process,
+    process: Process,
     num_samples: int,
     shape: tuple[int, int, int],
     generator: torch.Generator,
@@ -266,7 +266,7 @@ def generate(
             x_T = torch.randn((n, *shape), generator=generator, device=device)
             y = None if labels is None else labels[start : start + n]
             y = condition(y) if condition is not None and y is not None else y
-            x = sample(model, schedule, x_T, generator=generator, labels=None if y is None else y.to(device),
+            x = sample(model, process, x_T, generator=generator, labels=None if y is None else y.to(device),
                        **sampler_kwargs)
             yield decode(x) if decode is not None else x
             bar.update(n)

@@ -50,9 +50,9 @@ class Grid:
         return float((self.alpha[i] / self.sigma[i]).log())
 
 
-def edm_sigmas(schedule) -> Tensor:
+def edm_sigmas(process) -> Tensor:
     """s = sqrt((1 - ᾱ_t) / ᾱ_t) of every integer timestep t = 0..T-1 (float64, increasing)."""
-    alphas_cumprod = schedule.alphas_cumprod.double().cpu()
+    alphas_cumprod = process.alphas_cumprod.double().cpu()
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
@@ -72,18 +72,18 @@ def trailing(timesteps: int, steps: int) -> Tensor:
     return torch.from_numpy(np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1).flip(0)
 
 
-def vp_grid(schedule, steps: int, spacing: Spacing = "linspace", rho: float = 7.0) -> Grid:
-    """`steps` levels of a VP schedule and then clean.
+def vp_grid(process, steps: int, spacing: Spacing = "linspace", rho: float = 7.0) -> Grid:
+    """`steps` levels of a VP process and then clean.
 
     ``linspace``: the integer timesteps evenly spaced over [0, T-1], both ends included (DDIM's). ``trailing``: T - 1
     and every T/N below it (see `trailing`). ``karras``: EDM's
     sigmas, s_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho between the sigmas of t = T-1 and
     t = 0 (Karras et al. 2022, Eq. 5), each at its fractional timestep.
     """
-    timesteps = schedule.timesteps
+    timesteps = process.timesteps
     if not 1 <= steps <= timesteps:
         raise UserError(f"steps must lie in [1, {timesteps}], got {steps}")
-    sigmas = edm_sigmas(schedule)
+    sigmas = edm_sigmas(process)
     if spacing in ("linspace", "trailing"):
         t = (evenly_spaced if spacing == "linspace" else trailing)(timesteps, steps).flip(0)
         s = sigmas[t]
@@ -94,7 +94,7 @@ def vp_grid(schedule, steps: int, spacing: Spacing = "linspace", rho: float = 7.
         t = timestep_of(s, sigmas)
     else:
         raise UserError(f"unknown step spacing {spacing!r}: use 'linspace', 'trailing' or 'karras'")
-    return Grid.vp(t, torch.cat([s, s.new_zeros(1)]), schedule)
+    return Grid.vp(t, torch.cat([s, s.new_zeros(1)]), process)
 
 
 def data_prediction(model: Model, y: Tensor, grid: Grid, i: int, clip_x0: bool, prediction: Prediction) -> Tensor:

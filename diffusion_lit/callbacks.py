@@ -107,7 +107,8 @@ class GuideCheckpoint(Callback):
         # Rank zero's clock decides, so that every rank calls the save (a collective) at the same step.
         if trainer.strategy.broadcast(run_share(trainer, self._total) >= self.share, src=0):
             self.written = True  # before the save, so that the checkpoint records it and a resume skips it
-            trainer.save_checkpoint(self.path(trainer))
+            # The whole checkpoint, as before; said, so that Lightning does not log that it defaulted to it.
+            trainer.save_checkpoint(self.path(trainer), weights_only=False)
             say(f"GuideCheckpoint: wrote {self.path(trainer)} at step {trainer.global_step}")
 
     def state_dict(self) -> dict:

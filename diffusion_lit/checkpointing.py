@@ -1,4 +1,5 @@
-"""Checkpoints that survive a kill at any moment, a full disk and SIGTERM, and the one-writer lock of a run folder."""
+"""Checkpoints that survive a kill at any moment, a full disk, SIGTERM, Ctrl-C and a lost DDP rank, how those signals
+stop a command (`Stopped`), and the one-writer lock of a run folder."""
 
 import os
 import signal
@@ -17,11 +18,98 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError, reason, say
 from diffusion_lit.files import write_atomic
 
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what shells and schedulers expect of a process ended by SIGTERM
 SIGINT_EXIT_STATUS = 130  # 128 + SIGINT, for Ctrl-C
+LOST_PEER_EXIT_STATUS = 1
+# What gloo, NCCL and the TCP store say when the process at the other end of a collective is gone.
+PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
+             "communicator was aborted", "remote process exited", "socket closed")
+
+
+class Stopped(BaseException):
+    """SIGTERM or Ctrl-C where the command stops at once: before training starts, while sampling or scoring, or on a
+    second Ctrl-C. A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way makes another
+    error of it. `line` is what the CLI prints (a command that kept its work says where), `images` the images a
+    sampling loop had finished."""
+
+    def __init__(self, signum: int, line: str | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.line, self.images = signum, line, None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        return SIGINT_EXIT_STATUS if self.signum == signal.SIGINT else SIGTERM_EXIT_STATUS
+
+
+def stopped_in(err: BaseException) -> Stopped | None:
+    """The `Stopped` that cut a write short, when `err` is what became of it: torch's zip writer, left half-way,
+    fails on closing with a RuntimeError, which `files.write_atomic` reports as a failed write."""
+    while err is not None and not isinstance(err, Stopped):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _stop(signum, frame) -> None:
+    if signal.getsignal(signum) is not _stop:  # Lightning's handler took over (and calls this one after its own)
+        return
+    if Checkpoint.training_began:  # training is over and its own handling ended: the process is ending anyway
+        return
+    raise Stopped(signum)
+
+
+def stop_on_signals(whole_process: bool = False) -> dict | None:
+    """From here on SIGTERM and Ctrl-C raise `Stopped` wherever the main thread is, until training takes them over
+    (`Checkpoint`). Returns what `restore_signals` puts back: the handlers replaced, or, for the process's own entry
+    point (`whole_process`), None."""
+    Checkpoint.training_began, Checkpoint.lost_line = False, None
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return None if whole_process else previous
+
+
+def restore_signals(previous: dict | None) -> None:
+    """Puts back the handlers `stop_on_signals` replaced; None: the default actions, for a process that is ending
+    (a signal then ends it at once, where Python's own Ctrl-C would print a traceback from its shutdown)."""
+    if previous is None and threading.current_thread() is threading.main_thread():
+        previous = {signal.SIGINT: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL}
+    for signum, handler in (previous or {}).items():
+        signal.signal(signum, handler)
+
+
+def lost_peers(trainer, exception: BaseException) -> str | None:
+    """Which ranks of a DDP run were lost, as words ("rank 1 (process 123, killed by SIGKILL)"), when `exception`
+    is a collective's failure that their end caused; None for any other exception."""
+    if trainer.world_size < 2 or not isinstance(exception, RuntimeError):
+        return None
+    procs = getattr(trainer.strategy.launcher, "procs", None) or []  # the ranks this process launched
+    deadline = time.monotonic() + 2  # a peer's sockets close a moment before the process is gone
+    while procs and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = trainer.node_rank * trainer.num_devices + 1
+    ended = [f"rank {first + i} (process {p.pid}, " + (f"killed by {signal.Signals(-p.returncode).name})"
+             if p.returncode < 0 else f"exit status {p.returncode})")
+             for i, p in enumerate(procs) if p.returncode is not None]
+    if ended:
+        return " and ".join(ended)
+    if any(words in str(exception).lower() for words in PEER_GONE):
+        return "a peer process"
+    return None
+
+
+def stop_child_observer() -> None:
+    """Lightning's launcher kills this process with SIGKILL within 5 s of a rank's end, which would cut the save of
+    what this rank holds short: it is let go once the loss is being handled here."""
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer":
+            thread._finished = True
 
 
 class Checkpoint(ModelCheckpoint):
@@ -29,25 +117,50 @@ class Checkpoint(ModelCheckpoint):
     SIGTERM or SIGINT (Ctrl-C), after finishing its current step.
 
     Lightning's own writes last.ckpt at the end only if it never saved before, so a run of 7 steps saving every 3
-    would end with last.ckpt at step 6 and lose its final step.
+    would end with last.ckpt at step 6 and lose its final step. When a DDP rank is lost, rank zero saves the step
+    it reached by itself (`after_lost_peer`).
     """
 
     stopped_by = "SIGTERM"  # or SIGINT, once Ctrl-C asked the run to stop
+    training_began = False  # from here on this class handles SIGTERM and Ctrl-C (`_stop` did before)
+    lost_line: str | None = None  # after a lost DDP peer: what the CLI prints ("" on a rank that says nothing)
     _previous_sigint = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Ctrl-C stops as SIGTERM does (after the step it is in, saving it), not wherever Python happens to be
-        Checkpoint.stopped_by = "SIGTERM"
+        # Ctrl-C stops as SIGTERM does (after the step it is in, saving it), not wherever Python happens to be.
+        # Lightning's own SIGTERM handler broadcasts from within the handler, which under DDP pairs with whatever
+        # collective another rank is in and hangs the run; this one only takes note (Lightning's comes back at the end).
+        Checkpoint.stopped_by, Checkpoint.training_began, Checkpoint.lost_line = "SIGTERM", True, None
+        self._parent, self._asked, self._saved = os.getppid(), 0, False  # a launched rank's parent is rank 0
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, partial(self.interrupt, trainer._signal_connector))
+            self._previous_sigint = signal.signal(signal.SIGINT, partial(self.interrupt, trainer))
+            signal.signal(signal.SIGTERM, partial(self.interrupt, trainer))
 
-    def interrupt(self, connector, signum, frame) -> None:
-        if connector.received_sigterm:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        connector.received_sigterm = True
-        Checkpoint.stopped_by = "SIGINT"  # for the exit status the CLI gives
-        print("Ctrl-C: finishing this step, then saving last.ckpt (Ctrl-C again stops at once, unsaved)",
-              file=sys.stderr)
+    def interrupt(self, trainer, signum, frame) -> None:
+        """SIGTERM or Ctrl-C: stop after this step, saving it; Ctrl-C once asked to stop: stop at once, unsaved."""
+        asked = self._asked or trainer.received_sigterm
+        if getattr(self, "_saved", False):  # the step is saved and the run is ending
+            return
+        if asked and signum == signal.SIGINT:
+            raise Stopped(signum, f"stopped at once by a second Ctrl-C at step {trainer.global_step}; run the same "
+                                  "command with --ckpt_path last to continue from the newest complete checkpoint")
+        if asked:
+            return
+        self._asked, Checkpoint.stopped_by = signum, signal.Signals(signum).name  # the exit status the CLI gives
+        if trainer.world_size == 1:  # under DDP the ranks agree first, at the end of the step (on_train_batch_end)
+            trainer._signal_connector.received_sigterm = True
+        if signum == signal.SIGINT:
+            say("Ctrl-C: finishing this step, then saving last.ckpt (Ctrl-C again stops at once, unsaved)")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank stops after the same step when any was asked to (SIGTERM over Ctrl-C), and saves it together.
+            signum = torch.tensor([getattr(self, "_asked", 0)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+            if signum := int(signum.item()):
+                Checkpoint.stopped_by = signal.Signals(signum).name
+                trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._previous_sigint is not None:
@@ -59,16 +172,53 @@ class Checkpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, Stopped):  # before training, or a second Ctrl-C: the ranks it launched stop too
+            stop_child_observer()
+            if trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(exception.signum)
+            return
+        if (lost := lost_peers(trainer, exception)) is not None:
+            Checkpoint.lost_line = self.after_lost_peer(trainer, lost)
+            return
         if not isinstance(exception, SIGTERMException):
             return
+        stop_child_observer()  # a rank that saved and ended first must not get this one killed
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._saved = True
         if trainer.is_global_zero:
             print(
                 f"stopped by {self.stopped_by} at step {trainer.global_step}: saved "
                 f"{Path(self.dirpath) / 'last.ckpt'}; run the same command with --ckpt_path last to continue",
                 file=sys.stderr,
             )
+
+    def after_lost_peer(self, trainer, lost: str) -> str:
+        """Rank zero saves last.ckpt alone (a save's barrier would wait for the lost rank), when the step it
+        reached is not saved yet; the line the CLI prints. Other ranks say nothing unless rank zero is the one lost."""
+        step, parent = trainer.global_step, getattr(self, "_parent", None)
+        if not trainer.is_global_zero:
+            if parent is None or os.getppid() == parent or getattr(self, "_asked", 0):  # or it is stopping too
+                return ""
+            return (f"rank 0 (process {parent}) was lost at step {step}; only it saves checkpoints: run the same "
+                    "command with --ckpt_path last to continue from the newest complete one")
+        stop_child_observer()
+        said = f"{lost} was lost at step {step}"
+        try:
+            if not Checkpoint.training_began:  # a state still being restored is no state to save
+                said += " before training started: nothing new to save"
+            elif self._last_global_step_saved == step:
+                said += ", which is saved"
+            else:
+                path = Path(self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST))
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+                self._last_global_step_saved = step
+                said += f": saved {path}"
+        except Exception as err:  # the state could not be written: the periodic checkpoints are what is left
+            newest = newest_checkpoint(Path(self.dirpath))
+            said += f", and saving it failed ({reason(err)}); the newest complete checkpoint is {newest}"
+        return f"{said}; run the same command with --ckpt_path last to continue"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -83,8 +233,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):  # remote storage: fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        write_atomic(path, lambda f: torch.save(checkpoint, f), "the checkpoint",
-                     "make room, then resume with --ckpt_path last (it takes the newest complete checkpoint)")
+        try:
+            write_atomic(path, lambda f: torch.save(checkpoint, f), "the checkpoint",
+                         "make room, then resume with --ckpt_path last (it takes the newest complete checkpoint)")
+        except UserError as err:
+            raise stopped_in(err) or err from None
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -105,6 +258,14 @@ def remove_stale_temporaries(ckpt_dir: Path) -> None:
     """Temporary files of saves that never finished (a killed process); call only while holding the run's lock."""
     for tmp in ckpt_dir.glob(".*.ckpt.*tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def remove_own_temporaries(*folders: Path) -> None:
+    """This process's temporary files in folders (`files.write_atomic` names them `.NAME.PID.tmp`): what a write
+    that a second signal cut short left behind."""
+    for folder in folders:
+        for tmp in Path(folder).glob(f".*.{os.getpid()}.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager

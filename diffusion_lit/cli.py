@@ -16,28 +16,34 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion_lit.autoencoder import AutoencoderModule
 from diffusion_lit.callbacks import ProgressBar
 from diffusion_lit.checkpointing import (
+    LOST_PEER_EXIT_STATUS,
     SIGINT_EXIT_STATUS,
     SIGTERM_EXIT_STATUS,
     Checkpoint,
+    Stopped,
     run_lock,
     newest_checkpoint,
     remove_stale_temporaries,
+    restore_signals,
+    stop_on_signals,
 )
 from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError
 from diffusion_lit.export import export
 from diffusion_lit.old_model import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import refuse_old_configs, upgrade_words
+from diffusion_lit.speed import CpuCost
 from diffusion_lit.stable_diffusion import StableDiffusionModule
-from diffusion_lit.trust import check_hparams, class_paths, parse_trusted
+from diffusion_lit.trust import check_hparams, class_paths, parse_trusted, read_checkpoint
 
 # Runs live in runs/<name>/ (no version_N folders), checkpoints in runs/<name>/checkpoints/,
 # so `--ckpt_path last` finds the run's latest checkpoint and TensorBoard curves continue in place.
@@ -94,13 +100,14 @@ class DiffusionCLI(LightningCLI):
             parser.link_arguments("data.num_classes", f"{model}.num_classes", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Lightning's trainer, with our epoch-count fix of its rich progress bar where that bar would be its default."""
+        """Lightning's trainer, with our epoch-count fix of its rich progress bar where that bar would be its default,
+        and `CpuCost` (one line when a CPU run would take hours, or asks for bf16 the CPU lacks)."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         wants_default_bar = config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBarBase) for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
-        if _RICH_AVAILABLE and wants_default_bar:
-            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), ProgressBar()]
+        bar = [ProgressBar()] if _RICH_AVAILABLE and wants_default_bar else []
+        kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), *bar, CpuCost()]
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -169,6 +176,8 @@ class DiffusionCLI(LightningCLI):
         elif ckpt_path not in (None, "best", "hpc", "registry") and not Path(ckpt_path).is_file():
             what = "a folder, not a checkpoint file" if Path(ckpt_path).is_dir() else "no such checkpoint file"
             raise UserError(f"--ckpt_path {ckpt_path}: {what}")
+        if self.config_init.fit.ckpt_path and Path(self.config_init.fit.ckpt_path).is_file():
+            check_steps_left(Path(self.config_init.fit.ckpt_path), self.trainer.max_steps)
 
     def set_aside(self, ckpt_dir: Path) -> None:
         """Renames the earlier run's folder (or its checkpoint folder, when that lies elsewhere) to NAME.1, NAME.2, ..."""
@@ -190,16 +199,20 @@ def requeued_on_slurm(trainer) -> bool:
 def check_checkpoint(path: Path, trusted: list[str]) -> None:
     """Opens a checkpoint without reading its tensors (memory-mapped): a truncated or foreign file, or one that names
     classes that are not trusted (`diffusion_lit.trust`), is a UserError."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise UserError(
-            f"{path} is not a readable checkpoint ({reason(err)}). "
-            "Resume from another file in its folder (--ckpt_path FILE) or start a new run"
-        ) from None
+    checkpoint = read_checkpoint(path, mmap=True, advice="resume from another file in its folder (--ckpt_path FILE) "
+                                 "or start a new run")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise UserError(f"{path} is not a training checkpoint of diffusion_lit (no state_dict or global_step)")
     check_hparams(checkpoint.get("hyper_parameters") or {}, trusted, str(path))
+
+
+def check_steps_left(path: Path, max_steps: int) -> None:
+    """A UserError for resuming a run that has reached max_steps already: Lightning would stop at once and exit 0."""
+    step = read_checkpoint(path, mmap=True).get("global_step")
+    if isinstance(step, int) and 0 <= max_steps <= step:
+        raise UserError(f"--ckpt_path {path}: the run is at step {step} already, and --trainer.max_steps {max_steps} "
+                        f"ends it there, so nothing would be trained; to continue it, give a larger "
+                        f"--trainer.max_steps (the steps to reach in all, above {step})")
 
 
 COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export}  # beside LightningCLI's fit, validate, ...
@@ -266,6 +279,7 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # The pretrained parts (autoencoder, CLIP text encoder) are frozen in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    signals = stop_on_signals(args is None)  # SIGTERM and Ctrl-C end in one line (Stopped), until training begins
     try:
         if words and words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], as_positional=False, parser_class=CommandParser)
@@ -303,12 +317,26 @@ def main(args: list[str] | None = None) -> None:
         )
     except SIGTERMException:  # the Checkpoint callback saved last.ckpt and said how to resume
         sys.exit(SIGINT_EXIT_STATUS if Checkpoint.stopped_by == "SIGINT" else SIGTERM_EXIT_STATUS)
+    except Stopped as stop:  # before training, a second Ctrl-C, or sample / evaluate (which say what they kept)
+        if rank_zero_only.rank == 0:  # the other ranks of a DDP run have nothing else to say
+            before = (f"stopped by {stop.name}: nothing was written" if words and words[0] in COMMANDS
+                      else f"stopped by {stop.name} before training started: nothing new to save")
+            print(stop.line or before, file=sys.stderr)
+        sys.exit(stop.exit_status)
     except (UserError, MisconfigurationException, ValueError) as err:  # Lightning's: a bad Trainer setting
         mistake = err if not isinstance(err, ValueError) else users_mistake(err)
         if os.environ.get("DIFFUSION_LIT_DEBUG") or mistake is None:
             raise
         print(f"error: {mistake}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        if Checkpoint.lost_line is None or os.environ.get("DIFFUSION_LIT_DEBUG"):
+            raise
+        if Checkpoint.lost_line:  # a DDP rank was lost: what rank zero saved, or where to resume from
+            print(Checkpoint.lost_line, file=sys.stderr)
+        sys.exit(LOST_PEER_EXIT_STATUS)
+    finally:
+        restore_signals(signals)
 
 
 def users_mistake(err: BaseException) -> UserError | None:

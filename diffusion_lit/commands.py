@@ -3,7 +3,9 @@
 import copy
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,9 +13,10 @@ from lightning.pytorch.core.saving import _load_state
 from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from torch import Tensor, nn
 
+from diffusion_lit.checkpointing import Stopped, remove_own_temporaries, stopped_in
 from diffusion_lit.data import DiffusionDataModule, from_config
 from diffusion_lit.digits import judge_counts, judge_shares
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError, reason, say
 from diffusion_lit.files import size_text, temporary_fallback
 from diffusion_lit.guidance import Evaluations, GuideCondition, Interval
 from diffusion_lit.images import check_output, check_space, load_images, needed_bytes, save_images, to_uint8
@@ -27,15 +30,15 @@ from diffusion_lit.metrics import (
     reference_cache_path,
     save_features,
 )
-from diffusion_lit.latent import absolute
+from diffusion_lit.latent import ChannelMismatch, absolute, works_on_latents
 from diffusion_lit.old_model import upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import describe
 from diffusion_lit.sampling import Sampler, generate
 from diffusion_lit.settings import Sampling
 from diffusion_lit.solvers import Spacing
-from diffusion_lit.speed import Precision
-from diffusion_lit.trust import check_data_hparams, check_hparams, parse_trusted
+from diffusion_lit.speed import Precision, warn_bf16
+from diffusion_lit.trust import check_data_hparams, check_hparams, parse_trusted, read_checkpoint
 
 
 def _device() -> torch.device:
@@ -50,6 +53,13 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
     model's `autoencoder` given here replaces the path it records (an autoencoder that moved); its weights must be
     the ones it was trained with.
     """
+    checkpoint, upgraded = read_run(ckpt_path, trusted)
+    return build_module(Path(ckpt_path), upgraded, autoencoder), checkpoint
+
+
+def read_run(ckpt_path: str, trusted: list[str] = ()) -> tuple[dict, dict]:
+    """The raw checkpoint dict of a `fit` run, and a copy with its hyperparameters upgraded to the parts' layout,
+    whose classes are checked against `diffusion_lit.trust`; nothing is built yet."""
     path = Path(ckpt_path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.ckpt"))
@@ -57,11 +67,7 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
         raise UserError(f"--ckpt_path {path} is a folder: give a checkpoint file in it{hint}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: give a .ckpt file written by `fit`")
-    try:
-        # Tensors and plain values only: reading cannot run code from the file.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
+    checkpoint = read_checkpoint(path)  # tensors and plain values only: reading cannot run code from the file
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise UserError(f"{path} is not a checkpoint written by diffusion_lit's `fit` (no hyperparameters in it)")
     # Older checkpoints' flat hyperparameters in the parts' layout (the checkpoint returned keeps what it holds).
@@ -72,6 +78,11 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
         raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.latent's "
                         "autoencoder in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
                         "run's checkpoint")
+    return checkpoint, upgraded
+
+
+def build_module(path: Path, upgraded: dict, autoencoder: str | None = None) -> DiffusionModule:
+    """The module that `read_run`'s upgraded checkpoint holds, its weights loaded (see `load_checkpoint`)."""
     try:
         cls = module_class(upgraded["hyper_parameters"])
         if autoencoder:
@@ -80,13 +91,16 @@ def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | 
         # the hooks and the state dict loaded.
         _pl_migrate_checkpoint(upgraded, path)  # what load_from_checkpoint does for older Lightning versions' files
         module = _load_state(cls, upgraded, strict=True)
-    except UserError:  # its autoencoder or text encoder, named in it, is missing or unreadable
-        raise
     except Exception as err:
-        if isinstance(err.__cause__, UserError):  # a part's own refusal, wrapped by jsonargparse
-            raise err.__cause__ from None
+        refusal = err if isinstance(err, UserError) else err.__cause__  # a part's own, wrapped by jsonargparse
+        if isinstance(refusal, ChannelMismatch):  # the data is the model's, not the user's to choose here
+            raise UserError(f"the autoencoder {refusal.path} takes {refusal.takes}-channel images and {path} was "
+                            f"trained on {refusal.channels}-channel ones: give --autoencoder the autoencoder it was "
+                            "trained with") from None
+        if isinstance(refusal, UserError):  # its autoencoder or text encoder, named in it, is missing or unreadable
+            raise refusal from None
         raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
-    return module.to(_device()).eval(), checkpoint
+    return module.to(_device()).eval()
 
 
 def moved(hparams: dict, path: str) -> None:
@@ -94,7 +108,7 @@ def moved(hparams: dict, path: str) -> None:
     its pretrained folder), in place."""
     if "pretrained" in hparams:
         hparams["pretrained"] = path
-    elif isinstance(hparams.get("latent"), dict):
+    elif works_on_latents(hparams):
         hparams["latent"]["init_args"]["autoencoder"] = path
     else:
         raise UserError("--autoencoder is for a latent model whose autoencoder moved; this model works on pixels")
@@ -109,11 +123,23 @@ def module_class(hparams: dict) -> type[DiffusionModule]:
 
 def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[str] = ()) -> nn.Module | None:
     """The EMA denoiser of a guide checkpoint for autoguidance (None without one), checked to be a model of the same
-    process, prediction, image shape and conditioning as `module`'s: a UserError naming the first difference."""
+    process, prediction, image shape and conditioning as `module`'s, in the same space (pixels or an autoencoder's
+    latents) and of images of as many channels: a UserError naming the first difference."""
     if guide_ckpt is None:
         return None
+    _, upgraded = read_run(guide_ckpt, trusted)
+    hparams, space = upgraded["hyper_parameters"], {True: "a latent model", False: "a pixel model"}
+    if works_on_latents(hparams) != (not module.latent.pixels):  # before building it with the model's autoencoder
+        raise UserError(f"--guide_ckpt {guide_ckpt}: the guide is {space[works_on_latents(hparams)]} and this model "
+                        f"{space[not module.latent.pixels]}; a guide works where the model does: give a guide trained "
+                        "the same way (an earlier or smaller run on the same data)")
+    if (channels := hparams.get("channels")) != module.hparams.channels:
+        theirs = f"{channels}-channel images" if isinstance(channels, int) else "images of unknown channels"
+        raise UserError(f"--guide_ckpt {guide_ckpt}: the guide was trained on {theirs} and this model on "
+                        f"{module.hparams.channels}-channel ones; a guide is a weaker model of the same data (an "
+                        "earlier or smaller run)")
     # A latent guide decodes through the model's autoencoder (checked by its fingerprint), wherever it was recorded.
-    guide, _ = load_checkpoint(guide_ckpt, trusted, getattr(module.latent, "path", None))
+    guide = build_module(Path(guide_ckpt), upgraded, getattr(module.latent, "path", None))
 
     def kind(m: DiffusionModule) -> dict:
         return {"process": m.process.spec(), "prediction": m.objective.prediction, "shape": m.shape,
@@ -131,6 +157,22 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
     return guide.ema.module.eval()
 
 
+def check_not_itself(guide: nn.Module | None, module: DiffusionModule, settings: Sampling, ema: bool = True) -> None:
+    """A UserError for a guide checkpoint that holds the weights the model samples with (the same file, or a copy):
+    D + w (D - D) = D, twice the passes for nothing. At the null condition it is classifier-free guidance: said."""
+    ours, theirs = module.denoiser(ema).state_dict(), None if guide is None else guide.state_dict()
+    if theirs is None or ours.keys() != theirs.keys() or not all(
+            ours[k].shape == theirs[k].shape and torch.equal(ours[k].cpu(), theirs[k].cpu()) for k in ours):
+        return
+    if settings.guide_condition == "null":
+        say(f"--guide_ckpt {settings.guide_ckpt} holds this model's own weights: at the null condition that is "
+            "classifier-free guidance, which the model does without a guide (leave --guide_ckpt out)")
+        return
+    raise UserError(f"--guide_ckpt {settings.guide_ckpt} holds this model's own weights: a model guided by itself "
+                    "is the model alone (D + w (D - D) = D) at twice the cost; give an earlier or smaller run of the "
+                    "same data, or leave --guide_ckpt out")
+
+
 def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
     """Sample a flow model with another shift than its own (None: keep it); a UserError for a VP model."""
     if shift is None:
@@ -145,7 +187,8 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
                     precision: Precision = "32-true", labels: Tensor | list[str] | None = None, clip_x0: bool = True,
                     guide: nn.Module | None = None, counts: Evaluations | None = None, **sampler_kwargs) -> Tensor:
     """num_samples uint8 images [N, C, H, W] on the CPU, with a progress bar; `labels` are class indices or prompts.
-    `guide` (a guide checkpoint's denoiser) replaces the model's own guide; `counts` adds up the network passes."""
+    `guide` (a guide checkpoint's denoiser) replaces the model's own guide; `counts` adds up the network passes.
+    SIGTERM or Ctrl-C (`Stopped`) ends it at once, the images of the batches finished so far on the exception."""
     if num_samples < 1 or batch_size < 1:
         raise UserError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
     passes = 2 if sampler_kwargs.get("guidance_scale", 1.0) != 1.0 else 1  # guidance: two passes per image
@@ -159,7 +202,14 @@ def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_
                            labels=labels, condition=lambda y: module.conditioning.condition(y, ema),
                            decode=module.latent.decode,
                            counts=counts, **own, **sampler_kwargs)
-        return torch.cat([to_uint8(x).cpu() for x in batches])
+        done = []
+        try:
+            for x in batches:
+                done.append(to_uint8(x).cpu())
+            return torch.cat(done)
+        except Stopped as stop:
+            stop.images = torch.cat(done) if done else None
+            raise
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -220,6 +270,9 @@ def parse_prompts(prompt: str | None, prompts: str | None, num_samples: int, tex
     """num_samples copies of each prompt, from --prompt and from the lines of the --prompts file; None for neither."""
     if prompt is None and prompts is None:
         return None
+    if prompt is not None and prompts is not None:
+        raise UserError("--prompt and --prompts: give one of the two (one prompt, or a file of them: put the prompt "
+                        "into the file as one more line)")
     if not text:
         raise UserError("--prompt / --prompts: this model was not trained on text (model.conditioning is not Prompts); "
                         "leave them out, or give a class model --labels")
@@ -283,12 +336,13 @@ def sample(
             through every class; without, a conditional model samples unconditionally.
         guidance_scale: guidance w: D_weak + w (D - D_weak), where D_weak is the model at the null condition
             (classifier-free guidance) or, for a model trained with a guide (model.guide) or given --guide_ckpt, the
-            guide (autoguidance, for any model); 1 is the model alone, 0 the weak one alone, above 1 stronger.
+            guide (autoguidance, for any model); 1 is the model alone, 0 the weak one alone, above 1 stronger (at
+            most 20; 1.5 to 8 are usual).
         sampler: ``ddim``, ``ddpm`` (ancestral, all T steps), or an ODE solver: ``euler``, ``heun`` (EDM's second
             order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)). For a flow model, ddim
             walks the flow's levels (eta 0: Euler's step) and ddpm is refused.
-        steps: DDIM steps, or the solver's levels.
-        eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM.
+        steps: DDIM steps, or the solver's levels (ddpm walks all T timesteps and takes none).
+        eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM (the other samplers take none).
         seed: the same seed (and batch size) gives the same images.
         batch_size: images generated at once.
         clip_x0: clip the predicted x0 to [-1, 1] at each step.
@@ -301,7 +355,8 @@ def sample(
         flow_shift: for a flow model, SD3's shift of the sampling levels (default: the one it was trained with).
         prompt: for a text model: num_samples images of this prompt (guided by guidance_scale against the empty
             prompt); without, it samples from the empty prompt.
-        prompts: for a text model: a text file with a prompt per line; num_samples images of each, a row per prompt.
+        prompts: for a text model: a text file with a prompt per line; num_samples images of each, a row per prompt
+            (instead of --prompt).
         guide_ckpt: autoguidance from this checkpoint's EMA denoiser: an earlier or smaller model of the same
             process, prediction, image shape and conditioning (it replaces a guide trained beside the model).
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (the same scale on VP
@@ -318,6 +373,8 @@ def sample(
     settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt, guide_condition)
     settings.check(module.process)
     guide = load_guide(guide_ckpt, module, trusted)
+    settings.check_model(module, guide is not None)
+    check_not_itself(guide, module, settings, ema)
     set_flow_shift(module, flow_shift)
     text = parse_prompts(prompt, prompts, num_samples, module.conditioning.captions)
     if module.conditioning.captions and labels is not None:
@@ -325,13 +382,51 @@ def sample(
     y = text if text is not None else parse_labels(labels, num_samples, module.conditioning.num_classes)
     count = num_samples if y is None else len(y)
     check_space(out, count, (module.hparams.channels, module.hparams.image_size, module.hparams.image_size))
+    warn_bf16(precision, module.device, "--precision")
     counts, start = Evaluations(), time.perf_counter()
-    images = generate_images(module, count, seed, batch_size, ema, precision, labels=y, clip_x0=clip_x0, guide=guide,
-                             counts=counts, **settings.kwargs())
-    seconds = time.perf_counter() - start
     per_row = num_samples if text is not None and len(text) > num_samples else None  # a row per prompt
-    print(f"wrote {len(images)} images to {save_kept(images, out, per_row)} ({evaluations_text(counts)}; "
+    images = None
+    try:
+        images = generate_images(module, count, seed, batch_size, ema, precision, labels=y, clip_x0=clip_x0,
+                                 guide=guide, counts=counts, **settings.kwargs())
+        seconds = time.perf_counter() - start
+        path = save_kept(images, out, per_row)
+    except Stopped as stop:  # SIGTERM or Ctrl-C: what was drawn goes to --out
+        drawn = images if images is not None else stop.images
+        raise kept_when_stopped(stop, drawn, count, lambda: save_kept(drawn, out, per_row), Path(out)) from None
+    print(f"wrote {len(images)} images to {path} ({evaluations_text(counts)}; "
           f"{1000 * seconds / len(images):.1f} ms per image)")
+
+
+def keep_samples(images: Tensor) -> Path:
+    """The samples of an evaluation that was stopped, in an .npz file in the system's temporary folder."""
+    fallback = temporary_fallback("samples.npz", needed_bytes(len(images), tuple(images.shape[1:])))
+    if fallback is None:
+        raise UserError("there is no room for them in the temporary folder: they are lost")
+    return save_images(images, fallback)
+
+
+def kept_when_stopped(stop: Stopped, drawn: Tensor | None, wanted: int, write: Callable[[], Path], out: Path,
+                      noun: str = "images", after: str = "") -> Stopped:
+    """After SIGTERM or Ctrl-C: the images drawn so far written by `write` (to `out`: a file, or a folder of them),
+    and the one line that says so (ending with `after`) on the exception to raise. A second signal while writing
+    stops at once: the file being written is not left half-written."""
+    n = 0 if drawn is None else len(drawn)
+    said = (f"stopped by {stop.name} after {n} of {wanted} {noun}" if n < wanted
+            else f"stopped by {stop.name} with all {n} {noun} drawn")
+    if n == 0:
+        stop.line = f"{said} (a batch in progress is not kept): nothing to write{after}"
+        return stop
+    try:
+        stop.line = f"{said}: wrote them to {write()}{after}"
+    except UserError as err:  # a full disk: where they went instead, or that they are lost
+        stop.line = f"{said}; {err}{after}"
+    except Stopped as again:
+        remove_own_temporaries(out if not out.suffix else out.parent, tempfile.gettempdir())
+        kept = f"{out} holds some of them" if not out.suffix else "not kept"  # a folder: whole files, one by one
+        again.line = f"stopped at once by a second {again.name} while writing the {n} {noun} drawn: {kept}{after}"
+        return again
+    return stop
 
 
 def save_kept(images: Tensor, out: str, per_row: int | None) -> Path:
@@ -340,6 +435,8 @@ def save_kept(images: Tensor, out: str, per_row: int | None) -> Path:
     try:
         return save_images(images, out, per_row)
     except UserError as err:
+        if (stop := stopped_in(err)) is not None:  # SIGTERM or Ctrl-C cut the write short: no disk to blame
+            raise stop from None
         failed = err
     fallback = temporary_fallback("samples.npz", needed_bytes(len(images), tuple(images.shape[1:])))
     if fallback is None:
@@ -426,6 +523,8 @@ def evaluate(
                             guide_condition)
         settings.check(module.process)
         guide = load_guide(guide_ckpt, module, parse_trusted(trust_class))
+        settings.check_model(module, guide is not None)
+        check_not_itself(guide, module, settings)
         set_flow_shift(module, flow_shift)
         data = checkpoint_data(checkpoint, parse_trusted(trust_class)) if real is None else None
         hp = module.hparams
@@ -450,20 +549,31 @@ def evaluate(
         ) from None
 
     y = None
-    if ckpt_path is not None:
-        classes = module.conditioning.num_classes
-        y = parse_labels("all", num_samples, classes) if classes else None
-        counts, start = Evaluations(), time.perf_counter()
-        fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
-                                      guide=guide, counts=counts, **settings.kwargs())
-        model_calls, guide_calls = counts.per_image()
-        sampling = {"model_evaluations": model_calls, "guide_evaluations": guide_calls,
-                    "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}
-    if real is not None:
-        real_features = extract(features, real_images, batch_size)
-    else:
-        real_features = checkpoint_reference(features, data, num_real, batch_size, cache_dir)
-    print(json.dumps(score(features, fake_images, real_features, y, batch_size) | (sampling if ckpt_path else {})))
+    try:
+        if ckpt_path is not None:
+            classes = module.conditioning.num_classes
+            y = parse_labels("all", num_samples, classes) if classes else None
+            warn_bf16(precision, module.device, "--precision")
+            counts, start = Evaluations(), time.perf_counter()
+            fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
+                                          guide=guide, counts=counts, **settings.kwargs())
+            model_calls, guide_calls = counts.per_image()
+            sampling = {"model_evaluations": model_calls, "guide_evaluations": guide_calls,
+                        "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}
+        if real is not None:
+            real_features = extract(features, real_images, batch_size)
+        else:
+            real_features = checkpoint_reference(features, data, num_real, batch_size, cache_dir)
+        scores = score(features, fake_images, real_features, y, batch_size)
+    except Stopped as stop:  # SIGTERM or Ctrl-C: no score; the samples drawn are kept for `--samples`
+        if ckpt_path is None:
+            stop.line = f"stopped by {stop.name} while scoring {samples}: no score was computed"
+            raise stop from None
+        drawn = fake_images if fake_images is not None else stop.images
+        kept = Path(tempfile.gettempdir(), "samples.npz")  # where keep_samples writes
+        raise kept_when_stopped(stop, drawn, num_samples, lambda: keep_samples(drawn), kept, "samples",
+                                "; no score was computed (evaluate --samples FILE scores them)") from None
+    print(json.dumps(scores | (sampling if ckpt_path else {})))
 
 
 def score(features: ImageFeatures, fake_images: Tensor, real_features: Tensor, labels: Tensor | None = None,
@@ -494,19 +604,36 @@ def checkpoint_data(checkpoint: dict, trusted: list[str] = ()) -> DiffusionDataM
     data_hparams = checkpoint.get("datamodule_hyper_parameters")
     if not data_hparams:
         raise UserError("the checkpoint does not say what it was trained on: give the reference images with --real DIR")
+    crafted = ("the checkpoint's data settings {}: a crafted or damaged checkpoint; give the reference images with "
+               "--real DIR")
+    if not isinstance(data_hparams, dict):
+        raise UserError(crafted.format("are not a mapping of settings"))
     check_data_hparams(data_hparams, trusted)
+    root = recorded_root(data_hparams)
+    if root is None:  # not echoed: its text is the file's, not ours
+        raise UserError(crafted.format("name a data folder that is not a plain path"))
     try:
         data = from_config(data_hparams)
         data.setup("fit")
-    except UserError:
-        source = data_hparams.get("source")
-        root = Path((source.get("init_args") or {}).get("root", "data") if isinstance(source, dict)
-                    else data_hparams.get("root", "data"))
+    except UserError:  # describe() shows only checked class names and the plain path
         raise UserError(
             f"the checkpoint was trained on {describe(data_hparams)}, which from here is {root.resolve()} and holds "
             "no such images: run evaluate from the folder `fit` ran in, or give the reference images with --real DIR"
         ) from None
+    except Exception as err:  # a value of the wrong type where the data module wants another
+        raise UserError(crafted.format(f"cannot be built ({type(err).__name__})")) from None
     return data
+
+
+def recorded_root(data_hparams: dict) -> Path | None:
+    """The folder a checkpoint's data source read (`data` when it does not say), or None for a value that is not a
+    plain path: a string of printable characters."""
+    source = data_hparams.get("source")
+    init_args = source.get("init_args") if isinstance(source, dict) else data_hparams
+    root = init_args.get("root") if isinstance(init_args, dict) else None
+    root = "data" if root is None and (init_args is None or isinstance(init_args, dict)) else root
+    plain = isinstance(root, str) and root.isprintable() and len(root) <= 1000
+    return Path(root) if plain else None
 
 
 def checkpoint_reference(features: ImageFeatures, data: DiffusionDataModule, num_real: int, batch_size: int,

@@ -16,9 +16,12 @@ from diffusion_lit.old_data import upgrade
 from diffusion_lit.sources import MNIST, Source, build
 
 
-def ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves (Checkpoint)."""
+def leave_signals_to_main(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM, which `timeout`, SLURM and `kill -- -PGID` send to every
+    process of the job: the main process decides (it finishes its step and saves, `Checkpoint`), then shuts the
+    workers down itself. A worker that died of the signal instead would stop the main process with a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Captioned(Dataset):
@@ -173,7 +176,7 @@ class DiffusionDataModule(LightningDataModule):
             dataset = getattr(self, name)
             # Its own generator: a loader draws a seed, which must not come from the stream training draws from.
             loader = DataLoader(dataset, batch_size=256, num_workers=self.hparams.num_workers,
-                                generator=torch.Generator().manual_seed(0))
+                                worker_init_fn=leave_signals_to_main, generator=torch.Generator().manual_seed(0))
             encoded, others = [], []
             for images, y in tqdm(loader, f"encoding the {name.split('_')[0]} images once", leave=False):
                 encoded.append(encode(images).cpu())
@@ -199,7 +202,7 @@ class DiffusionDataModule(LightningDataModule):
             drop_last=shuffle,
             num_workers=workers,
             persistent_workers=workers > 0,
-            worker_init_fn=ignore_sigint,
+            worker_init_fn=leave_signals_to_main,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.unet import CrossAttention, null_labels, text_context, timestep_embedding, zero_init
+from diffusion_lit.unet import CrossAttention, null_labels, split_times, text_context, timestep_embedding, zero_init
 
 
 def sincos_2d(grid_size: int, dim: int) -> Tensor:
@@ -68,6 +68,8 @@ class DiT(nn.Module):
         mlp_ratio: MLP width as a multiple of hidden_size.
         context_dim: width of the text features y [B, L, context_dim] (set by the model when it has a text encoder;
             0: none).
+        interval_input: take two times per image, t [B, 2]: the time and an interval's length t - r (set by the
+            model when its objective needs it: MeanFlow), the second embedded by a network of its own and added.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class DiT(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         context_dim: int = 0,
+        interval_input: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -93,6 +96,9 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_2d(self.grid, hidden_size), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        # Only a network that takes an interval has this layer: the others keep their parameters and names.
+        self.interval_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+                                          ) if interval_input else None
         self.class_emb = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -102,7 +108,10 @@ class DiT(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         b, c, h, w = x_t.shape
         x = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
-        cond = self.time_mlp(timestep_embedding(t, self.hidden_size))
+        t, interval = split_times(t, self.interval_mlp is not None)
+        cond = self.time_mlp(timestep_embedding(t, self.hidden_size).to(x_t.dtype))
+        if interval is not None:
+            cond = cond + self.interval_mlp(timestep_embedding(interval, self.hidden_size).to(x_t.dtype))
         if self.class_emb is not None:
             cond = cond + self.class_emb(null_labels(self.num_classes, t) if y is None else y)
         context = text_context(self.context_dim, y)

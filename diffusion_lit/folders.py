@@ -18,20 +18,28 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
-def walk(root: Path) -> Iterator[Path]:
+SCAN_BAR_DELAY = 0.5  # seconds of walking before the folder scan's running count shows (none for a quick scan)
+
+
+def walk(root: Path, bar: tqdm | None = None) -> Iterator[Path]:
     """Every file below root, without recursion (a folder nested thousands deep cannot exhaust Python's stack);
-    symbolic links to folders are followed once each."""
+    symbolic links to folders are followed once each. `bar` counts the folders as they are read."""
     stack, seen = [Path(root)], set()
     while stack:
         folder = stack.pop()
         try:
-            real = folder.resolve()
-            if real in seen:
+            # Identity by device and inode: Path.resolve() checks every component of the path, which made a folder
+            # 2,000 deep cost 2 million lstat calls (45 s) where this is one stat a folder.
+            status = os.stat(folder)
+            identity = (status.st_dev, status.st_ino) if status.st_ino else folder.resolve()
+            if identity in seen:
                 continue
-            seen.add(real)
+            seen.add(identity)
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
-            continue  # an unreadable folder holds nothing we can use
+            continue  # an unreadable folder (or one whose path is too long to open) holds nothing we can use
+        if bar is not None:
+            bar.update()
         for entry in entries:
             if entry.is_dir():
                 stack.append(Path(entry.path))
@@ -40,8 +48,15 @@ def walk(root: Path) -> Iterator[Path]:
 
 
 def image_files(root: Path) -> list[Path]:
-    """The image files below root (by extension)."""
-    return [p for p in walk(root) if p.suffix.lower() in IMAGE_SUFFIXES]
+    """The image files below root (by extension), with a running count of the folders read and the images found
+    from the first folder on, once the walk has taken SCAN_BAR_DELAY seconds."""
+    found = []
+    with tqdm(desc=f"looking for images in {root}", unit=" folders", delay=SCAN_BAR_DELAY, leave=False) as bar:
+        for path in walk(root, bar):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(path)
+                bar.set_postfix_str(f"{len(found)} images", refresh=False)
+    return found
 
 
 def to_8_bits(image: Image.Image) -> Image.Image:

@@ -31,6 +31,16 @@ def absolute(spec: str | None) -> str | None:
     return str(Path(spec).expanduser().resolve())
 
 
+class ChannelMismatch(UserError):
+    """An autoencoder of another channel count than the images: said for `fit`, whose data the user chooses; a
+    loaded checkpoint says it its own way (`channels` is then what the model was trained on)."""
+
+    def __init__(self, path: str, takes: int, channels: int) -> None:
+        self.path, self.takes, self.channels = path, takes, channels
+        super().__init__(f"the autoencoder {path} takes {takes}-channel images and the data has {channels}: use data "
+                         f"of {takes} channels, or another autoencoder")
+
+
 class Pixels(nn.Module):
     """Pixel space: the denoiser works on the images themselves, in [-1, 1]."""
 
@@ -97,9 +107,7 @@ class Latent(Pixels):
 
     def bind(self, channels: int, image_size: int) -> tuple[int, int, int]:
         if self.vae.config.in_channels != channels:
-            raise UserError(f"the autoencoder {self.path} takes {self.vae.config.in_channels}-channel images and the "
-                            f"data has {channels}: use data of {self.vae.config.in_channels} channels, or another "
-                            "autoencoder")
+            raise ChannelMismatch(self.path, self.vae.config.in_channels, channels)
         latent_channels, latent_size = latent_shape(self.vae, image_size)
         return latent_channels, latent_size, latent_size
 
@@ -157,6 +165,14 @@ class Latent(Pixels):
 
     def spec(self) -> dict:
         return {"autoencoder": self.fingerprint()}
+
+
+def works_on_latents(hparams: dict) -> bool:
+    """Whether a checkpoint's (upgraded) hyperparameters build a latent model: a `Latent` part, or a Stable
+    Diffusion fine-tune (its pretrained folder's autoencoder)."""
+    latent = hparams.get("latent")
+    named = latent.get("class_path") if isinstance(latent, dict) else None
+    return "pretrained" in hparams or (isinstance(named, str) and named.rpartition(".")[2] != Pixels.__name__)
 
 
 def absolute_paths(hparams):

@@ -80,14 +80,17 @@ class DiffusionModule(LoadsClearly, LightningModule):
         self.conditioning.bind(num_classes, ema_decay, ema_warmup)
         self.latent = latent if latent is not None else Pixels()
         self.shape = self.latent.bind(channels, image_size)  # what the denoiser works on: images, or their latents
-        extra, classes = self.conditioning.net_kwargs(), self.conditioning.num_classes
+        extra = {**self.conditioning.net_kwargs(), **self.objective.net_kwargs()}
+        classes = self.conditioning.num_classes
         try:
             self.net = net(self.shape[0], self.shape[1], classes, **extra)
         except TypeError as err:
             if not extra:
                 raise
-            raise UserError(f"the network does not take text features (context_dim) ({reason(err)}): use "
-                            "diffusion_lit's UNet or DiT for a text model") from None
+            needs = {"context_dim": "text features (context_dim)", "interval_input": "the interval's length that "
+                     "MeanFlow adds to the time (interval_input)"}
+            raise UserError(f"the network does not take {' or '.join(needs.get(k, k) for k in extra)} "
+                            f"({reason(err)}): use diffusion_lit's UNet or DiT") from None
         self.ema = averaged(self.net, ema_decay, ema_warmup) if ema_decay is not None else None
         self.guide = guide(self.shape[0], self.shape[1], classes, **extra) if guide is not None else None
         self.optimizer = optimizer

@@ -1,15 +1,18 @@
 """The training objective, a part that a config names (`model.objective`): what the network predicts, how training
-draws t, how the loss is weighted, and the loss itself."""
+draws t, how the loss is weighted, and the loss itself. `Objective` is the diffusion loss on eps, v or x0;
+`MeanFlow` learns the flow's average velocity over an interval, for one-step sampling."""
 
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_lit.errors import UserError
+from diffusion_lit.process import Flow
 from diffusion_lit.schedule import TimeSampling
-from diffusion_lit.targets import PREDICTIONS, Prediction, min_snr_weight, target
+from diffusion_lit.targets import AVERAGE_VELOCITY, PREDICTIONS, Prediction, min_snr_weight, target
 
 Weighting = Literal["none", "min_snr"]
 
@@ -39,6 +42,10 @@ class Objective:
         self.prediction, self.loss_weighting, self.snr_gamma, self.t_sampling = (
             prediction, loss_weighting, snr_gamma, t_sampling)
 
+    def net_kwargs(self) -> dict:
+        """What the network factory takes beside (in_channels, image_size, num_classes): nothing here."""
+        return {}
+
     def bind(self, process) -> "Objective":
         """This objective on `process`: its unset choices filled in with the process's own, a prediction that
         cannot be sampled there refused."""
@@ -61,3 +68,95 @@ class Objective:
             return F.mse_loss(out, goal)
         weight = min_snr_weight(self.prediction, process, alpha, sigma, self.snr_gamma)
         return (weight.flatten() * (out.float() - goal).pow(2).flatten(1).mean(1)).mean()
+
+
+class MeanFlow(Objective):
+    """MeanFlow (Geng, Deng, Bai, Kolter & He 2025): the network learns the flow's average velocity over an interval,
+    u(z_t, r, t) = 1 / (t - r) ∫_r^t v(z_s, s) ds, so that one step z_r = z_t - (t - r) u(z_t, r, t) moves along it
+    (sampler ``meanflow``; one step from t = 1 to 0 draws an image). On the flow process only.
+
+    The loss is the flow-matching loss with the target u_tgt = v - (t - r) (v · ∂_z u + ∂_t u), the bracket from one
+    forward-mode `jvp` of the network with tangents (v, 0, 1) on (z, r, t), and u_tgt held fixed (stop-gradient).
+    Where r = t the target is v itself: plain flow matching. Each sample's squared error ||Δ||² (its mean over the
+    elements) is weighted by w = 1 / (||Δ||² + c)^p, held fixed. The value returned (`train/loss`, `val/loss`) is the
+    unweighted mean of ||Δ||², comparable with a flow model's loss; its gradient is the weighted loss's.
+
+    The network takes two times per image, (t, t - r) on the flow's 1000 t scale (`net_kwargs`: its
+    `interval_input`). The jvp runs in float32 or wider, outside autocast, with attention on its math kernel (the
+    fused ones have no forward-mode rule); the loss keeps its gradient path to the weights through the primal
+    output, so data-parallel training averages gradients as usual.
+
+    Args:
+        flow_matching_share: the share of each batch with r = t (plain flow matching); the paper's 0.75.
+        t_mean: the mean of logit(t) and logit(r): both ends are drawn logit-normal, then sorted so that r <= t
+            (the paper's ImageNet setting -0.4; CIFAR-10: -2.0).
+        t_std: their standard deviation (ImageNet 1.0; CIFAR-10 2.0).
+        p: the adaptive weight's power; 0 is the plain squared error (the paper's best: 1; CIFAR-10: 0.75).
+        c: the adaptive weight's constant, on the mean over elements (the paper's c on the sum over D elements is
+            c / D here; Adam does not see the constant factor D^(1 - p) between the two).
+    """
+
+    prediction = AVERAGE_VELOCITY
+
+    def __init__(self, flow_matching_share: float = 0.75, t_mean: float = -0.4, t_std: float = 1.0, p: float = 1.0,
+                 c: float = 1e-3) -> None:
+        # Objective's settings (prediction, weighting, t sampling) mean nothing here: its interface only.
+        if not 0.0 <= flow_matching_share <= 1.0:
+            raise UserError(f"flow_matching_share must lie in [0, 1] (the share of samples with r = t), got "
+                            f"{flow_matching_share}")
+        if t_std <= 0 or p < 0 or c <= 0:
+            raise UserError(f"MeanFlow needs t_std > 0, p >= 0 and c > 0, got t_std {t_std}, p {p}, c {c}")
+        self.flow_matching_share, self.t_mean, self.t_std, self.p, self.c = flow_matching_share, t_mean, t_std, p, c
+
+    def net_kwargs(self) -> dict:
+        """The network takes a second time, the interval's length t - r."""
+        return {"interval_input": True}
+
+    def bind(self, process) -> "MeanFlow":
+        """This objective on `process`: a UserError unless it is the flow."""
+        if not isinstance(process, Flow):
+            raise UserError(f"MeanFlow learns the average velocity of the flow process, and this model's process is "
+                            f"{type(process).__name__}: add --model.process Flow")
+        return self
+
+    def draw(self, n: int, device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(r, t) for n samples: two logit-normal draws sorted so that r <= t; r = t on the first
+        round(flow_matching_share n) samples."""
+        r, t = torch.sigmoid(self.t_mean + self.t_std * torch.randn(2, n, device=device, generator=generator)).sort(0)[0]
+        equal = torch.arange(n, device=device) < round(self.flow_matching_share * n)
+        return torch.where(equal, t, r), t
+
+    def loss(self, net: nn.Module, process, x0: Tensor, y: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """The loss of `net` on the clean batch x0 (conditions y), its (r, t) and noise drawn with `generator`."""
+        r, t = self.draw(x0.shape[0], x0.device, generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return self.loss_at(net, process, x0, eps, r, t, y)
+
+    def loss_at(self, net: nn.Module, process, x0: Tensor, eps: Tensor, r: Tensor, t: Tensor,
+                y: Tensor | None = None) -> Tensor:
+        """The loss at given draws: noise eps [B, ...] and interval ends r <= t [B]."""
+        dtype = torch.promote_types(x0.dtype, torch.float32)  # the jvp in float32 (float64 stays float64)
+        x0, eps, r, t = (a.to(dtype) for a in (x0, eps, r, t))
+        y = y.to(dtype) if y is not None and y.is_floating_point() else y  # text features made under autocast
+        alpha, sigma = process.alpha_sigma(t, x0.ndim)
+        z, v = alpha * x0 + sigma * eps, target("v", process, x0, eps, alpha, sigma)  # v = dz/dt = eps - x0
+        out, du_dt = u_and_derivative(net, process, z, v, r, t, y)
+        u_tgt = (v - (t - r).view(-1, *[1] * (x0.ndim - 1)) * du_dt).detach()
+        error = (out - u_tgt).pow(2).flatten(1).mean(1)  # ||Δ||² per sample, as a mean over its elements
+        weighted = error / (error.detach() + self.c) ** self.p
+        return error.detach().mean() + (weighted - weighted.detach()).mean()  # the plain value, the weighted gradient
+
+
+def u_and_derivative(net: nn.Module, process, z: Tensor, v: Tensor, r: Tensor, t: Tensor,
+                     y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The network's u(z, r, t) and its derivative along the path z moves on at speed v with r fixed,
+    du/dt = v · ∂_z u + ∂_t u: one forward-mode jvp with tangents (v, 0, 1) on (z, r, t). The network sees the times
+    (t, t - r) on the process's scale. u keeps its gradient path to the weights."""
+
+    def u(z: Tensor, t: Tensor) -> Tensor:  # u(z, r, t) at these r
+        return net(z, process.network_time(torch.stack([t, t - r], dim=1)), y)
+
+    # bf16 autocast has no jvp on the CPU, nor the fused attention kernels a forward-mode rule.
+    with torch.autocast(z.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(u, (z, t), (v, torch.ones_like(t)))

@@ -1,5 +1,5 @@
-"""DDPM ancestral sampling and DDIM: plain functions over (model, process, starting noise); `sample` for every
-sampler, with labels and guidance.
+"""DDPM ancestral sampling, DDIM and MeanFlow's few-step sampler: plain functions over (model, process, starting
+noise); `sample` for every sampler, with labels and guidance.
 
 `model(x_t, t)` predicts eps (or v or x0, named by `prediction`); timesteps are 0-based, t = T-1 the noisiest. All
 randomness comes from `generator`.
@@ -16,7 +16,7 @@ from diffusion_lit.guidance import Evaluations, GuideCondition, Interval, guided
 from diffusion_lit.process import Process, VP
 from diffusion_lit.schedule import gather
 from diffusion_lit.solvers import SOLVERS, Spacing, ddim_grid_sample, evenly_spaced, trailing
-from diffusion_lit.targets import Prediction, split
+from diffusion_lit.targets import AVERAGE_VELOCITY, Prediction, split
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's prediction
 Variance = Literal["posterior", "beta"]
@@ -142,7 +142,24 @@ def ddim_sample(
     return (x, states) if return_intermediates else x
 
 
-Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"]
+@torch.no_grad()
+def meanflow_sample(model: Model, process: Process, x_T: Tensor, steps: int = 1,
+                    return_intermediates: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """MeanFlow's sampler (Geng et al. 2025): z_r = z_t - (t - r) u(z_t, r, t) over `steps` equal intervals from
+    t = 1 to 0, one network call each (one step: x0 = z_1 - u(z_1, 0, 1)). The model is a MeanFlow model's: it takes
+    the times (t, t - r) [B, 2] on the process's scale and predicts the average velocity u."""
+    ends = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    x = x_T
+    states = [x]
+    for i in range(steps):
+        t, r = ends[i], ends[i + 1]
+        times = process.network_time(torch.stack([t, t - r])).float().to(x.device).expand(x.shape[0], 2)
+        x = x - float(t - r) * model(x, times)
+        states.append(x)
+    return (x, states) if return_intermediates else x
+
+
+Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "meanflow"]
 
 
 def sample(
@@ -168,7 +185,8 @@ def sample(
     """`ddpm_sample` (which always takes all T steps), `ddim_sample` with `steps` and `eta`, or one of the ODE
     solvers (`euler`, `heun`, `dpmpp_2m`) over `steps` levels spaced by `spacing` (``linspace`` or ``karras``), for a
     model that predicts `prediction` under `process` (DDPM: a discrete one, VP; DDIM walks a discrete
-    process's timesteps and any other's grid levels).
+    process's timesteps and any other's grid levels); `meanflow_sample` in `steps` equal intervals for a MeanFlow
+    model (prediction ``u``), and for no other.
 
     With `labels` ([B] class indices), a conditional model is guided towards them with `guidance_scale`; without,
     a conditional model samples unconditionally (its "null" class). A text model takes its prompts' features as
@@ -198,7 +216,9 @@ def sample(
     if counts is not None:
         counts.images += len(x_T)
     model = guided(model, labels, guidance_scale, null, guide, guidance_interval, process, counts, guide_condition)
-    check_sampler(sampler, process, steps, eta, spacing)
+    check_sampler(sampler, process, steps, eta, spacing, prediction, guidance_interval)
+    if sampler == "meanflow":
+        return meanflow_sample(model, process, x_T, steps, return_intermediates)
     if not process.discrete and sampler == "ddim":
         grid = process.grid(steps, spacing)
         return ddim_grid_sample(model, grid, x_T, eta, generator, clip_x0, return_intermediates, prediction)
@@ -212,10 +232,18 @@ def sample(
     return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates, prediction)
 
 
-def check_sampler(sampler: str, process: Process, steps: int, eta: float, spacing: str) -> None:
-    """A UserError for settings no sampler takes, before any network call."""
-    if sampler not in ("ddpm", "ddim", *SOLVERS):
-        raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}")
+def check_sampler(sampler: str, process: Process, steps: int, eta: float, spacing: str,
+                  prediction: str | None = None, guidance_interval: Interval | None = None) -> None:
+    """A UserError for settings no sampler takes, before any network call; given the model's `prediction`, for a
+    sampler of another kind of model (meanflow samples MeanFlow models, and they nothing else)."""
+    if sampler not in ("ddpm", "ddim", *SOLVERS, "meanflow"):
+        raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}, meanflow")
+    if prediction == AVERAGE_VELOCITY and sampler != "meanflow":
+        raise UserError(f"this is a MeanFlow model (it predicts the average velocity u), which sampler {sampler} "
+                        "cannot read: sample it with sampler meanflow and 1 or 2 steps (--sampler meanflow --steps 1)")
+    if sampler == "meanflow":
+        check_meanflow(steps, eta, spacing, prediction, guidance_interval)
+        return
     if not process.discrete and sampler == "ddpm":
         raise UserError(f"sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a {type(process).__name__} "
                         "model: use ddim (with --eta 1 for DDPM-like noise), euler, heun or dpmpp_2m")
@@ -230,10 +258,28 @@ def check_sampler(sampler: str, process: Process, steps: int, eta: float, spacin
         raise UserError(f"eta must lie in [0, 1], got {eta}")
 
 
+def check_meanflow(steps: int, eta: float, spacing: str, prediction: str | None,
+                   guidance_interval: Interval | None) -> None:
+    """A UserError for settings the meanflow sampler does not take, or (given its prediction) a model it cannot
+    sample."""
+    if prediction not in (None, AVERAGE_VELOCITY):
+        raise UserError(f"sampler meanflow samples MeanFlow models (model.objective MeanFlow on the flow process), "
+                        f"and this model predicts {prediction}: use ddim, euler, heun or dpmpp_2m")
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps} (meanflow: 1 or 2 are usual)")
+    if eta != 0.0:
+        raise UserError(f"eta {eta:g}: sampler meanflow is deterministic and takes no eta; leave it out")
+    if spacing != "linspace":
+        raise UserError(f"spacing {spacing!r}: sampler meanflow walks equal intervals of t; leave spacing out")
+    if guidance_interval is not None:
+        raise UserError("sampler meanflow guides every step it takes: leave out guidance_interval")
+
+
 def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale: float = 1.0,
                         guided: bool = False) -> int:
-    """Network evaluations per sample planned for a sampler: one per step (Heun: two, but one onto the last level;
-    DDPM: all T steps), twice that under guidance on every level (`sample` counts the ones made: `Evaluations`)."""
+    """Network evaluations per sample planned for a sampler: one per step (meanflow too; Heun: two, but one onto the
+    last level; DDPM: all T steps), twice that under guidance on every level (`sample` counts the ones made:
+    `Evaluations`)."""
     calls = {"ddpm": timesteps, "heun": 2 * steps - 1}.get(sampler, steps)
     return calls * (2 if guided and guidance_scale not in (0.0, 1.0) else 1)
 

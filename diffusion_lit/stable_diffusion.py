@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from diffusion_lit.diffusers_io import read_json, vp_of
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.conditioning import Prompts
-from diffusion_lit.latent import Latent, absolute
+from diffusion_lit.latent import Latent, absolute, fingerprint
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.objective import Objective, Weighting
 from diffusion_lit.old_data import describe
@@ -119,6 +119,8 @@ class PretrainedUNet(nn.Module):
         except Exception as err:
             raise UserError(f"pretrained {folder}: its unet could not be loaded ({reason(err)})") from None
         self.lora = lora_rank is not None
+        # The frozen base weights are read from the folder, not saved with the adapters: their fingerprint is.
+        self.base_fingerprint = fingerprint(self.unet) if self.lora else None  # of float32 weights, before any cast
         if self.lora:
             add_lora(self.unet, lora_rank, lora_rank if lora_alpha is None else lora_alpha, lora_targets)
             for p in self.unet.parameters():
@@ -198,6 +200,10 @@ class StableDiffusionModule(DiffusionModule):
             self.hparams.pop(key, None)  # (a module built in Python would otherwise save them again, weights and all)
         self.latent.fit_option, self.latent.warn_eps = "--model.init_args.pretrained PATH", False
         self.latent.fingerprint()  # taken of the float32 weights, before any cast
+        # The frozen parts the checkpoints do not hold, beside the VAE (module.py records that one).
+        self.base_fingerprints = {"text_encoder": fingerprint(self.conditioning.frozen["encoder"])}
+        if self.net.base_fingerprint is not None:  # LoRA: the UNet's weights under the adapters
+            self.base_fingerprints["unet"] = self.net.base_fingerprint
         self.latent.frozen.to(DTYPES[frozen_dtype])
         self.conditioning.frozen.to(DTYPES[frozen_dtype])
 
@@ -205,6 +211,26 @@ class StableDiffusionModule(DiffusionModule):
     def lora(self) -> bool:
         """Trained through LoRA adapters."""
         return self.net.lora
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["base_fingerprints"] = dict(self.base_fingerprints)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuses a pretrained folder whose frozen parts (a LoRA's UNet, the text encoder, the VAE) are not the
+        ones the checkpoint was trained on, naming each that differs; older checkpoints record only the VAE."""
+        recorded = dict(checkpoint.get("base_fingerprints") or {})
+        ours = dict(self.base_fingerprints)
+        if checkpoint.get("autoencoder_fingerprint"):
+            recorded["vae"], ours["vae"] = checkpoint["autoencoder_fingerprint"], self.latent.fingerprint()
+        differ = [f"{part} (fingerprint {ours[part]}, the checkpoint records {recorded[part]})"
+                  for part in ("unet", "text_encoder", "vae") if part in recorded and ours.get(part) != recorded[part]]
+        if differ:
+            raise UserError(f"the pretrained folder {self.hparams.pretrained} is not the base this model was trained "
+                            f"on: its {' and its '.join(differ)} differ{'s' if len(differ) == 1 else ''}. Point at "
+                            "that base with --autoencoder PATH (sample, evaluate, export) or "
+                            "--model.init_args.pretrained PATH (fit)")
+        super().on_load_checkpoint(checkpoint)
 
 
 LORA_CARD = """---

@@ -8,6 +8,9 @@ Every process is x_t = alpha x0 + sigma eps (VP: alpha² + sigma² = 1; rectifie
          (Salimans & Ho 2022; the flow's eps - x0)       flow (τ = t):                a = -1,     b = 1
 so with x_t known, x0 and eps follow from the prediction by solving two linear equations (determinant
 alpha b - sigma a).
+
+A MeanFlow model (`objective.MeanFlow`) predicts none of them but u, the flow's average velocity over an interval
+[r, t], which depends on r as well and is no fixed mix of x0 and eps: only the ``meanflow`` sampler reads it.
 """
 
 from typing import Literal
@@ -17,10 +20,14 @@ from torch import Tensor
 
 Prediction = Literal["eps", "v", "x0"]
 PREDICTIONS = ("eps", "v", "x0")
+AVERAGE_VELOCITY = "u"  # what a MeanFlow model predicts
 
 
 def coefficients(prediction: Prediction, process, alpha: Tensor, sigma: Tensor) -> tuple:
     """(a, b) with target = a x0 + b eps."""
+    if prediction == AVERAGE_VELOCITY:
+        raise ValueError("a MeanFlow model's average velocity u is no fixed mix of x0 and eps: sample it with the "
+                         "meanflow sampler")
     if prediction == "eps":
         return 0.0, 1.0
     if prediction == "x0":

@@ -9,6 +9,7 @@ asks for (`nn.Module`, `Optimizer`, `Source`). Anything else is refused with a U
 """
 
 import importlib
+import pickle
 from collections.abc import Iterable
 
 import torch
@@ -34,7 +35,7 @@ PLACES = {"net": (NETWORKS, nn.Module), "optimizer": (OPTIMIZERS, torch.optim.Op
           # the model's parts (diffusion_lit.process, objective, conditioning, text, latent)
           "process": ({"diffusion_lit.process.VP", "diffusion_lit.process.Flow", "diffusion_lit.VP", "diffusion_lit.Flow"},
                       Process),
-          "objective": ({"diffusion_lit.objective.Objective"}, Objective),
+          "objective": ({"diffusion_lit.objective.Objective", "diffusion_lit.objective.MeanFlow"}, Objective),
           "conditioning": ({"diffusion_lit.conditioning.Unconditional", "diffusion_lit.conditioning.Labels",
                            "diffusion_lit.conditioning.Prompts"}, Unconditional),
           "encoder": ({"diffusion_lit.text.ByteTextEncoder", "diffusion_lit.text.CLIPText"}, nn.Module),
@@ -47,6 +48,29 @@ INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI w
 MODULES = {"diffusion_lit.module.DiffusionModule", "diffusion_lit.autoencoder.AutoencoderModule",
            "diffusion_lit.stable_diffusion.StableDiffusionModule"}
 DATAMODULES = {"diffusion_lit.data.DiffusionDataModule"}
+
+
+def read_checkpoint(path, mmap: bool = False, advice: str = "give a .ckpt file written by `fit`"):
+    """What a checkpoint file holds, read as tensors and plain values only: reading cannot run code from the file.
+
+    A file torch cannot read so is a UserError ending in `advice`: not a checkpoint of this project, or damaged.
+    torch's own text for a file that holds other objects advises loading it with weights_only=False, which would run
+    whatever code a crafted file carries: it never reaches the user.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+            detail = "it holds more than tensors and plain values, or is not a checkpoint at all"
+        elif "_use_new_zipfile_serialization" in text:  # mmap's advice to save it again: not the user's file to save
+            detail = "it is not the zip archive that torch.save writes"
+        elif isinstance(err, EOFError):
+            detail = "it ends early: empty, or cut short"
+        else:
+            detail = reason(err)[:200]
+        raise UserError(f"{path} could not be loaded: it is not a readable checkpoint of diffusion_lit, or it is "
+                        f"damaged ({detail}); {advice}") from None
 
 
 def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:
@@ -69,13 +93,18 @@ def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the
     """Raises UserError unless every class the hyperparameters name is allowed at its place (see the module doc)."""
     trusted = set(trusted)
     if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or hparams.get("_class_path") not in (None, *MODULES):
-        raise UserError(f"{source} asks to be built by {hparams.get('_instantiator') or hparams.get('_class_path')!r}, "
-                        "which diffusion_lit does not use: refused (a crafted or foreign checkpoint)")
-    for key, name in class_paths({k: v for k, v in hparams.items() if not k.startswith("_")}):
+        builder = shown(hparams.get("_instantiator") or hparams.get("_class_path"))
+        raise UserError(f"{source} asks to be built by {builder}, which diffusion_lit does not use: refused (a crafted "
+                        "or foreign checkpoint)")
+    for key, name in class_paths({k: v for k, v in hparams.items() if not str(k).startswith("_")}):
         allowed, base = PLACES.get(key, (set(), nn.Module))
-        if not isinstance(name, str) or (name not in allowed and name not in trusted):
+        place = key if isinstance(key, str) and key.isidentifier() else "class"
+        if shown(name) != repr(name):  # not echoed: it names nothing
+            raise UserError(f"{source} gives its {place} a class_path that is not an import path: refused (a crafted "
+                            "or damaged checkpoint)")
+        if name not in allowed and name not in trusted:
             raise UserError(
-                f"{source} names {name!r} as its {key or 'class'}, which is not one of diffusion_lit's networks, "
+                f"{source} names {name!r} as its {place}, which is not one of diffusion_lit's networks, "
                 f"data sources or torch.optim's optimizers: refused before importing it. If it is a class of your own "
                 f"that you trust, name it on the command line: --trust_class {name}"
             )
@@ -83,15 +112,23 @@ def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the
             check_subclass(name, base, source)
 
 
+def shown(value) -> str:
+    """A checkpoint's value as it may be shown to the user: a short printable string quoted, anything else not at
+    all (a crafted file's text must not read as our own)."""
+    if isinstance(value, str) and value.isprintable() and len(value) <= 200:
+        return repr(value)
+    return "a value that is not an import path"
+
+
 def check_data_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the checkpoint") -> None:
     """Raises UserError unless a checkpoint's data hyperparameters are a DiffusionDataModule's whose `source` is one
     of diffusion_lit's sources or a trusted subclass of `Source`."""
     builder = hparams.get("_class_path")
     if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or builder not in (None, *DATAMODULES):
-        raise UserError(f"{source} asks for its data to be built by "
-                        f"{hparams.get('_instantiator') or hparams.get('_class_path')!r}, which diffusion_lit does not "
-                        "use: refused (a crafted or foreign checkpoint)")
-    check_hparams({k: v for k, v in hparams.items() if not k.startswith("_")}, trusted, source)
+        builder = shown(hparams.get("_instantiator") or builder)
+        raise UserError(f"{source} asks for its data to be built by {builder}, which diffusion_lit does not use: "
+                        "refused (a crafted or foreign checkpoint)")
+    check_hparams({k: v for k, v in hparams.items() if not str(k).startswith("_")}, trusted, source)
 
 
 def import_named(name: str, what: str) -> object:

@@ -3,6 +3,7 @@ features as y. It knows nothing about betas or sampling."""
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,28 @@ from diffusion_lit.errors import UserError
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,
                        freq_shift: float = 0.0) -> Tensor:
     """Sinusoidal embedding of integer timesteps, [B] -> [B, dim] (Transformer positional encoding): sines then
-    cosines (cosines first with flip_sin_to_cos) at frequencies max_period^(-i / (dim/2 - freq_shift))."""
+    cosines (cosines first with flip_sin_to_cos) at frequencies max_period^(-i / (dim/2 - freq_shift)); in float32,
+    or float64 for float64 times (finite differences in t need it)."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     half = dim // 2
-    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
+    exponent = torch.arange(half, device=t.device, dtype=dtype) / (half - freq_shift)
     freqs = torch.exp(-math.log(max_period) * exponent)
-    args = t.float()[:, None] * freqs[None]
+    args = t.to(dtype)[:, None] * freqs[None]
     waves = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
     return F.pad(torch.cat(waves, dim=1), (0, dim % 2))
+
+
+def split_times(t: Tensor, pair: bool) -> tuple[Tensor, Tensor | None]:
+    """(t, the interval's length) for a network that takes two times (`pair`): t [B, 2] holds both, and a single
+    time [B] means the interval 0 (MeanFlow's u(z, t, t) is the velocity at t). Without `pair`: (t, None)."""
+    if not pair:
+        return t, None
+    if t.ndim == 1:
+        return t, torch.zeros_like(t)
+    if t.ndim != 2 or t.shape[-1] != 2:
+        raise ValueError(f"this network takes a time [B] or two times per image [B, 2] (t and an interval's length "
+                         f"t - r, on t's scale), got a tensor of shape {list(t.shape)}")
+    return t[:, 0], t[:, 1]
 
 
 def null_labels(num_classes: int, like: Tensor) -> Tensor:
@@ -151,6 +167,8 @@ class UNet(nn.Module):
         downsample_padding: 1, or 0 for right-and-bottom padding (the DDPM paper's models).
         flip_sin_to_cos: the timestep embedding's cosines first.
         freq_shift: its frequencies max_period^(-i / (half - freq_shift)) (the DDPM paper's models: 1).
+        interval_input: take two times per image, t [B, 2]: the time and an interval's length t - r (set by the
+            model when its objective needs it: MeanFlow), the second embedded by a network of its own and added.
     """
 
     def __init__(
@@ -170,6 +188,7 @@ class UNet(nn.Module):
         downsample_padding: int = 1,
         flip_sin_to_cos: bool = False,
         freq_shift: float = 0.0,
+        interval_input: bool = False,
     ) -> None:
         super().__init__()
         # The architecture, as diffusers_io reads it (UNet2DModel's config).
@@ -204,6 +223,10 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
+        # Only a network that takes an interval has this layer: the others keep their parameters and names.
+        self.interval_mlp = nn.Sequential(
+            nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
+        ) if interval_input else None
         self.num_classes, self.context_dim = num_classes, context_dim
         self.class_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -262,8 +285,12 @@ class UNet(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         plan = self.plan
-        temb = self.time_mlp(timestep_embedding(t, self.base_channels, flip_sin_to_cos=plan["flip_sin_to_cos"],
-                                                freq_shift=plan["freq_shift"]))
+        t, interval = split_times(t, self.interval_mlp is not None)
+        embed = partial(timestep_embedding, dim=self.base_channels, flip_sin_to_cos=plan["flip_sin_to_cos"],
+                        freq_shift=plan["freq_shift"])
+        temb = self.time_mlp(embed(t).to(x_t.dtype))
+        if interval is not None:
+            temb = temb + self.interval_mlp(embed(interval).to(x_t.dtype))
         if self.class_emb is not None:
             temb = temb + self.class_emb(null_labels(self.num_classes, t) if y is None else y)
         context = text_context(self.context_dim, y)

@@ -165,7 +165,7 @@ def test_missing_dataset_prints_one_message(tmp_path):
 
 
 def test_missing_image_folder_prints_one_message(tmp_path):
-    result = python_m("fit", "--config", REPO / "configs/mnist.yaml",
-                      "--data.source", "ImageFolder", "--data.source.root", tmp_path / "x")
+    result = cli("fit", "--config", REPO / "configs/mnist.yaml",
+                 "--data.source", "ImageFolder", "--data.source.root", tmp_path / "x")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr

@@ -69,13 +69,14 @@ def test_evaluate_with_the_judge_on_real_digits(tmp_path, capsys):
     assert scores["num_samples"] == 1000 and scores["fid"] < 5
 
 
-def test_offline_mnist_trains_on_the_shipped_digits(tmp_path):
+def test_offline_mnist_trains_on_the_shipped_digits(tmp_path, monkeypatch):
     """The main command on a machine without the full MNIST and without a network: it trains, and says so once."""
-    offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # every download refused
+    for proxy in ("http_proxy", "https_proxy"):  # every download refused (urllib reads them at each request)
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
     result = cli("fit", "--config", REPO / "configs/mnist.yaml", "--data.source.root", tmp_path / "empty",
                  "--data.batch_size", 4, "--trainer.max_steps", 2, "--trainer.limit_val_batches", 0,
                  "--trainer.callbacks", "[]", "--trainer.logger.init_args.save_dir", tmp_path / "runs",
-                 "--trainer.enable_progress_bar", "false", **offline)
+                 "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "ship with diffusion_lit" in line]
     assert len(said) == 1 and "train-images-idx3-ubyte" in said[0] and str(tmp_path / "empty") in said[0]

@@ -177,8 +177,8 @@ def test_text_fit_and_sample_with_prompts(tmp_path):
     assert (runs / "tiny_cpu" / "samples.png").is_file()  # a row per caption of the data
     ckpt = runs / "tiny_cpu" / "checkpoints" / "last.ckpt"
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a number 1\n\nb number 2\n")
-    result = cli("sample", "--ckpt_path", ckpt, "--prompts", prompts, "--prompt", "a", "--num_samples", 3,
+    prompts.write_text("a\na number 1\n\nb number 2\n")
+    result = cli("sample", "--ckpt_path", ckpt, "--prompts", prompts, "--num_samples", 3,
                  "--steps", 2, "--guidance_scale", 2, "--out", tmp_path / "grid.npz")
     assert result.returncode == 0, result.stderr
     assert "wrote 9 images" in result.stdout and "(4 network evaluations per image;" in result.stdout

@@ -110,11 +110,13 @@ class AutoencoderModule(LoadsClearly, LightningModule):
 def load_autoencoder(spec: str) -> tuple[nn.Module, float | None, float]:
     """(the frozen AutoencoderKL, its scaling factor or None when it has none, its shift) from a checkpoint of
     `AutoencoderModule` or a local diffusers folder (its own, or one with a `vae` sub-folder, as SD's)."""
+    from diffusion_lit.trust import read_checkpoint  # trust imports the parts, and the latent part imports this file
+
     diffusers = need("diffusers")
     path = Path(spec).expanduser()
     if path.is_file():
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = read_checkpoint(path, advice="give a checkpoint of `diffusion_lit autoencoder fit`")
             hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
             hparams.pop("optimizer", None)
             module = AutoencoderModule(**hparams)

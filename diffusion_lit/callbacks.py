@@ -46,7 +46,7 @@ def _due(trainer, every_n_steps: int, last_step: int) -> bool:
 def setup_sampling(callback, pl_module, name: str) -> None:
     """Checks a callback's sampler settings against the model and loads its guide checkpoint, when fit starts rather
     than at the first grid: bad settings stop before the first step."""
-    from diffusion_lit.commands import load_guide  # the commands' checks, not the other way round
+    from diffusion_lit.loading import load_guide  # the commands' checks, not the other way round
 
     callback.sampling.check(pl_module.process)
     if callback.guide is None and callback.sampling.guide_ckpt:  # once, however many stages set the callback up

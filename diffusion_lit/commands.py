@@ -1,6 +1,5 @@
 """The `sample` and `evaluate` commands: generate images from a checkpoint, and score images with FID and KID."""
 
-import copy
 import json
 import sys
 import tempfile
@@ -9,14 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from lightning.pytorch.core.saving import _load_state
-from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from torch import Tensor, nn
 
 from diffusion_lit.checkpointing import Stopped, remove_own_temporaries, stopped_in
 from diffusion_lit.data import DiffusionDataModule, from_config
 from diffusion_lit.digits import judge_counts, judge_shares
-from diffusion_lit.errors import UserError, reason, say
+from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import size_text, temporary_fallback
 from diffusion_lit.guidance import Evaluations, GuideCondition, Interval
 from diffusion_lit.images import check_output, check_space, load_images, needed_bytes, save_images, to_uint8
@@ -30,157 +27,14 @@ from diffusion_lit.metrics import (
     reference_cache_path,
     save_features,
 )
-from diffusion_lit.latent import ChannelMismatch, absolute, works_on_latents
-from diffusion_lit.old_model import upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import describe
 from diffusion_lit.sampling import Sampler, generate
 from diffusion_lit.settings import Sampling
 from diffusion_lit.solvers import Spacing
 from diffusion_lit.speed import Precision, warn_bf16
-from diffusion_lit.trust import check_data_hparams, check_hparams, parse_trusted, read_checkpoint
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | None = None
-                    ) -> tuple[DiffusionModule, dict]:
-    """The module (on the GPU when there is one, in eval mode) and the raw checkpoint dict of a `fit` run.
-
-    The classes the checkpoint names are checked against `diffusion_lit.trust` before any is imported. A latent
-    model's `autoencoder` given here replaces the path it records (an autoencoder that moved); its weights must be
-    the ones it was trained with.
-    """
-    checkpoint, upgraded = read_run(ckpt_path, trusted)
-    return build_module(Path(ckpt_path), upgraded, autoencoder), checkpoint
-
-
-def read_run(ckpt_path: str, trusted: list[str] = ()) -> tuple[dict, dict]:
-    """The raw checkpoint dict of a `fit` run, and a copy with its hyperparameters upgraded to the parts' layout,
-    whose classes are checked against `diffusion_lit.trust`; nothing is built yet."""
-    path = Path(ckpt_path)
-    if path.is_dir():
-        found = sorted(p.name for p in path.glob("*.ckpt"))
-        hint = f", such as {path / found[-1]}" if found else ""
-        raise UserError(f"--ckpt_path {path} is a folder: give a checkpoint file in it{hint}")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: give a .ckpt file written by `fit`")
-    checkpoint = read_checkpoint(path)  # tensors and plain values only: reading cannot run code from the file
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
-        raise UserError(f"{path} is not a checkpoint written by diffusion_lit's `fit` (no hyperparameters in it)")
-    # Older checkpoints' flat hyperparameters in the parts' layout (the checkpoint returned keeps what it holds).
-    upgraded = {**checkpoint, "state_dict": dict(checkpoint.get("state_dict") or {}),
-                "hyper_parameters": upgrade_hparams(copy.deepcopy(checkpoint["hyper_parameters"]))}
-    check_hparams(upgraded["hyper_parameters"], trusted, str(path))
-    if "block_out_channels" in upgraded["hyper_parameters"]:  # AutoencoderModule's, not DiffusionModule's
-        raise UserError(f"{path} is an autoencoder's checkpoint, not a diffusion model's: name it as model.latent's "
-                        "autoencoder in a latent config (such as configs/digits_latent_cpu.yaml) and give sample / evaluate that "
-                        "run's checkpoint")
-    return checkpoint, upgraded
-
-
-def build_module(path: Path, upgraded: dict, autoencoder: str | None = None) -> DiffusionModule:
-    """The module that `read_run`'s upgraded checkpoint holds, its weights loaded (see `load_checkpoint`)."""
-    try:
-        cls = module_class(upgraded["hyper_parameters"])
-        if autoencoder:
-            moved(upgraded["hyper_parameters"], absolute(autoencoder))
-        # What `load_from_checkpoint` does once it has read the file: built from the (upgraded) hyperparameters,
-        # the hooks and the state dict loaded.
-        _pl_migrate_checkpoint(upgraded, path)  # what load_from_checkpoint does for older Lightning versions' files
-        module = _load_state(cls, upgraded, strict=True)
-    except Exception as err:
-        refusal = err if isinstance(err, UserError) else err.__cause__  # a part's own, wrapped by jsonargparse
-        if isinstance(refusal, ChannelMismatch):  # the data is the model's, not the user's to choose here
-            raise UserError(f"the autoencoder {refusal.path} takes {refusal.takes}-channel images and {path} was "
-                            f"trained on {refusal.channels}-channel ones: give --autoencoder the autoencoder it was "
-                            "trained with") from None
-        if isinstance(refusal, UserError):  # its autoencoder or text encoder, named in it, is missing or unreadable
-            raise refusal from None
-        raise UserError(f"{path} could not be loaded as a diffusion_lit checkpoint ({reason(err)})") from None
-    return module.to(_device()).eval()
-
-
-def moved(hparams: dict, path: str) -> None:
-    """Points a checkpoint's hyperparameters at the new place of its autoencoder (a Stable Diffusion fine-tune: of
-    its pretrained folder), in place."""
-    if "pretrained" in hparams:
-        hparams["pretrained"] = path
-    elif works_on_latents(hparams):
-        hparams["latent"]["init_args"]["autoencoder"] = path
-    else:
-        raise UserError("--autoencoder is for a latent model whose autoencoder moved; this model works on pixels")
-
-
-def module_class(hparams: dict) -> type[DiffusionModule]:
-    """The class a checkpoint's hyperparameters build: a Stable Diffusion fine-tune, or a DiffusionModule."""
-    from diffusion_lit.stable_diffusion import StableDiffusionModule
-
-    return StableDiffusionModule if "pretrained" in hparams else DiffusionModule
-
-
-def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[str] = ()) -> nn.Module | None:
-    """The EMA denoiser of a guide checkpoint for autoguidance (None without one), checked to be a model of the same
-    process, prediction, image shape and conditioning as `module`'s, in the same space (pixels or an autoencoder's
-    latents) and of images of as many channels: a UserError naming the first difference."""
-    if guide_ckpt is None:
-        return None
-    _, upgraded = read_run(guide_ckpt, trusted)
-    hparams, space = upgraded["hyper_parameters"], {True: "a latent model", False: "a pixel model"}
-    if works_on_latents(hparams) != (not module.latent.pixels):  # before building it with the model's autoencoder
-        raise UserError(f"--guide_ckpt {guide_ckpt}: the guide is {space[works_on_latents(hparams)]} and this model "
-                        f"{space[not module.latent.pixels]}; a guide works where the model does: give a guide trained "
-                        "the same way (an earlier or smaller run on the same data)")
-    if (channels := hparams.get("channels")) != module.hparams.channels:
-        theirs = f"{channels}-channel images" if isinstance(channels, int) else "images of unknown channels"
-        raise UserError(f"--guide_ckpt {guide_ckpt}: the guide was trained on {theirs} and this model on "
-                        f"{module.hparams.channels}-channel ones; a guide is a weaker model of the same data (an "
-                        "earlier or smaller run)")
-    # A latent guide decodes through the model's autoencoder (checked by its fingerprint), wherever it was recorded.
-    guide = build_module(Path(guide_ckpt), upgraded, getattr(module.latent, "path", None))
-
-    def kind(m: DiffusionModule) -> dict:
-        return {"process": m.process.spec(), "prediction": m.objective.prediction, "shape": m.shape,
-                **m.conditioning.spec(), **m.latent.spec()}
-
-    ours, theirs = kind(module), kind(guide)
-    for key in ours:
-        if ours[key] != theirs[key]:
-            raise UserError(f"--guide_ckpt {guide_ckpt}: its {key} is {theirs[key]!r} and this model's "
-                            f"{ours[key]!r}; a guide is a weaker model of the same process, prediction, image shape "
-                            "and conditioning (an earlier or smaller run on the same data)")
-    if module.conditioning.captions:
-        raise UserError("--guide_ckpt: a text model's guide would need its own text encoder; train one beside it "
-                        "instead (model.guide)")
-    return guide.ema.module.eval()
-
-
-def check_not_itself(guide: nn.Module | None, module: DiffusionModule, settings: Sampling, ema: bool = True) -> None:
-    """A UserError for a guide checkpoint that holds the weights the model samples with (the same file, or a copy):
-    D + w (D - D) = D, twice the passes for nothing. At the null condition it is classifier-free guidance: said."""
-    ours, theirs = module.denoiser(ema).state_dict(), None if guide is None else guide.state_dict()
-    if theirs is None or ours.keys() != theirs.keys() or not all(
-            ours[k].shape == theirs[k].shape and torch.equal(ours[k].cpu(), theirs[k].cpu()) for k in ours):
-        return
-    if settings.guide_condition == "null":
-        say(f"--guide_ckpt {settings.guide_ckpt} holds this model's own weights: at the null condition that is "
-            "classifier-free guidance, which the model does without a guide (leave --guide_ckpt out)")
-        return
-    raise UserError(f"--guide_ckpt {settings.guide_ckpt} holds this model's own weights: a model guided by itself "
-                    "is the model alone (D + w (D - D) = D) at twice the cost; give an earlier or smaller run of the "
-                    "same data, or leave --guide_ckpt out")
-
-
-def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
-    """Sample a flow model with another shift than its own (None: keep it); a UserError for a VP model."""
-    if shift is None:
-        return
-    if not hasattr(module.process, "shift"):
-        raise UserError(f"--flow_shift is for flow models (model.process Flow); this one is a "
-                        f"{type(module.process).__name__} model")
-    module.process = type(module.process)(shift).to(module.device)  # which checks it
+from diffusion_lit.trust import check_data_hparams, parse_trusted
+from diffusion_lit.loading import check_not_itself, default_device, load_checkpoint, load_guide, set_flow_shift
 
 
 def generate_images(module: DiffusionModule, num_samples: int, seed: int, batch_size: int, ema: bool = True,
@@ -539,7 +393,7 @@ def evaluate(
         )
 
     try:
-        features = ImageFeatures(feature_extractor, weights_path).to(_device())
+        features = ImageFeatures(feature_extractor, weights_path).to(default_device())
     except UserError:
         raise
     except Exception as err:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from diffusion_lit.commands import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.diffusers_io import scheduler_for, to_diffusers, unet2d_config
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import space_text

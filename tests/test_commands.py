@@ -151,7 +151,7 @@ def test_conditional_fit_and_guided_sampling(tmp_path, checkpoint):
 def test_a_checkpoint_from_before_v_and_flow_samples_as_it_did():
     """tests/data/eps_ddpm_v1.ckpt was written by `fit` at commit ebebde6 (eps prediction, DDPM, no `process` or
     `prediction` in its hyperparameters); the samples beside it were drawn from it by that code."""
-    from diffusion_lit.commands import load_checkpoint
+    from diffusion_lit.loading import load_checkpoint
     from diffusion_lit.sampling import sample
 
     data = REPO / "tests" / "data"

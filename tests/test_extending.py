@@ -3,7 +3,7 @@ every solver, resumes exactly and is refused by export with one line, without a 
 
 import torch
 
-from diffusion_lit.commands import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.sampling import sample
 
 from test_cli import REPO, cli

@@ -50,7 +50,7 @@ def test_our_inception_fid_equals_torch_fidelitys(tmp_path):
     images, labels = shipped_digits()
     weights = tmp_path / "random_inception.pth"
     random_inception_weights(weights, images[-8:])  # 8 images x 35x35 positions and more: batch-norm statistics
-    n = 16  # each Inception call costs a 299x299 image: few images keep the test short
+    n = 12  # each Inception call costs a 299x299 image: few images keep the test short
     low, high = images[labels < 5][:n], images[labels >= 5][:n]  # two sets that differ
 
     features = ImageFeatures("inception", str(weights))

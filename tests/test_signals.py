@@ -118,20 +118,43 @@ def test_one_writer_per_run_sigterm_to_the_group_saves_the_step_with_workers_and
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == step + 2
 
 
-def test_sample_stopped_by_sigterm_or_ctrl_c_writes_the_images_it_drew(checkpoint, tmp_path):
-    for signum, out in ((signal.SIGTERM, tmp_path / "drawn.npz"), (signal.SIGINT, tmp_path / "drawn")):
-        run = start(tmp_path, "sample", "--ckpt_path", checkpoint, "--out", out, "--num_samples", 100000,
-                    "--batch_size", 4, "--steps", 20)
-        wait_for(lambda: drawn(tmp_path) >= 8 or run.poll() is not None)
-        os.killpg(run.pid, signum)  # Ctrl-C in a terminal goes to the whole group too
-        stderr, line = ended(run, tmp_path)
-        name = signal.Signals(signum).name
-        assert run.returncode == 128 + signum and "Traceback" not in stderr, stderr
-        assert re.fullmatch(rf"stopped by {name} after \d+ of 100000 images: wrote them to {re.escape(str(out))}", line)
-        count = int(line.split(" after ")[1].split(" of ")[0])
-        kept = np.load(out)["arr_0"].shape[0] if out.suffix else len(list(out.glob("*.png")))
-        assert kept == count >= 8 and count % 4 == 0  # whole batches
-        assert not list(tmp_path.glob("**/.*tmp"))
+def test_sample_stopped_by_sigterm_or_ctrl_c_writes_the_images_it_drew(checkpoint, tmp_path, monkeypatch):
+    # SIGTERM to the group of a `sample` process, as a scheduler sends it
+    out = tmp_path / "drawn.npz"
+    run = start(tmp_path, "sample", "--ckpt_path", checkpoint, "--out", out, "--num_samples", 100000,
+                "--batch_size", 4, "--steps", 20)
+    wait_for(lambda: drawn(tmp_path) >= 8 or run.poll() is not None)
+    os.killpg(run.pid, signal.SIGTERM)
+    stderr, line = ended(run, tmp_path)
+    assert run.returncode == 143 and "Traceback" not in stderr, stderr
+    assert re.fullmatch(rf"stopped by SIGTERM after \d+ of 100000 images: wrote them to {re.escape(str(out))}", line)
+    count = int(line.split(" after ")[1].split(" of ")[0])
+    assert np.load(out)["arr_0"].shape[0] == count >= 8 and count % 4 == 0  # whole batches
+    assert not list(tmp_path.glob("**/.*tmp"))
+
+    # Ctrl-C after two batches (in this process: the handling is the same), into a folder of PNG files
+    interrupt_after(2, signal.SIGINT, monkeypatch)
+    out = tmp_path / "drawn"
+    result = cli("sample", "--ckpt_path", checkpoint, "--out", out, "--num_samples", 64, "--batch_size", 4,
+                 "--steps", 2)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"stopped by SIGINT after 8 of 64 images: wrote them to {out}"
+    assert len(list(out.glob("*.png"))) == 8 and not list(tmp_path.glob("**/.*tmp"))
+
+
+def interrupt_after(batches: int, signum: int, monkeypatch) -> None:
+    """The sampling loop of sample and evaluate sends this process `signum` once `batches` batches are drawn."""
+    generate = commands.generate
+
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(generate(*args, **kwargs)):
+            yield batch
+            if i == batches - 1:
+                assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.default_int_handler), (
+                    "it would end pytest itself")
+                os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(commands, "generate", interrupted)
 
 
 def test_a_second_signal_while_writing_stops_at_once_and_leaves_no_partial_file(tmp_path):
@@ -148,16 +171,7 @@ def test_a_second_signal_while_writing_stops_at_once_and_leaves_no_partial_file(
 
 
 def test_evaluate_stopped_while_sampling_keeps_the_samples_and_scores_nothing(checkpoint, images, monkeypatch):  # noqa: F811
-    generate = commands.generate
-
-    def interrupted(*args, **kwargs):
-        for i, batch in enumerate(generate(*args, **kwargs)):
-            yield batch
-            if i == 1:
-                assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "it would end pytest itself"
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(commands, "generate", interrupted)
+    interrupt_after(2, signal.SIGTERM, monkeypatch)
     handler = signal.getsignal(signal.SIGTERM)
     result = cli("evaluate", "--ckpt_path", checkpoint, "--real", images, "--feature_extractor",
                  "features.TinyFeatures", "--num_samples", 64, "--batch_size", 4, "--steps", 2)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_lit.commands import load_checkpoint
+from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.errors import UserError
 from diffusion_lit.trust import check_hparams
 

@@ -89,6 +89,10 @@ def lost_peers(trainer, exception: BaseException) -> str | None:
     is a collective's failure that their end caused; None for any other exception."""
     if trainer.world_size < 2 or not isinstance(exception, RuntimeError):
         return None
+    communication = isinstance(exception, torch.distributed.DistError) or any(
+        words in str(exception).lower() for words in PEER_GONE)
+    if not communication:  # an error of this rank's own (every rank may have it): not another rank's loss
+        return None
     procs = getattr(trainer.strategy.launcher, "procs", None) or []  # the ranks this process launched
     deadline = time.monotonic() + 2  # a peer's sockets close a moment before the process is gone
     while procs and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -97,11 +101,7 @@ def lost_peers(trainer, exception: BaseException) -> str | None:
     ended = [f"rank {first + i} (process {p.pid}, " + (f"killed by {signal.Signals(-p.returncode).name})"
              if p.returncode < 0 else f"exit status {p.returncode})")
              for i, p in enumerate(procs) if p.returncode is not None]
-    if ended:
-        return " and ".join(ended)
-    if any(words in str(exception).lower() for words in PEER_GONE):
-        return "a peer process"
-    return None
+    return " and ".join(ended) if ended else "a peer process"
 
 
 def stop_child_observer() -> None:
@@ -217,7 +217,11 @@ class Checkpoint(ModelCheckpoint):
                 said += f": saved {path}"
         except Exception as err:  # the state could not be written: the periodic checkpoints are what is left
             newest = newest_checkpoint(Path(self.dirpath))
+            if newest is None:
+                return f"{said}, and saving it failed ({reason(err)}); no complete checkpoint is left: start the run again"
             said += f", and saving it failed ({reason(err)}); the newest complete checkpoint is {newest}"
+        if newest_checkpoint(Path(self.dirpath)) is None:
+            return f"{said}; no checkpoint was written yet: start the run again"
         return f"{said}; run the same command with --ckpt_path last to continue"
 
 

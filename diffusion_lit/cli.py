@@ -36,7 +36,7 @@ from diffusion_lit.checkpointing import (
 )
 from diffusion_lit.commands import evaluate, sample
 from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, say
 from diffusion_lit.export import export
 from diffusion_lit.old_model import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
 from diffusion_lit.module import DiffusionModule
@@ -209,7 +209,10 @@ def check_checkpoint(path: Path, trusted: list[str]) -> None:
 def check_steps_left(path: Path, max_steps: int) -> None:
     """A UserError for resuming a run that has reached max_steps already: Lightning would stop at once and exit 0."""
     step = read_checkpoint(path, mmap=True).get("global_step")
-    if isinstance(step, int) and 0 <= max_steps <= step:
+    if isinstance(step, int) and max_steps == step:  # a finished run started again (a requeue): nothing to do
+        say(f"--ckpt_path {path}: the run reached --trainer.max_steps {max_steps} already; nothing to train (a larger "
+            "--trainer.max_steps continues it)")
+    elif isinstance(step, int) and 0 <= max_steps < step:
         raise UserError(f"--ckpt_path {path}: the run is at step {step} already, and --trainer.max_steps {max_steps} "
                         f"ends it there, so nothing would be trained; to continue it, give a larger "
                         f"--trainer.max_steps (the steps to reach in all, above {step})")
@@ -319,8 +322,8 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(SIGINT_EXIT_STATUS if Checkpoint.stopped_by == "SIGINT" else SIGTERM_EXIT_STATUS)
     except Stopped as stop:  # before training, a second Ctrl-C, or sample / evaluate (which say what they kept)
         if rank_zero_only.rank == 0:  # the other ranks of a DDP run have nothing else to say
-            before = (f"stopped by {stop.name}: nothing was written" if words and words[0] in COMMANDS
-                      else f"stopped by {stop.name} before training started: nothing new to save")
+            before = (f"stopped by {stop.name} before training started: nothing new to save" if "fit" in words[:1]
+                      else f"stopped by {stop.name}: nothing was written")
             print(stop.line or before, file=sys.stderr)
         sys.exit(stop.exit_status)
     except (UserError, MisconfigurationException, ValueError) as err:  # Lightning's: a bad Trainer setting

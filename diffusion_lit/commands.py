@@ -121,7 +121,8 @@ def fitting_batch(module: DiffusionModule, batch_size: int, passes: int = 1) -> 
 
 
 def parse_prompts(prompt: str | None, prompts: str | None, num_samples: int, text: bool) -> list[str] | None:
-    """num_samples copies of each prompt, from --prompt and from the lines of the --prompts file; None for neither."""
+    """num_samples copies of each prompt, from --prompt or from the lines of the --prompts file (not both); None for
+    neither."""
     if prompt is None and prompts is None:
         return None
     if prompt is not None and prompts is not None:
@@ -194,7 +195,8 @@ def sample(
             most 20; 1.5 to 8 are usual).
         sampler: ``ddim``, ``ddpm`` (ancestral, all T steps), or an ODE solver: ``euler``, ``heun`` (EDM's second
             order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)). For a flow model, ddim
-            walks the flow's levels (eta 0: Euler's step) and ddpm is refused.
+            walks the flow's levels (eta 0: Euler's step) and ddpm is refused. ``meanflow`` (1 or 2 steps) for a
+            MeanFlow model, and only for one.
         steps: DDIM steps, or the solver's levels (ddpm walks all T timesteps and takes none).
         eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM (the other samplers take none).
         seed: the same seed (and batch size) gives the same images.
@@ -345,7 +347,7 @@ def evaluate(
         real: the reference images: a folder of images or a `.npz` file.
         num_samples: images to generate from the checkpoint (a conditional one: balanced over the classes).
         guidance_scale: guidance w (classifier-free for a conditional checkpoint, autoguidance with a guide).
-        sampler: ``ddim``, ``ddpm``, ``euler``, ``heun`` or ``dpmpp_2m``.
+        sampler: ``ddim``, ``ddpm``, ``euler``, ``heun``, ``dpmpp_2m``, or ``meanflow`` (MeanFlow models only).
         steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
         seed: seed of the generated images.
@@ -474,8 +476,11 @@ def checkpoint_data(checkpoint: dict, trusted: list[str] = ()) -> DiffusionDataM
             f"the checkpoint was trained on {describe(data_hparams)}, which from here is {root.resolve()} and holds "
             "no such images: run evaluate from the folder `fit` ran in, or give the reference images with --real DIR"
         ) from None
-    except Exception as err:  # a value of the wrong type where the data module wants another
+    except (TypeError, KeyError, AttributeError) as err:  # a value of the wrong type where the data wants another
         raise UserError(crafted.format(f"cannot be built ({type(err).__name__})")) from None
+    except Exception as err:  # reading the images failed (their text is not echoed: it may hold the file's values)
+        raise UserError(f"the checkpoint's training images could not be read ({type(err).__name__}); give the "
+                        "reference images with --real DIR") from None
     return data
 
 

@@ -61,6 +61,9 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], what: str,
         tmp.unlink(missing_ok=True)
         said = [text for text in (space_text(path.parent, err), fix) if text]
         raise UserError(f"could not write {what} {path} ({reason(err)}); " + "; ".join(said)) from None
+    except BaseException:  # a signal (Stopped, KeyboardInterrupt) cut the write short: the caller says what it kept
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -77,7 +77,7 @@ def save_images(images: Tensor, out: str | Path, nrow: int | None = None) -> Pat
         picture = _to_pil(grid(images, nrow))
         write_atomic(out, lambda f: picture.save(f, format="JPEG" if out.suffix.lower() != ".png" else "PNG"),
                      "the grid", fix)
-    elif out.suffix == ".npz":
+    elif out.suffix.lower() == ".npz":
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         write_atomic(out, lambda f: np.savez(f, arr_0=array), "the images", fix)
     else:

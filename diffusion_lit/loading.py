@@ -153,6 +153,9 @@ def set_flow_shift(module: DiffusionModule, shift: float | None) -> None:
     """Sample a flow model with another shift than its own (None: keep it); a UserError for a VP model."""
     if shift is None:
         return
+    if module.objective.prediction == "u":  # MeanFlow's sampler walks equal intervals of t, with no grid to shift
+        raise UserError("--flow_shift shifts the solvers' levels; sampler meanflow walks equal intervals of t: leave "
+                        "--flow_shift out")
     if not hasattr(module.process, "shift"):
         raise UserError(f"--flow_shift is for flow models (model.process Flow); this one is a "
                         f"{type(module.process).__name__} model")

@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_lit.errors import UserError
-from diffusion_lit.process import Flow
 from diffusion_lit.schedule import TimeSampling
 from diffusion_lit.targets import AVERAGE_VELOCITY, PREDICTIONS, Prediction, min_snr_weight, target
 
@@ -114,7 +113,7 @@ class MeanFlow(Objective):
 
     def bind(self, process) -> "MeanFlow":
         """This objective on `process`: a UserError unless it is the flow."""
-        if not isinstance(process, Flow):
+        if not process.straight:
             raise UserError(f"MeanFlow learns the average velocity of the flow process, and this model's process is "
                             f"{type(process).__name__}: add --model.process Flow")
         return self

@@ -27,6 +27,7 @@ class Process(nn.Module):
     default_prediction = "eps"  # what the network predicts when the objective names nothing
     default_t_sampling: TimeSampling = "uniform"
     predictions = ("eps", "v", "x0")  # the targets that sample on it
+    straight = False  # True: x_t = (1 - t) x0 + t eps, whose velocity eps - x0 is constant along each path (MeanFlow)
 
     def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
         """(alpha, sigma) at training times t, shaped to broadcast against `ndim` dimensions."""
@@ -179,6 +180,7 @@ class Flow(Process):
 
     default_prediction = "v"
     default_t_sampling: TimeSampling = "logit_normal"
+    straight = True
     # At t = 1 the flow's x_t is the noise itself: an eps prediction says nothing about x0 there.
     predictions = ("v", "x0")
 

@@ -187,8 +187,14 @@ def test_evaluate_describes_a_crafted_dataset_without_echoing_it(runs, tmp_path,
 def test_a_resume_whose_max_steps_is_reached_says_how_to_continue(runs):
     tmp, ckpt, fit_args = runs
     before = os.path.getmtime(ckpt["pixel"])
-    result = cli("fit", *fit_args, "--trainer.callbacks", "[]", "--trainer.logger.init_args.name", "pixel",
-                 "--ckpt_path", "last", "--trainer.max_steps", 1)
-    assert_one_error_line(result, "the run is at step 1 already", "--trainer.max_steps 1",
+    resume = ["fit", *fit_args, "--trainer.callbacks", "[]", "--trainer.logger.init_args.name", "pixel",
+              "--ckpt_path", "last", "--trainer.max_steps"]
+    result = cli(*resume, 0)  # below the step reached (the run saved at step 68 and given max_steps 14)
+    assert_one_error_line(result, "the run is at step 1 already", "--trainer.max_steps 0",
                           "give a larger --trainer.max_steps")
     assert os.path.getmtime(ckpt["pixel"]) == before
+    # The finished run started again as it was (a requeued job): said in one line, and nothing to do
+    result = cli(*resume, 1)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "reached --trainer.max_steps 1 already" in line]
+    assert torch.load(ckpt["pixel"], weights_only=True)["global_step"] == 1

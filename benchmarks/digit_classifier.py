@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from diffusion_lit.commands import generate_images, load_checkpoint, parse_labels
+from diffusion_lit.commands import generate_images, parse_labels
+from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.digits import CONFIDENT, JUDGE_WEIGHTS, DigitJudge, ShippedDigits, held_out
 from diffusion_lit.images import save_images
 

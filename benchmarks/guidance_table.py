@@ -19,15 +19,9 @@ import json
 import time
 
 
-from diffusion_lit.commands import (
-    checkpoint_data,
-    checkpoint_reference,
-    generate_images,
-    load_checkpoint,
-    load_guide,
-    parse_labels,
-    score,
-)
+from diffusion_lit.commands import generate_images, parse_labels
+from diffusion_lit.evaluation import checkpoint_data, checkpoint_reference, score
+from diffusion_lit.loading import load_checkpoint, load_guide
 from diffusion_lit.guidance import Evaluations
 from diffusion_lit.metrics import ImageFeatures
 

@@ -13,7 +13,9 @@ import time
 
 import torch
 
-from diffusion_lit.commands import checkpoint_data, checkpoint_reference, generate_images, load_checkpoint, score
+from diffusion_lit.commands import generate_images
+from diffusion_lit.evaluation import checkpoint_data, checkpoint_reference, score
+from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.digits import WORDS
 from diffusion_lit.metrics import ImageFeatures
 from diffusion_lit.sampling import network_evaluations

@@ -16,15 +16,9 @@ import time
 
 import torch
 
-from diffusion_lit.commands import (
-    checkpoint_data,
-    checkpoint_reference,
-    generate_images,
-    load_checkpoint,
-    parse_labels,
-    score,
-    set_flow_shift,
-)
+from diffusion_lit.commands import generate_images, parse_labels
+from diffusion_lit.evaluation import checkpoint_data, checkpoint_reference, score
+from diffusion_lit.loading import load_checkpoint, set_flow_shift
 from diffusion_lit.metrics import ImageFeatures
 from diffusion_lit.sampling import network_evaluations
 

@@ -34,7 +34,8 @@ from diffusion_lit.checkpointing import (
     restore_signals,
     stop_on_signals,
 )
-from diffusion_lit.commands import evaluate, sample
+from diffusion_lit.commands import sample
+from diffusion_lit.evaluation import evaluate
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError, say
 from diffusion_lit.export import export

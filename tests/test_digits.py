@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lit.commands import evaluate
+from diffusion_lit.evaluation import evaluate
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.digits import DigitJudge, held_out, judge_counts, shipped_digits
 from diffusion_lit.metrics import ImageFeatures, compute, extract, fid_and_kid

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lit.commands import evaluate, load_checkpoint
+from diffusion_lit.evaluation import evaluate
+from diffusion_lit.loading import load_checkpoint
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.errors import UserError
 from diffusion_lit.images import check_output, save_images

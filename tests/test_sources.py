@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lit.commands import checkpoint_data, evaluate
+from diffusion_lit.evaluation import checkpoint_data, evaluate
 from diffusion_lit.data import DiffusionDataModule, from_config
 from diffusion_lit.errors import UserError
 from diffusion_lit.metrics import reference_cache_path

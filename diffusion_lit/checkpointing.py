@@ -125,6 +125,9 @@ class Checkpoint(ModelCheckpoint):
     training_began = False  # from here on this class handles SIGTERM and Ctrl-C (`_stop` did before)
     lost_line: str | None = None  # after a lost DDP peer: what the CLI prints ("" on a rank that says nothing)
     _previous_sigint = None
+    _parent: int | None = None  # set when training starts: rank zero's process, as a launched rank sees it
+    _asked = 0  # the signal that asked this rank to stop (0: none)
+    _saved = False  # the stopping step is saved
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Ctrl-C stops as SIGTERM does (after the step it is in, saving it), not wherever Python happens to be.
@@ -139,7 +142,7 @@ class Checkpoint(ModelCheckpoint):
     def interrupt(self, trainer, signum, frame) -> None:
         """SIGTERM or Ctrl-C: stop after this step, saving it; Ctrl-C once asked to stop: stop at once, unsaved."""
         asked = self._asked or trainer.received_sigterm
-        if getattr(self, "_saved", False):  # the step is saved and the run is ending
+        if self._saved:  # the step is saved and the run is ending
             return
         if asked and signum == signal.SIGINT:
             raise Stopped(signum, f"stopped at once by a second Ctrl-C at step {trainer.global_step}; run the same "
@@ -156,7 +159,7 @@ class Checkpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             # Every rank stops after the same step when any was asked to (SIGTERM over Ctrl-C), and saves it together.
-            signum = torch.tensor([getattr(self, "_asked", 0)], device=trainer.strategy.root_device)
+            signum = torch.tensor([self._asked], device=trainer.strategy.root_device)
             torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
             if signum := int(signum.item()):
                 Checkpoint.stopped_by = signal.Signals(signum).name
@@ -196,9 +199,9 @@ class Checkpoint(ModelCheckpoint):
     def after_lost_peer(self, trainer, lost: str) -> str:
         """Rank zero saves last.ckpt alone (a save's barrier would wait for the lost rank), when the step it
         reached is not saved yet; the line the CLI prints. Other ranks say nothing unless rank zero is the one lost."""
-        step, parent = trainer.global_step, getattr(self, "_parent", None)
+        step, parent = trainer.global_step, self._parent
         if not trainer.is_global_zero:
-            if parent is None or os.getppid() == parent or getattr(self, "_asked", 0):  # or it is stopping too
+            if parent is None or os.getppid() == parent or self._asked:  # or it is stopping too
                 return ""
             return (f"rank 0 (process {parent}) was lost at step {step}; only it saves checkpoints: run the same "
                     "command with --ckpt_path last to continue from the newest complete one")

@@ -8,7 +8,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 import yaml
 from jsonargparse import ArgumentParser, auto_cli
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -119,10 +118,10 @@ class DiffusionCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        check_checkpoint(Path(ckpt_path), self.trusted(self.config[subcommand]))
+        checkpoint = check_checkpoint(Path(ckpt_path), self.trusted(self.config[subcommand]))
         model = self.config[subcommand].get("model")
         latent = model.get("latent") if model is not None and not self.subclass_mode_model else None
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+        hparams = checkpoint.get("hyper_parameters") or {}
         hparams = {k: v for k, v in upgrade_hparams(hparams).items() if k != "_instantiator"}
         if not hparams:
             return
@@ -197,14 +196,15 @@ def requeued_on_slurm(trainer) -> bool:
     return SLURMEnvironment.detect() and any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
 
 
-def check_checkpoint(path: Path, trusted: list[str]) -> None:
-    """Opens a checkpoint without reading its tensors (memory-mapped): a truncated or foreign file, or one that names
-    classes that are not trusted (`diffusion_lit.trust`), is a UserError."""
+def check_checkpoint(path: Path, trusted: list[str]) -> dict:
+    """The checkpoint, opened without reading its tensors (memory-mapped): a truncated or foreign file, or one that
+    names classes that are not trusted (`diffusion_lit.trust`), is a UserError."""
     checkpoint = read_checkpoint(path, mmap=True, advice="resume from another file in its folder (--ckpt_path FILE) "
                                  "or start a new run")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise UserError(f"{path} is not a training checkpoint of diffusion_lit (no state_dict or global_step)")
     check_hparams(checkpoint.get("hyper_parameters") or {}, trusted, str(path))
+    return checkpoint
 
 
 def check_steps_left(path: Path, max_steps: int) -> None:

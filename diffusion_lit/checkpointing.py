@@ -57,7 +57,7 @@ def stopped_in(err: BaseException) -> Stopped | None:
 
 
 def _stop(signum, frame) -> None:
-    if signal.getsignal(signum) is not _stop:  # Lightning's handler took over (and calls this one after its own)
+    if signal.getsignal(signum) is not _stop:  # another handler took over (and calls this one after its own)
         return
     if Checkpoint.training_began:  # training is over and its own handling ended: the process is ending anyway
         return
@@ -112,6 +112,22 @@ def stop_child_observer() -> None:
             thread._finished = True
 
 
+def keep_stop_until_training(trainer) -> None:
+    """Lightning puts its own SIGTERM handler in after restoring a checkpoint and before the sanity check; under DDP it
+    broadcasts from within the handler, which can pair with another rank's collective and hang. `_stop` is put
+    back, so that until `Checkpoint.on_train_start` a SIGTERM stops the command at once, as before the restore
+    (Lightning's SLURM requeue signal, SIGUSR1, stays as Lightning set it)."""
+    connector = trainer._signal_connector
+    register = connector.register_signal_handlers
+
+    def register_then_keep_stop() -> None:
+        register()
+        if threading.current_thread() is threading.main_thread() and not Checkpoint.training_began:
+            signal.signal(signal.SIGTERM, _stop)
+
+    connector.register_signal_handlers = register_then_keep_stop
+
+
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes last.ckpt when training ends between two periodic saves, or is stopped by
     SIGTERM or SIGINT (Ctrl-C), after finishing its current step.
@@ -128,6 +144,11 @@ class Checkpoint(ModelCheckpoint):
     _parent: int | None = None  # set when training starts: rank zero's process, as a launched rank sees it
     _asked = 0  # the signal that asked this rank to stop (0: none)
     _saved = False  # the stopping step is saved
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if signal.getsignal(signal.SIGTERM) is _stop:  # the CLI's: SIGTERM stops at once until training starts
+            keep_stop_until_training(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Ctrl-C stops as SIGTERM does (after the step it is in, saving it), not wherever Python happens to be.

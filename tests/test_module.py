@@ -30,7 +30,8 @@ OBJECTIVES = [
 def test_tiny_model_overfits_eight_images(objective):
     loader = DataLoader(TensorDataset(bars(), torch.zeros(8)), batch_size=8)
     parts = {"process": VP("cosine")} | {name: make() for name, make in objective.items()}
-    assert_halves_its_loss(tiny_module(optimizer=partial(torch.optim.Adam, lr=2e-3), **parts), loader)
+    # 60 steps: the last ten's mean loss was 0.03-0.25 of the first ten's (2-core Intel Xeon, AVX-512), under 0.5
+    assert_halves_its_loss(tiny_module(optimizer=partial(torch.optim.Adam, lr=2e-3), **parts), loader, steps=60)
 
 
 @pytest.mark.parametrize("warmup, k", [(True, 10), (5.0, 5)])

@@ -144,6 +144,8 @@ class Checkpoint(ModelCheckpoint):
     _parent: int | None = None  # set when training starts: rank zero's process, as a launched rank sees it
     _asked = 0  # the signal that asked this rank to stop (0: none)
     _saved = False  # the stopping step is saved
+    _pending = None  # under DDP: the stop requests being reduced across ranks (the work, its tensor)
+    _control = None  # under DDP: the CPU process group they travel on
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -156,6 +158,10 @@ class Checkpoint(ModelCheckpoint):
         # collective another rank is in and hangs the run; this one only takes note (Lightning's comes back at the end).
         Checkpoint.stopped_by, Checkpoint.training_began, Checkpoint.lost_line = "SIGTERM", True, None
         self._parent, self._asked, self._saved = os.getppid(), 0, False  # a launched rank's parent is rank 0
+        self._pending = None
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Stop requests travel on the CPU (gloo), so that agreeing on them never waits for the accelerator.
+            self._control = torch.distributed.new_group(backend="gloo")
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, partial(self.interrupt, trainer))
             signal.signal(signal.SIGTERM, partial(self.interrupt, trainer))
@@ -180,11 +186,16 @@ class Checkpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             # Every rank stops after the same step when any was asked to (SIGTERM over Ctrl-C), and saves it together.
-            signum = torch.tensor([self._asked], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-            if signum := int(signum.item()):
-                Checkpoint.stopped_by = signal.Signals(signum).name
-                trainer._signal_connector.received_sigterm = True
+            # The ranks' requests are reduced while the next step runs and read after it: no wait in the step.
+            if self._pending is not None:
+                work, signum = self._pending
+                work.wait()
+                if signum := int(signum.item()):
+                    Checkpoint.stopped_by = signal.Signals(signum).name
+                    trainer._signal_connector.received_sigterm = True
+            signum = torch.tensor([self._asked])
+            self._pending = (torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX,
+                                                          group=self._control, async_op=True), signum)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._previous_sigint is not None:

@@ -42,6 +42,7 @@ from diffusion_lit.old_model import refuse_flat_sampler_settings, refuse_old_mod
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import refuse_old_configs, upgrade_words
 from diffusion_lit.speed import CpuCost
+from diffusion_lit.streaming import optimize
 from diffusion_lit.stable_diffusion import StableDiffusionModule
 from diffusion_lit.trust import check_hparams, class_paths, parse_trusted, read_checkpoint
 
@@ -219,7 +220,8 @@ def check_steps_left(path: Path, max_steps: int) -> None:
                         f"--trainer.max_steps (the steps to reach in all, above {step})")
 
 
-COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export}  # beside LightningCLI's fit, validate, ...
+# Beside LightningCLI's fit, validate, ...; `data optimize` writes a source as litdata chunks.
+COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export, "data": {"optimize": optimize}}
 MODULE_CLASSES = {"diffusion_lit.module.DiffusionModule": DiffusionModule,
                   "diffusion_lit.autoencoder.AutoencoderModule": AutoencoderModule,
                   "diffusion_lit.stable_diffusion.StableDiffusionModule": StableDiffusionModule}
@@ -275,7 +277,7 @@ def named_module(words: list[str]) -> tuple[str, type, bool] | None:
 def main(args: list[str] | None = None) -> None:
     """Entry point; a user's mistake ends with one message and exit status 2 (DIFFUSION_LIT_DEBUG=1 shows the traceback)."""
     words = sys.argv[1:] if args is None else args
-    # ResumableSampler restarts an epoch where the checkpoint left it, which Lightning cannot see.
+    # The train loader restarts an epoch where the checkpoint left it (its state travels with the data module).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # A run keeps its checkpoints in runs/<name>/checkpoints/ and resumes into it: not a surprise to warn about.
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
@@ -283,6 +285,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     # The pretrained parts (autoencoder, CLIP text encoder) are frozen in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # A litdata StreamingDataset splits itself between DataLoader workers: its length is right.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     signals = stop_on_signals(args is None)  # SIGTERM and Ctrl-C end in one line (Stopped), until training begins
     try:
         if words and words[0] in COMMANDS:

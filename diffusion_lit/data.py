@@ -1,41 +1,21 @@
-"""One DataModule for any source of images (`diffusion_lit.sources`: the shipped digits, MNIST, CIFAR-10, a folder),
-all scaled to [-1, 1], split, batched and resumable."""
+"""One DataModule for any source of images (`diffusion_lit.sources`: the shipped digits, MNIST, CIFAR-10, a folder;
+`hf_data`: a Hugging Face dataset; `streaming`: litdata's chunks), all scaled to [-1, 1], split, batched, and
+resumable mid-epoch: the train loader's position travels in the checkpoint."""
 
-import signal
 from collections.abc import Callable
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
+from diffusion_lit import hf_data, streaming  # noqa: F401  (their sources, by name in a config)
 from diffusion_lit.errors import UserError, say
+from diffusion_lit.loaders import leave_signals_to_main
 from diffusion_lit.old_data import upgrade
 from diffusion_lit.sources import MNIST, Source, build
-
-
-def leave_signals_to_main(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C and SIGTERM, which `timeout`, SLURM and `kill -- -PGID` send to every
-    process of the job: the main process decides (it finishes its step and saves, `Checkpoint`), then shuts the
-    workers down itself. A worker that died of the signal instead would stop the main process with a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class Captioned(Dataset):
-    """(image, caption) pairs: a dataset's images with captions made by `caption(index, label)`."""
-
-    def __init__(self, dataset: Dataset, caption: Callable[[int, int], str]) -> None:
-        self.dataset, self.caption = dataset, caption
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label = self.dataset[i]
-        return image, self.caption(i, label)
 
 
 class CachedSet(Dataset):
@@ -49,22 +29,6 @@ class CachedSet(Dataset):
 
     def __getitem__(self, i: int):
         return self.tensors[i], self.others[i]
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled by seed and epoch alone) whose next epoch can start part-way through.
-
-    A run resumed mid-epoch sets `start` to the samples it already trained on, so it sees the same batches
-    in the same order as a run that was never interrupted.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.start = 0
-
-    def __iter__(self):
-        indices, self.start = list(super().__iter__())[self.start :], 0
-        return iter(indices)
 
 
 class DiffusionDataModule(LightningDataModule):
@@ -123,6 +87,8 @@ class DiffusionDataModule(LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.reference_set: Dataset | None = None
+        self.train_loader: DataLoader | None = None
+        self.loader_state: dict | None = None  # from a checkpoint, for the next train loader
         self.captions = captions
         if captions:
             self.source.read_captions()
@@ -130,22 +96,21 @@ class DiffusionDataModule(LightningDataModule):
     def example_prompts(self, count: int) -> list[str]:
         """Up to `count` distinct captions among the first 1,000 training images (for sample grids)."""
         prompts = []
-        for i in range(min(len(self.train_set), 1000) if self.captions else 0):
-            if (text := self.train_set[i][1]) not in prompts:
+        for i in range(min(len(self.reference_set), 1000) if self.captions else 0):
+            if (text := self.reference_set[i][1]) not in prompts:
                 prompts.append(text)
             if len(prompts) == count:
                 break
         return prompts or [""]
 
-    def _load(self, train: bool) -> Dataset:
-        """The whole dataset with the train (flips) or the eval transform."""
+    def transform(self, train: bool) -> Callable:
+        """PIL image -> tensor in [-1, 1] at image_size and channels, with random flips for training if asked."""
         steps = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
         steps += self.source.colour(self.channels)
         if train and self.random_flip:
             steps.append(transforms.RandomHorizontalFlip())
         steps += [transforms.ToTensor(), transforms.Normalize(0.5, 0.5)]  # [0, 1] -> [-1, 1]
-        dataset = self.source.images(transforms.Compose(steps), self.channels)
-        return Captioned(dataset, self.source.caption) if self.captions else dataset
+        return transforms.Compose(steps)
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -153,15 +118,10 @@ class DiffusionDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train_full, eval_full = self._load(train=True), self._load(train=False)
+        self.train_set, self.val_set, self.reference_set = self.source.datasets(
+            self.transform, self.channels, self.captions, self.hparams.val_fraction, self.hparams.seed)
         for line in self.source.notes(self.image_size, self.channels):
             say(line)
-        n = len(train_full)
-        n_val = int(round(n * self.hparams.val_fraction))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
-        self.train_set = Subset(train_full, order[n_val:])
-        self.val_set = Subset(eval_full, order[:n_val])
-        self.reference_set = Subset(eval_full, order[n_val:])  # the training images without augmentation, for FID
         if len(self.train_set) < self.hparams.batch_size:
             raise UserError(
                 f"only {len(self.train_set)} training images for batch_size {self.hparams.batch_size}: "
@@ -185,37 +145,38 @@ class DiffusionDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         trainer = self.trainer
-        # The loader's own generator keeps data loading off the global random stream that training draws from.
-        sampler = ResumableSampler(
-            dataset,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            shuffle=shuffle,
-            seed=self.hparams.seed,
-            drop_last=shuffle,
-        )
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            drop_last=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            worker_init_fn=leave_signals_to_main,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.hparams.seed),
-        )
+        return self.source.loader(dataset, self.hparams.batch_size, shuffle, self.hparams.seed,
+                                  self.hparams.num_workers, trainer.world_size if trainer else 1,
+                                  trainer.global_rank if trainer else 0)
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_set, shuffle=True)
-        if self.trainer is not None:  # on resume, skip what this epoch already trained on
-            done = self.trainer.global_step * self.trainer.accumulate_grad_batches % len(loader)
-            loader.sampler.start = done * self.hparams.batch_size
+        if self.loader_state is not None:  # a resumed run goes on where the checkpoint's epoch stopped
+            if "epoch" in self.loader_state:  # before the position: the skipped indices are that epoch's
+                loader.sampler.set_epoch(self.loader_state["epoch"])
+            loader.load_state_dict(self.loader_state["position"])
+            self.loader_state = None
+        elif self.trainer is not None and self.trainer.global_step and len(loader) and (
+                self.trainer.global_step * self.trainer.accumulate_grad_batches % len(loader)):
+            say("this checkpoint predates saved loader positions: its epoch starts again from its first batch")
+        self.train_loader = loader
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+
+    def state_dict(self) -> dict:
+        """The train loader's position in its epoch, saved in every checkpoint by Lightning. Kept here, not left to
+        Lightning's loop, which drops it when `configure_optimizers` reads `estimated_stepping_batches`
+        (pytorch-lightning #20550)."""
+        if self.train_loader is None:
+            return {}
+        sampler = getattr(self.train_loader, "sampler", None)
+        epoch = {"epoch": sampler.epoch} if hasattr(sampler, "set_epoch") else {}  # litdata's loader keeps its own
+        return {"train_loader": {"position": self.train_loader.state_dict(), **epoch}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loader_state = state_dict.get("train_loader")
 
 
 def from_config(config: dict) -> DiffusionDataModule:

@@ -15,14 +15,30 @@ or on the command line `--data.source ImageFolder --data.source.root DIR`. Leavi
 import contextlib
 import inspect
 import io
+from collections.abc import Callable
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from diffusion_lit import digits
 from diffusion_lit.errors import UserError, say
 from diffusion_lit.folders import FolderImages, FolderIndex, read_captions
+from diffusion_lit.loaders import Splits, map_loader, random_split
+
+class Captioned(Dataset):
+    """(image, caption) pairs: a dataset's images with captions made by `caption(index, label)`."""
+
+    def __init__(self, dataset: Dataset, caption: Callable[[int, int], str]) -> None:
+        self.dataset, self.caption = dataset, caption
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return image, self.caption(i, label)
+
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -43,6 +59,20 @@ class Source:
     def images(self, transform, channels: int) -> Dataset:
         """The (image, label) pairs through `transform` (which holds `colour(channels)`)."""
         raise NotImplementedError
+
+    def datasets(self, transform: Callable[[bool], Callable], channels: int, captions: bool, val_fraction: float,
+                 seed: int) -> Splits:
+        """The training, validation and reference images through `transform(train)`, with labels (or captions): by
+        default a seeded random split of `images`."""
+        train_full, eval_full = (self.images(transform(train), channels) for train in (True, False))
+        if captions:
+            train_full, eval_full = Captioned(train_full, self.caption), Captioned(eval_full, self.caption)
+        return random_split(train_full, eval_full, val_fraction, seed)
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+               world_size: int, rank: int) -> DataLoader:
+        """Batches of one of `datasets`' sets (or of its encoded copy), resumable mid-epoch through `state_dict`."""
+        return map_loader(dataset, batch_size, shuffle, seed, num_workers, world_size, rank)
 
     def colour(self, channels: int) -> list:
         """Transforms that bring an image to `channels` (1: grayscale, 3: RGB)."""

@@ -90,7 +90,10 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        # The transposed output is laid out channels-last; in x's layout instead, or the 1x1 convolution returns its
+        # weight's gradient in channels-last strides, and DDP copies it into its bucket with a warning on every run.
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w).contiguous(memory_format=layout))
 
 
 class CrossAttention(nn.Module):

@@ -1,0 +1,117 @@
+"""A Hugging Face dataset on this machine as a source of training images (`pip install -e ".[data]"`): a folder
+written by `save_to_disk`, parquet files, or an `imagefolder` (images in class sub-folders, captions in a
+`metadata.jsonl`), read with the `datasets` library, as diffusers' training scripts read them. Nothing is downloaded."""
+
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from diffusion_lit.errors import UserError
+from diffusion_lit.folders import GRAYSCALE_MODES, to_8_bits
+from diffusion_lit.sources import Source
+from diffusion_lit.text import need
+
+
+def load(path: Path, split: str):
+    """The `split` of the dataset at `path`, in whichever of the three layouts it is."""
+    datasets = need("datasets", "data")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise UserError(f"{path} has no split {split!r} (it has {', '.join(loaded)}): name one with "
+                                "--data.source.split")
+            loaded = loaded[split]
+        return loaded
+    parquet = [path] if path.suffix == ".parquet" else sorted(path.rglob("*.parquet"))
+    if parquet:
+        return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    except (ValueError, FileNotFoundError) as err:  # no images, or no such split
+        raise UserError(f"{path} is not a Hugging Face dataset this can read ({str(err).splitlines()[0]}): give a "
+                        "save_to_disk folder, parquet files, or a folder of images (imagefolder)") from None
+
+
+class HFDataset(Source):
+    """A local Hugging Face dataset (a `save_to_disk` folder, one or more parquet files, or an imagefolder).
+
+    Args:
+        path: the dataset's folder (or one parquet file).
+        split: the split to train on (a `save_to_disk` DatasetDict's or an imagefolder's).
+        image_column: the column of images.
+        label_column: the column of class labels (a `ClassLabel`, or integers); a dataset without it is
+            unlabelled.
+        caption_column: the column of captions, for text models (`--data.captions true`).
+    """
+
+    name = "hf"
+
+    def __init__(self, path: str, split: str = "train", image_column: str = "image", label_column: str = "label",
+                 caption_column: str = "text") -> None:
+        self.path, self.split = path, split
+        self.image_column, self.label_column, self.caption_column = image_column, label_column, caption_column
+        self.root = path  # the FID reference cache's key
+        if not Path(path).exists():
+            raise UserError(f"--data.source.path {path} does not exist: give a save_to_disk folder, parquet files "
+                            "or a folder of images")
+        table = load(Path(path), split)
+        if len(table) == 0:
+            raise UserError(f"{path} holds no rows in its {split!r} split: nothing to train on")
+        features, columns = table.features, ", ".join(table.column_names)
+        if image_column not in features:
+            raise UserError(f"{path} has no column {image_column!r} (it has {columns}): name the image column with "
+                            "--data.source.image_column")
+        if type(features[image_column]).__name__ != "Image":
+            raise UserError(f"{path}: column {image_column!r} holds {features[image_column]!r}, not images: name the "
+                            "image column with --data.source.image_column")
+        self.table = table
+        first = table[0][image_column]
+        self.image_size, self.channels = min(first.size), 1 if first.mode in GRAYSCALE_MODES else 3
+        self.num_classes, self.classes = 0, []
+        if label_column in features:
+            feature = features[label_column]
+            if type(feature).__name__ == "ClassLabel":
+                self.classes = list(feature.names)
+                self.num_classes = len(self.classes)
+            elif getattr(feature, "dtype", "").startswith(("int", "uint")):
+                self.num_classes = max(table[label_column]) + 1
+            else:
+                raise UserError(f"{path}: column {label_column!r} holds {feature!r}, not class labels: name the label "
+                                "column with --data.source.label_column (a ClassLabel or integers)")
+        self.captions: list[str] | None = None
+
+    def images(self, transform, channels: int) -> Dataset:
+        columns = [self.image_column] + ([self.label_column] if self.num_classes else [])
+        return Rows(self.table.select_columns(columns), self.image_column, self.label_column if self.num_classes
+                    else None, "L" if channels == 1 else "RGB", transform)
+
+    def colour(self, channels: int) -> list:
+        return []  # Rows converts each image's mode itself
+
+    def read_captions(self) -> None:
+        if self.caption_column not in self.table.features:
+            raise UserError(f"--data.captions true: {self.path} has no column {self.caption_column!r} (it has "
+                            f"{', '.join(self.table.column_names)}): name the caption column with "
+                            "--data.source.caption_column")
+        self.captions = [text or "" for text in self.table[self.caption_column]]
+
+    def caption(self, index: int, label: int) -> str:
+        return self.captions[index]
+
+
+class Rows(Dataset):
+    """A Hugging Face dataset's images (converted to `mode`) with their labels (0 without a label column)."""
+
+    def __init__(self, table, image_column: str, label_column: str | None, mode: str, transform=None) -> None:
+        self.table, self.image_column, self.label_column = table, image_column, label_column
+        self.mode, self.transform = mode, transform
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int):
+        row = self.table[i]
+        image = to_8_bits(row[self.image_column]).convert(self.mode)
+        label = int(row[self.label_column]) if self.label_column else 0
+        return (self.transform(image) if self.transform else image), label

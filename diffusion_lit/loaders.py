@@ -1,0 +1,62 @@
+"""Batches from a dataset that can stop mid-epoch and go on: torchdata's `StatefulDataLoader` over a map-style dataset,
+with the train / validation split that a source's images get by default."""
+
+import signal
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Subset
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # torchdata's import-time notices say nothing a user can act on
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+# torchdata calls a torch function that torch has deprecated, once per loader.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+def leave_signals_to_main(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM, which `timeout`, SLURM and `kill -- -PGID` send to every
+    process of the job: the main process decides (it finishes its step and saves, `Checkpoint`), then shuts the
+    workers down itself. A worker that died of the signal instead would stop the main process with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Splits(NamedTuple):
+    """What a source serves: the training images, the held-out validation images, and the training images without
+    augmentation (FID's reference)."""
+
+    train: Dataset
+    val: Dataset
+    reference: Dataset
+
+
+def random_split(train_full: Dataset, eval_full: Dataset, val_fraction: float, seed: int) -> Splits:
+    """A seeded split of one set of images, seen through the train transform (`train_full`) and the eval one."""
+    n = len(train_full)
+    n_val = int(round(n * val_fraction))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Splits(Subset(train_full, order[n_val:]), Subset(eval_full, order[:n_val]), Subset(eval_full, order[n_val:]))
+
+
+def map_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, world_size: int,
+               rank: int) -> StatefulDataLoader:
+    """Batches of a map-style dataset, shuffled by seed and epoch (Lightning sets the epoch), each DDP rank its own
+    share; `state_dict()` is the position in the epoch, which `load_state_dict` goes on from (the sampler's indices
+    are skipped, no image is read twice)."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=shuffle)
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=shuffle,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=leave_signals_to_main,
+        pin_memory=torch.cuda.is_available(),
+        # The loader's own generator keeps data loading off the global random stream that training draws from.
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,200 @@
+"""Training images streamed in chunks with litdata (`pip install -e ".[data]"`), for data that outgrows a disk.
+
+`python -m diffusion_lit data optimize --source ... --out DIR` writes any source's images (PNG-compressed, at their
+native size) with their labels and captions as litdata chunks; `data.source: Streaming(DIR)` trains from them: a local
+folder is read in place, a remote one (s3://, gs://, azure://, r2://, hf://; `local:DIR` reads a local folder as if
+it were remote) is fetched into a cache that `max_cache_size` bounds.
+"""
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion_lit.errors import UserError, reason
+from diffusion_lit.loaders import Splits, leave_signals_to_main
+from diffusion_lit.sources import Source
+from diffusion_lit.text import need
+
+FORMAT = 1  # what diffusion_lit writes beside litdata's own index (under "diffusion_lit"): this version reads 1
+REMOTE = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
+
+
+class Item:
+    """One image of a source as a chunk item: its index, PNG bytes, label and caption (litdata pickles this to its
+    workers)."""
+
+    def __init__(self, images: Dataset, source: Source, captions: bool) -> None:
+        self.images, self.source, self.captions = images, source, captions
+
+    def __call__(self, index: int) -> dict:
+        image, label = self.images[index]
+        png = io.BytesIO()
+        image.save(png, "PNG")
+        caption = self.source.caption(index, label) if self.captions else ""
+        return {"index": index, "image": png.getvalue(), "label": int(label), "caption": caption}
+
+
+def optimize(source: Source, out: str, captions: bool = False, num_workers: int = 1,
+             chunk_bytes: str = "64MB") -> None:
+    """Write a source's images as litdata chunks that `data.source: Streaming(out)` trains from.
+
+    Args:
+        source: any data source, as `fit` names it (``--source ImageFolder --source.root DIR``).
+        out: the folder to write (new, or empty); a half-written one never takes its place.
+        captions: store each image's caption too, for text models.
+        num_workers: processes that encode the images.
+        chunk_bytes: the size of a chunk file.
+    """
+    ld = need("litdata", "data")
+    folder = Path(out)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
+    if captions:
+        source.read_captions()
+    source.prepare()
+    images = source.images(None, source.channels)
+    if len(images) == 0:
+        raise UserError("the source holds no images: nothing to write")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    ld.optimize(fn=Item(images, source, captions), inputs=list(range(len(images))), output_dir=str(partial.resolve()),
+                chunk_bytes=chunk_bytes, num_workers=num_workers, mode="overwrite")
+    index_file = partial / "index.json"
+    index = json.loads(index_file.read_text())
+    index["diffusion_lit"] = {"format": FORMAT, "count": len(images), "image_size": source.image_size,
+                              "channels": source.channels, "num_classes": source.num_classes, "captions": captions,
+                              "source": source.config()}
+    index_file.write_text(json.dumps(index))
+    if folder.exists():
+        folder.rmdir()
+    partial.rename(folder)
+    print(f"wrote {len(images)} images to {folder} ({sum(1 for _ in folder.glob('*.bin'))} chunks); train with "
+          f"--data.source Streaming --data.source.root {folder}")
+
+
+class Decode:
+    """A chunk item -> (image tensor through `transform`, label or caption)."""
+
+    def __init__(self, transform, channels: int, captions: bool) -> None:
+        self.transform, self.mode, self.captions = transform, "L" if channels == 1 else "RGB", captions
+
+    def __call__(self, item: dict):
+        with Image.open(io.BytesIO(item["image"])) as image:
+            image = image.convert(self.mode)
+        return self.transform(image), item["caption"] if self.captions else int(item["label"])
+
+
+class Streaming(Source):
+    """Chunks written by `data optimize`, streamed with litdata: shuffled by seed and epoch, each DDP rank its own
+    share, resumable mid-epoch. A local folder is read in place; a remote one goes through a local cache.
+
+    Args:
+        root: the chunk folder, or a URL (s3://, gs://, azure://, r2://, hf://, or local:DIR).
+        max_cache_size: the most a remote folder's cache may hold ("50GB", "500MB", or bytes); by default litdata's
+            (75% of the free disk).
+        cache_dir: where a remote folder's chunks are cached; by default litdata's.
+    """
+
+    name = "streaming"
+
+    def __init__(self, root: str, max_cache_size: str | int | None = None, cache_dir: str | None = None) -> None:
+        self.root, self.max_cache_size, self.cache_dir = root, max_cache_size, cache_dir
+        self.remote = root.startswith(REMOTE)
+        if not self.remote:
+            check_chunks(Path(root))
+        if cache_dir is not None:
+            check_writable(Path(cache_dir))
+        self.meta = self.read_meta()
+        self.image_size, self.channels = self.meta["image_size"], self.meta["channels"]
+        self.num_classes = self.meta["num_classes"]
+
+    def stream(self, **kwargs):
+        """A litdata StreamingDataset over the chunks."""
+        ld = need("litdata", "data")
+        return ld.StreamingDataset(self.root, cache_dir=self.cache_dir, max_cache_size=self.max_cache_size, **kwargs)
+
+    def read_meta(self) -> dict:
+        """What `data optimize` wrote beside litdata's index (read from the cache for a remote folder)."""
+        try:
+            index = json.loads((Path(self.stream().input_dir.path) / "index.json").read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"--data.source.root {self.root}: no chunk index can be read ({reason(err)}): give a "
+                            "folder written by `python -m diffusion_lit data optimize`") from None
+        meta = index.get("diffusion_lit") if isinstance(index, dict) else None
+        if not isinstance(meta, dict):
+            raise UserError(f"{self.root} was not written by `python -m diffusion_lit data optimize` (its index has no "
+                            "diffusion_lit section): write it with `data optimize --source ... --out DIR`")
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{self.root} was written by another version of diffusion_lit (format "
+                            f"{meta.get('format')}; this version reads {FORMAT}): write it again with `data optimize`")
+        return meta
+
+    def read_captions(self) -> None:
+        if not self.meta["captions"]:
+            raise UserError(f"--data.captions true: {self.root} holds no captions: write it again with "
+                            "`data optimize --captions true`")
+
+    def images(self, transform, channels: int) -> Dataset:
+        return self.stream(transform=Decode(transform, channels, False))
+
+    def datasets(self, transform, channels: int, captions: bool, val_fraction: float, seed: int) -> Splits:
+        """The stream for training (shuffled by seed and epoch), a share of its chunks' items held out for
+        validation, and the whole set in order, read by index, as the reference."""
+        ld = need("litdata", "data")
+        train = self.stream(shuffle=True, seed=seed, drop_last=True,
+                            transform=Decode(transform(True), channels, captions))
+        val = []
+        if val_fraction > 0:
+            train, val = ld.train_test_split(train, [1.0 - val_fraction, val_fraction], seed=seed)
+            val.shuffle, val.drop_last = False, False
+            val.transform = Decode(transform(False), channels, captions)
+        reference = self.stream(transform=Decode(transform(False), channels, captions))
+        return Splits(train, val, reference)
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+               world_size: int, rank: int) -> DataLoader:
+        ld = need("litdata", "data")
+        if not isinstance(dataset, ld.StreamingDataset):  # an encoded copy (latent diffusion's cache)
+            return super().loader(dataset, batch_size, shuffle, seed, num_workers, world_size, rank)
+        # litdata splits the chunks between DDP ranks and workers itself, and shuffles them by seed and epoch.
+        return ld.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                      worker_init_fn=leave_signals_to_main, pin_memory=torch.cuda.is_available(),
+                                      persistent_workers=num_workers > 0)
+
+
+def check_chunks(root: Path) -> None:
+    """A UserError when a local chunk folder is missing, or a chunk file is missing or not of its indexed size (cut
+    short by a copy or a full disk)."""
+    index_file = root / "index.json"
+    if not index_file.is_file():
+        raise UserError(f"--data.source.root {root}: no chunk index ({index_file} is missing): give a folder written "
+                        "by `python -m diffusion_lit data optimize`")
+    try:
+        chunks = json.loads(index_file.read_text())["chunks"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{index_file} cannot be read ({reason(err)}): write the folder again with "
+                        "`data optimize`") from None
+    for chunk in chunks:
+        path = root / chunk["filename"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != chunk["chunk_bytes"]:
+            found = "is missing" if size is None else f"holds {size} bytes of {chunk['chunk_bytes']}"
+            raise UserError(f"chunk {path} {found}: copy it again, or write the folder again with `data optimize`")
+
+
+def check_writable(folder: Path) -> None:
+    """A UserError when the cache folder cannot be made or written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"--data.source.cache_dir {folder} cannot be written to ({reason(err)}): give a folder you "
+                        "can write, with room for max_cache_size") from None
+

@@ -1,0 +1,61 @@
+"""A run stopped mid-epoch and resumed from last.ckpt trains on exactly the batches an uninterrupted run trains on,
+for every kind of source: the train loader's position (torchdata's StatefulDataLoader, litdata's StreamingDataLoader)
+travels in the checkpoint with the data module."""
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from built_data import BatchLog, hf_layout, read_log
+from conftest import tiny_unet, write_image_folder
+from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.hf_data import HFDataset
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.sources import ImageFolder
+from diffusion_lit.streaming import Streaming, optimize
+
+N = 6  # 32 training images in batches of 8: the run stops two batches into its second epoch
+
+
+class ReadsStepsAhead(DiffusionModule):
+    """Reads `estimated_stepping_batches` in configure_optimizers, which makes Lightning 2.6 drop the loader state it
+    restores itself (pytorch-lightning #20550): the data module's own copy must carry the position anyway."""
+
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches > 0
+        return super().configure_optimizers()
+
+
+def source(kind: str, tmp_path):
+    if kind == "folder":
+        return ImageFolder(str(write_image_folder(tmp_path / "images", n_per_class=20)))
+    if kind == "hf":
+        return HFDataset(str(hf_layout(tmp_path, "save_to_disk", n_per_class=20)))
+    optimize(ImageFolder(str(write_image_folder(tmp_path / "images", n_per_class=20))), str(tmp_path / "chunks"))
+    return Streaming(str(tmp_path / "chunks"))
+
+
+def run(make_source, log, ckpt_dir, max_steps, workers, ckpt_path=None):
+    seed_everything(0)
+    data = DiffusionDataModule(make_source(), batch_size=8, num_workers=workers, val_fraction=0.2)
+    model = ReadsStepsAhead(net=tiny_unet, image_size=data.image_size, channels=data.channels)
+    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, callbacks=[BatchLog(str(log)), ModelCheckpoint(
+                          dirpath=ckpt_dir, save_last=True, every_n_train_steps=N, save_top_k=-1)])
+    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=False)
+
+
+@pytest.mark.parametrize("kind,workers", [("folder", 2), ("hf", 0), ("streaming", 2)])
+def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path, kind, workers):
+    made = source(kind, tmp_path)
+    run(lambda: made, tmp_path / "straight.log", tmp_path / "a", 2 * N, workers)
+    run(lambda: made, tmp_path / "stopped.log", tmp_path / "b", N, workers)
+    run(lambda: made, tmp_path / "resumed.log", tmp_path / "b", 2 * N, workers, ckpt_path=tmp_path / "b" / "last.ckpt")
+
+    straight = read_log(tmp_path / "straight.log")
+    stopped, resumed = read_log(tmp_path / "stopped.log"), read_log(tmp_path / "resumed.log")
+    assert [step for step, _, _ in straight] == list(range(2 * N))
+    assert stopped + resumed == straight  # the same images in the same batches at the same steps
+    assert len({digest for _, _, digest in straight[:4]}) == 4  # four distinct batches an epoch, not one repeated
+    assert [d for _, _, d in straight[:4]] != [d for _, _, d in straight[4:8]]  # shuffled again in epoch two

@@ -5,17 +5,22 @@ built to the same plan (within 10% of our parameter count), on the same batch, d
     python benchmarks/bench.py --quick                 # under a minute on 2 CPU cores
     python benchmarks/bench.py                         # configs/mnist.yaml and configs/cifar10.yaml
     python benchmarks/bench.py --configs configs/mnist_cpu.yaml --precision bf16-mixed --channels_last
+    python benchmarks/bench.py --device cuda --settings ladder   # float32, bf16-mixed, + channels_last, + compile
 
 Training is one optimizer step as `fit` takes it (draw t and noise, the loss, backward, Adam, the EMA update;
 gradient clipping left out); sampling times a few denoising steps of DDIM and of DDPM and extrapolates to 50 DDIM
 steps and T DDPM steps (each step is one network call, so the cost per step does not depend on the count). Every
 number is the median of --repeats timed runs after --warmup untimed ones. Class-conditional configs are timed
-without their class embedding (a negligible share of the work). Each (config, network) pair runs in its
-own process, so the peak memory (RSS on the CPU, the most allocated on a GPU) is its own. Prints a table, then one
-JSON line.
+without their class embedding (a negligible share of the work). The training step's FLOPs are counted once per
+network by torch.utils.flop_counter (the matrix products, convolutions and attention of the forward and backward
+pass, 2 per multiply-add; on a CPU and a GPU alike), and the FLOP/s a setting reaches are given as a share of
+--peak_tflops (990: an H200's dense bf16 peak). Each (config, network, setting) runs in its own process on a CPU, so
+the peak RSS is its own; on a GPU each (config, network) runs its settings one after the other in one process (the
+most allocated is reset between them), sparing the interpreter's start. Prints a table, then one JSON line.
 """
 
 import argparse
+import gc
 import inspect
 import json
 import resource
@@ -30,6 +35,8 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_lit.data import from_config
 from diffusion_lit.module import DiffusionModule
@@ -39,6 +46,22 @@ from diffusion_lit.speed import Accelerate, autocast
 from diffusion_lit.unet import UNet
 
 NETWORKS = ("ours", "diffusers")
+# The settings of `--settings ladder`, each adding one switch to the one before.
+LADDER = ("32-true", "bf16-mixed", "bf16-mixed+channels_last", "bf16-mixed+channels_last+compile")
+H200_DENSE_BF16_TFLOPS = 990.0  # the datasheet's dense (not sparse) bf16 tensor-core peak of an H200 SXM
+
+
+def parse_setting(setting: str) -> dict:
+    """`bf16-mixed+channels_last+compile` -> {precision: bf16-mixed, channels_last: True, compile: True}."""
+    precision, *switches = setting.split("+")
+    if precision not in ("32-true", "bf16-mixed") or not set(switches) <= {"channels_last", "compile"}:
+        raise SystemExit(f"a setting is a precision (32-true, bf16-mixed) and optional +channels_last, +compile; "
+                         f"got {setting!r}")
+    return {"precision": precision, "channels_last": "channels_last" in switches, "compile": "compile" in switches}
+
+
+def setting_name(args) -> str:
+    return "+".join([args.precision] + ["channels_last"] * args.channels_last + ["compile"] * args.compile)
 
 
 class DiffusersEps(nn.Module):
@@ -115,19 +138,34 @@ def peak_memory(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
+def train_flops(module: DiffusionModule, x0: torch.Tensor) -> int:
+    """FLOPs of one training step's forward and backward pass (the model's, and its guide's where it has one), as
+    torch.utils.flop_counter counts them: matrix products, convolutions and attention, 2 per multiply-add. Attention
+    runs as its plain matrix products here, which the counter sees on every device (it has no rule for the fused CPU
+    kernel that some inputs get)."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss = module.objective.loss(module.net, module.process, x0)
+        if module.guide is not None:
+            loss = loss + module.objective.loss(module.guide.net, module.process, x0)
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def measure(args, cfg: dict) -> dict:
-    """One (config, network) pair in this process."""
+    """One (config, network, setting) in this process."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     module, batch_size = build(cfg, args.network)
     batch_size = args.batch_size or batch_size
     module.to(device)
+    hp = module.hparams
+    x0 = torch.rand(batch_size, hp.channels, hp.image_size, hp.image_size, device=device) * 2 - 1
+    flops = train_flops(module, x0)  # before compile: the counter sees the eager operations
     # What `fit` does with the Accelerate callback (it reads the trainer's device for compile).
     trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=device))
     Accelerate(channels_last=args.channels_last, compile=args.compile).setup(trainer, module, "fit")
     optimizer = module.configure_optimizers()["optimizer"]
-    hp = module.hparams
-    x0 = torch.rand(batch_size, hp.channels, hp.image_size, hp.image_size, device=device) * 2 - 1
 
     def train_step(guide: bool = True):  # with the config's guide (model.guide), as fit trains it, or without
         guide = guide and module.guide is not None
@@ -142,13 +180,14 @@ def measure(args, cfg: dict) -> dict:
         if guide:
             module.guide.ema.update_parameters(module.guide.net)
 
+    warmup = max(args.warmup, 3) if args.compile else args.warmup  # compile's guards can recompile once more
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_s, first_train_s = timed(train_step, device, args.warmup, args.repeats)
+    train_s, first_train_s = timed(train_step, device, warmup, args.repeats)
     train_memory = peak_memory(device)
     guide = {}
     if module.guide is not None:  # what the guide trained beside the model costs: its share of the step
-        alone_s, _ = timed(lambda: train_step(guide=False), device, args.warmup, args.repeats)
+        alone_s, _ = timed(lambda: train_step(guide=False), device, warmup, args.repeats)
         guide = {"guide_params": sum(p.numel() for p in module.guide.net.parameters()),
                  "guide_share_of_step": 1 - alone_s / train_s}
 
@@ -159,15 +198,21 @@ def measure(args, cfg: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with module.sampling(args.precision) as model:
-        ddim_s, first_ddim_s = timed(lambda: ddim_sample(model, module.process, x_T, steps=k), device, args.warmup,
+        ddim_s, first_ddim_s = timed(lambda: ddim_sample(model, module.process, x_T, steps=k), device, warmup,
                                      args.repeats)
-        ddpm_s, _ = timed(lambda: ddpm_sample(model, few_ddpm_steps, x_T), device, args.warmup, args.repeats)
+        ddpm_s, _ = timed(lambda: ddpm_sample(model, few_ddpm_steps, x_T), device, warmup, args.repeats)
+    peak_tflops = getattr(args, "peak_tflops", None) or H200_DENSE_BF16_TFLOPS
     return {
         "config": args.config,
         "network": args.network,
+        "setting": setting_name(args),
         "params": sum(p.numel() for p in module.net.parameters()),
         "batch_size": batch_size,
         "train_img_s": batch_size / train_s,
+        "train_gflop_per_img": flops / batch_size / 1e9,
+        "train_tflop_s": flops / train_s / 1e12,
+        "peak_share": flops / train_s / 1e12 / peak_tflops,  # of --peak_tflops
+        "peak_tflops": peak_tflops,
         "ddim50_img_s": batch_size / (50 * ddim_s / k),
         "ddpm_img_s": batch_size / (module.process.timesteps * ddpm_s / k),
         "ddpm_steps": module.process.timesteps,
@@ -179,23 +224,63 @@ def measure(args, cfg: dict) -> dict:
     }
 
 
-def table(rows: list[dict], device: str) -> str:
+def table(rows: list[dict], device: str, show_peak: bool) -> str:
     memory = "peak RSS" if device == "cpu" else "peak alloc"
-    header = (f"{'config':<22}{'network':<11}{'params':>8}{'batch':>7}{'train img/s':>13}{'DDIM-50 img/s':>15}"
-              f"{'DDPM img/s':>12}{memory + ' MiB':>16}")
+    peak = f"% of {rows[0]['peak_tflops']:.0f}" if rows and show_peak else ""
+    header = (f"{'config':<18}{'network':<11}{'setting':<34}{'params':>8}{'batch':>7}{'train img/s':>13}"
+              f"{'DDIM-50 img/s':>15}{'DDPM img/s':>12}{memory + ' MiB':>16}{'TFLOP/s':>9}{peak:>10}")
     lines = [header]
     for r in rows:
         lines.append(
-            f"{Path(r['config']).name:<22}{r['network']:<11}{r['params'] / 1e6:>7.2f}M{r['batch_size']:>7}"
-            f"{r['train_img_s']:>13.1f}{r['ddim50_img_s']:>15.2f}{r['ddpm_img_s']:>12.3f}"
-            f"{max(r['peak_train_mib'], r['peak_sample_mib']):>16.0f}"
+            f"{Path(r['config']).name:<18}{r['network']:<11}{r['setting']:<34}{r['params'] / 1e6:>7.2f}M"
+            f"{r['batch_size']:>7}{r['train_img_s']:>13.1f}{r['ddim50_img_s']:>15.2f}{r['ddpm_img_s']:>12.3f}"
+            f"{max(r['peak_train_mib'], r['peak_sample_mib']):>16.0f}{r['train_tflop_s']:>9.2f}"
+            + (f"{100 * r['peak_share']:>9.1f}%" if show_peak else "")
         )
-    for ours, theirs in zip(rows[::2], rows[1::2]):
-        lines.append(
-            f"{Path(ours['config']).name}: ours/diffusers speed: training {ours['train_img_s'] / theirs['train_img_s']:.2f}, "
-            f"sampling {ours['ddim50_img_s'] / theirs['ddim50_img_s']:.2f}; parameters {ours['params'] / theirs['params']:.3f}"
-        )
+    found = {(r["config"], r["network"], r["setting"]): r for r in rows}
+    for (config, network, setting), ours in found.items():
+        theirs = found.get((config, "diffusers", setting))
+        if network == "ours" and theirs:
+            lines.append(
+                f"{Path(config).name}, {setting}: ours/diffusers speed: training "
+                f"{ours['train_img_s'] / theirs['train_img_s']:.2f}, sampling "
+                f"{ours['ddim50_img_s'] / theirs['ddim50_img_s']:.2f}; parameters "
+                f"{ours['params'] / theirs['params']:.3f}"
+            )
+    for config in dict.fromkeys(r["config"] for r in rows):
+        best = {network: max((r for r in rows if r["config"] == config and r["network"] == network),
+                             key=lambda r: r["train_img_s"], default=None) for network in NETWORKS}
+        if all(best.values()):
+            ours, theirs = best["ours"], best["diffusers"]
+            lines.append(
+                f"{Path(config).name}, each network at its best: training ours {ours['train_img_s']:.1f} img/s "
+                f"({ours['setting']}), diffusers {theirs['train_img_s']:.1f} ({theirs['setting']}): "
+                f"{ours['train_img_s'] / theirs['train_img_s']:.2f}x; {ours['train_gflop_per_img']:.2f} GFLOP per "
+                f"image per training step"
+            )
     return "\n".join(lines)
+
+
+def run_child(args, config: str, network: str, settings: list[str]) -> list[dict]:
+    """Measures (config, network) at each setting in a child process: the settings it measured before it failed or
+    ran out of time."""
+    child = [sys.executable, __file__, "--config", config, "--network", network, "--device", args.device,
+             "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--sample_steps", str(args.sample_steps),
+             "--peak_tflops", str(args.peak_tflops), "--settings", *settings]
+    child += ["--batch_size", str(args.batch_size)] if args.batch_size else []
+    try:
+        done = subprocess.run(child, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired as late:
+        out = late.stdout.decode() if isinstance(late.stdout, bytes) else late.stdout or ""
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        print(f"{config} / {network}: {len(rows)} of {len(settings)} settings measured within --child_timeout "
+              f"{args.child_timeout:.0f} s", file=sys.stderr)
+        return rows
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode:
+        print(f"{config} / {network} failed after {len(rows)} of {len(settings)} settings:\n"
+              f"{done.stderr.strip()[-2000:]}", file=sys.stderr)
+    return rows
 
 
 def main() -> None:
@@ -206,10 +291,20 @@ def main() -> None:
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both networks (the compilation shows in first_*_s, not in the medians)")
+    parser.add_argument("--settings", nargs="+", metavar="SETTING",
+                        help="several settings, each a precision with optional +channels_last and +compile "
+                             "(bf16-mixed+channels_last), or `ladder`: " + ", ".join(LADDER) + " (default: the one "
+                             "that --precision, --channels_last and --compile give)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak_tflops", "--peak-tflops", type=float,
+                        help=f"the device's peak TFLOP/s, for the share the training step reaches (default on a GPU: "
+                             f"{H200_DENSE_BF16_TFLOPS:.0f}, an H200's dense bf16 peak)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (more with --compile)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sample_steps", type=int, default=10, help="denoising steps timed per sampling run")
+    parser.add_argument("--child_timeout", type=float, help="seconds a (config, network) may take before it is "
+                                                            "given up, the others still measured")
+    parser.add_argument("--rows_out", help="also append each result to this file as one JSON line, as it comes")
     parser.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 2 repeats, 1 denoising step")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # set in the child processes
     parser.add_argument("--network", choices=NETWORKS, help=argparse.SUPPRESS)
@@ -217,32 +312,47 @@ def main() -> None:
     if args.quick:
         args.batch_size = args.batch_size or 8
         args.warmup, args.repeats, args.sample_steps = 1, 2, 1
-    if args.network:  # a child: one measurement, one JSON line
-        print(json.dumps(measure(args, yaml.safe_load(Path(args.config).read_text()))))
+    show_peak = args.peak_tflops is not None or args.device != "cpu"
+    args.peak_tflops = args.peak_tflops or H200_DENSE_BF16_TFLOPS
+    settings = list(LADDER) if args.settings == ["ladder"] else args.settings or [setting_name(args)]
+    for setting in settings:
+        parse_setting(setting)  # refused here, before any child starts
+    if args.network:  # a child: one JSON line per setting, each measured in a fresh model
+        cfg = yaml.safe_load(Path(args.config).read_text())
+        for setting in settings:
+            print(json.dumps(measure(argparse.Namespace(**{**vars(args), **parse_setting(setting)}), cfg)), flush=True)
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch._dynamo.reset()  # compiled graphs hold their own memory
+                torch.cuda.empty_cache()
         return
 
-    rows = []
+    rows, failed = [], False
+    groups = [[setting] for setting in settings] if args.device == "cpu" else [settings]  # RSS is per process
     for config in args.configs:
         for network in NETWORKS:
-            child = [sys.executable, __file__, "--config", config, "--network", network, "--device", args.device,
-                     "--precision", args.precision, "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                     "--sample_steps", str(args.sample_steps)]
-            child += ["--batch_size", str(args.batch_size)] if args.batch_size else []
-            child += ["--channels_last"] * args.channels_last + ["--compile"] * args.compile
-            done = subprocess.run(child, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{config} / {network} failed:\n{done.stderr.strip()[-2000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"measured {config} / {network}", file=sys.stderr)
-    settings = {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
-                "compile": args.compile, "threads": torch.get_num_threads()}
-    print(", ".join(f"{k}={v}" for k, v in settings.items()) + f"; median of {args.repeats} after {args.warmup} warm-up")
-    print(table(rows, args.device))
+            for group in groups:
+                got = run_child(args, config, network, group)
+                failed |= len(got) < len(group)
+                rows += got
+                if args.rows_out:
+                    with open(args.rows_out, "a") as f:
+                        f.writelines(json.dumps(row) + "\n" for row in got)
+                print(f"measured {config} / {network} / {', '.join(group)}", file=sys.stderr)
+    summary = {"device": args.device, "threads": torch.get_num_threads(), "warmup": args.warmup,
+               "repeats": args.repeats}
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        summary["gpu"] = torch.cuda.get_device_name(args.device)
+    print(", ".join(f"{k}={v}" for k, v in summary.items()) + f"; median of {args.repeats} after {args.warmup} "
+          "warm-up; float32 as PyTorch runs it by default (on a GPU: convolutions in TF32, matrix products not)")
+    print(table(rows, args.device, show_peak))
     for row in rows:
         if "guide_share_of_step" in row:
-            print(f"{row['config']} / {row['network']}: its guide ({row['guide_params']:,} parameters) takes "
-                  f"{100 * row['guide_share_of_step']:.0f}% of a training step")
-    print(json.dumps({**settings, "results": rows}))
+            print(f"{row['config']} / {row['network']} / {row['setting']}: its guide ({row['guide_params']:,} "
+                  f"parameters) takes {100 * row['guide_share_of_step']:.0f}% of a training step")
+    print(json.dumps({**summary, "results": rows}))
+    if failed:
+        sys.exit("some measurements failed or ran out of time: see above")
 
 
 if __name__ == "__main__":

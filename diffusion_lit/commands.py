@@ -186,7 +186,8 @@ def sample(
             MeanFlow model, and only for one.
         steps: DDIM steps, or the solver's levels (ddpm walks all T timesteps and takes none).
         eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM (the other samplers take none).
-        seed: the same seed (and batch size) gives the same images.
+        seed: the same seed (and batch size) gives the same images; the starting noise is drawn on the CPU, so on
+            a GPU too for the samplers that add no noise of their own (to float rounding).
         batch_size: images generated at once.
         clip_x0: clip the predicted x0 to [-1, 1] at each step.
         ema: sample with the EMA weights (the raw training weights otherwise).

@@ -2,6 +2,7 @@
 `hf_data`: a Hugging Face dataset; `streaming`: litdata's chunks), all scaled to [-1, 1], split, batched, and
 resumable mid-epoch: the train loader's position travels in the checkpoint."""
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -87,7 +88,7 @@ class DiffusionDataModule(LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.reference_set: Dataset | None = None
-        self.train_loader: DataLoader | None = None
+        self.train_loader: weakref.ref | None = None  # the train loader while it lives
         self.loader_state: dict | None = None  # from a checkpoint, for the next train loader
         self.captions = captions
         if captions:
@@ -151,15 +152,22 @@ class DiffusionDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_set, shuffle=True)
-        if self.loader_state is not None:  # a resumed run goes on where the checkpoint's epoch stopped
-            if "epoch" in self.loader_state:  # before the position: the skipped indices are that epoch's
-                loader.sampler.set_epoch(self.loader_state["epoch"])
-            loader.load_state_dict(self.loader_state["position"])
-            self.loader_state = None
+        state, self.loader_state, workers = self.loader_state, None, self.hparams.num_workers
+        if self.trainer is not None:  # this module's copy of the position is the one restored (`state_dict`)
+            self.trainer.fit_loop._combined_loader_states_to_load = []
+        if state is not None and state["workers"] != workers and not self.source.elastic:
+            say(f"the checkpoint was saved with --data.num_workers {state['workers']} and this run has {workers}: "
+                f"its epoch starts again from its first batch (resume with {state['workers']} to go on exactly)")
+        elif state is not None:  # a resumed run goes on where the checkpoint's epoch stopped
+            if "epoch" in state:  # before the position: the skipped indices are that epoch's
+                loader.sampler.set_epoch(state["epoch"])
+            loader.load_state_dict(state["position"])
         elif self.trainer is not None and self.trainer.global_step and len(loader) and (
                 self.trainer.global_step * self.trainer.accumulate_grad_batches % len(loader)):
             say("this checkpoint predates saved loader positions: its epoch starts again from its first batch")
-        self.train_loader = loader
+        # Not held here: a data module collected with its loader as garbage (outside a Trainer) would stop the loader's
+        # workers in an order that makes each wait 5 s (torch's shutdown timeout) before it ends.
+        self.train_loader = weakref.ref(loader)
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
@@ -169,11 +177,13 @@ class DiffusionDataModule(LightningDataModule):
         """The train loader's position in its epoch, saved in every checkpoint by Lightning. Kept here, not left to
         Lightning's loop, which drops it when `configure_optimizers` reads `estimated_stepping_batches`
         (pytorch-lightning #20550)."""
-        if self.train_loader is None:
+        loader = self.train_loader() if self.train_loader is not None else None
+        if loader is None:
             return {}
-        sampler = getattr(self.train_loader, "sampler", None)
+        sampler = getattr(loader, "sampler", None)
         epoch = {"epoch": sampler.epoch} if hasattr(sampler, "set_epoch") else {}  # litdata's loader keeps its own
-        return {"train_loader": {"position": self.train_loader.state_dict(), **epoch}}
+        return {"train_loader": {"position": loader.state_dict(), "workers": self.hparams.num_workers,
+                                 **epoch}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.loader_state = state_dict.get("train_loader")

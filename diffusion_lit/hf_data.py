@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from diffusion_lit.errors import UserError
+from diffusion_lit.errors import UserError, reason
 from diffusion_lit.folders import GRAYSCALE_MODES, to_8_bits
 from diffusion_lit.sources import Source
 from diffusion_lit.text import need
@@ -16,7 +16,11 @@ def load(path: Path, split: str):
     """The `split` of the dataset at `path`, in whichever of the three layouts it is."""
     datasets = need("datasets", "data")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # datasets' own errors for a folder it cannot read take many forms
+            raise UserError(f"{path} cannot be read as a save_to_disk dataset ({reason(err)}): write it again with "
+                            "save_to_disk") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise UserError(f"{path} has no split {split!r} (it has {', '.join(loaded)}): name one with "
@@ -24,12 +28,14 @@ def load(path: Path, split: str):
             loaded = loaded[split]
         return loaded
     parquet = [path] if path.suffix == ".parquet" else sorted(path.rglob("*.parquet"))
-    if parquet:
-        return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
     try:
+        if parquet:
+            return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
-    except (ValueError, FileNotFoundError) as err:  # no images, or no such split
-        raise UserError(f"{path} is not a Hugging Face dataset this can read ({str(err).splitlines()[0]}): give a "
+    except (ValueError, FileNotFoundError) as err:  # no rows, no such split, no images
+        if "corresponds to no data" in str(err):
+            raise UserError(f"{path} holds no rows in its {split!r} split: nothing to train on") from None
+        raise UserError(f"{path} is not a Hugging Face dataset this can read ({reason(err)}): give a "
                         "save_to_disk folder, parquet files, or a folder of images (imagefolder)") from None
 
 

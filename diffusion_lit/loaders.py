@@ -1,7 +1,9 @@
 """Batches from a dataset that can stop mid-epoch and go on: torchdata's `StatefulDataLoader` over a map-style dataset,
 with the train / validation split that a source's images get by default."""
 
+import os
 import signal
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -17,11 +19,24 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def leave_signals_to_main(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C and SIGTERM, which `timeout`, SLURM and `kill -- -PGID` send to every
-    process of the job: the main process decides (it finishes its step and saves, `Checkpoint`), then shuts the
-    workers down itself. A worker that died of the signal instead would stop the main process with a traceback."""
+    """DataLoader workers ignore Ctrl-C, and SIGTERM unless their own main process sends it: `timeout`, SLURM and
+    `kill -- -PGID` signal every process of the job, and the main process decides (it finishes its step and saves,
+    `Checkpoint`), then shuts the workers down itself. A worker that died of the signal instead would stop the main
+    process with a traceback; one that ignored its main process's SIGTERM too would never end when Python exits
+    with the loader alive (multiprocessing terminates its workers with SIGTERM, then waits for them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: who sent a signal cannot be told
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    main = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held for the thread below (threads inherit it)
+
+    def obey_main() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main:
+            pass
+        os._exit(0)  # a quiet end: the main process is shutting its workers down
+
+    threading.Thread(target=obey_main, daemon=True, name="sigterm-from-main").start()
 
 
 class Splits(NamedTuple):

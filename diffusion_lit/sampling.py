@@ -299,17 +299,21 @@ def generate(
 ):
     """Yields batches of images in [-1, 1] until `num_samples` are made; the noise comes from `generator` in order.
 
-    The same generator state and batch size give the same images. `labels` ([num_samples] class indices, or
-    prompts), made into the network's y by `condition` batch by batch, and `sampler_kwargs` go to `sample`;
-    `decode` turns what the sampler made (latents) into images.
+    The same generator state and batch size give the same images. On a GPU the starting noise comes from a CPU
+    generator of `generator`'s seed, so that a seed starts from the same noise on every device (the samplers that add
+    no noise of their own then draw the same images, to float rounding); the noise a stochastic sampler adds at each
+    step comes from `generator`. `labels` ([num_samples] class indices, or prompts), made into the network's y by
+    `condition` batch by batch, and `sampler_kwargs` go to `sample`; `decode` turns what the sampler made (latents)
+    into images.
     """
     from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
     device = generator.device
+    start_noise = generator if device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
     with tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
-            x_T = torch.randn((n, *shape), generator=generator, device=device)
+            x_T = torch.randn((n, *shape), generator=start_noise).to(device)
             y = None if labels is None else labels[start : start + n]
             y = condition(y) if condition is not None and y is not None else y
             x = sample(model, process, x_T, generator=generator, labels=None if y is None else y.to(device),

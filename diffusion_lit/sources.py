@@ -52,6 +52,7 @@ class Source:
     num_classes = 0  # 0: unlabelled
     flip = False  # random horizontal flips by default: for photos, not for digits
     root = "data"  # the cache's folder for a source that lives nowhere (the old default root: old caches match)
+    elastic = False  # its loader resumes mid-epoch with another number of workers (else the epoch starts again)
 
     def prepare(self) -> None:
         """Fetches what is missing (once per machine, from `prepare_data`)."""

@@ -6,8 +6,10 @@ folder is read in place, a remote one (s3://, gs://, azure://, r2://, hf://; `lo
 it were remote) is fetched into a cache that `max_cache_size` bounds.
 """
 
+import contextlib
 import io
 import json
+import multiprocessing
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +24,7 @@ from diffusion_lit.sources import Source
 from diffusion_lit.text import need
 
 FORMAT = 1  # what diffusion_lit writes beside litdata's own index (under "diffusion_lit"): this version reads 1
+AHEAD_CHUNKS = 4  # chunks of room kept in the cache for litdata's fetching ahead (`cache_budget`)
 REMOTE = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
 
 
@@ -63,10 +66,22 @@ def optimize(source: Source, out: str, captions: bool = False, num_workers: int 
         raise UserError("the source holds no images: nothing to write")
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    ld.optimize(fn=Item(images, source, captions), inputs=list(range(len(images))), output_dir=str(partial.resolve()),
-                chunk_bytes=chunk_bytes, num_workers=num_workers, mode="overwrite")
+    before = multiprocessing.get_start_method(allow_none=True)
+    try:  # litdata's own lines (an account to create, its settings) say nothing a user needs; its bar stays
+        with contextlib.redirect_stdout(io.StringIO()):
+            # Forked workers start at once; litdata's default (spawn) imports everything again in each.
+            ld.optimize(fn=Item(images, source, captions), inputs=list(range(len(images))),
+                        output_dir=str(partial.resolve()), chunk_bytes=chunk_bytes, num_workers=num_workers,
+                        mode="overwrite", start_method="fork")
+    finally:  # litdata sets the start method for the whole process
+        multiprocessing.set_start_method(before, force=True)
     index_file = partial / "index.json"
     index = json.loads(index_file.read_text())
+    written = sum(chunk["chunk_size"] for chunk in index["chunks"])
+    if written != len(images):  # litdata's workers can fail without an error reaching here
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"data optimize wrote {written} of {len(images)} images and kept none; run it again with "
+                        "--num_workers 1 to see what fails")
     index["diffusion_lit"] = {"format": FORMAT, "count": len(images), "image_size": source.image_size,
                               "channels": source.channels, "num_classes": source.num_classes, "captions": captions,
                               "source": source.config()}
@@ -101,7 +116,7 @@ class Streaming(Source):
         cache_dir: where a remote folder's chunks are cached; by default litdata's.
     """
 
-    name = "streaming"
+    name, elastic = "streaming", True  # litdata's loader resumes with another number of workers
 
     def __init__(self, root: str, max_cache_size: str | int | None = None, cache_dir: str | None = None) -> None:
         self.root, self.max_cache_size, self.cache_dir = root, max_cache_size, cache_dir
@@ -110,17 +125,21 @@ class Streaming(Source):
             check_chunks(Path(root))
         if cache_dir is not None:
             check_writable(Path(cache_dir))
-        self.meta = self.read_meta()
+        self.budget = None  # what litdata is told: max_cache_size less room for the chunks it fetches ahead
+        index = self.read_index()
+        self.meta = index["diffusion_lit"]
         self.image_size, self.channels = self.meta["image_size"], self.meta["channels"]
         self.num_classes = self.meta["num_classes"]
+        if max_cache_size is not None:
+            self.budget = cache_budget(max_cache_size, max(chunk["chunk_bytes"] for chunk in index["chunks"]))
 
     def stream(self, **kwargs):
         """A litdata StreamingDataset over the chunks."""
         ld = need("litdata", "data")
-        return ld.StreamingDataset(self.root, cache_dir=self.cache_dir, max_cache_size=self.max_cache_size, **kwargs)
+        return ld.StreamingDataset(self.root, cache_dir=self.cache_dir, max_cache_size=self.budget, **kwargs)
 
-    def read_meta(self) -> dict:
-        """What `data optimize` wrote beside litdata's index (read from the cache for a remote folder)."""
+    def read_index(self) -> dict:
+        """litdata's index with what `data optimize` wrote into it (read from the cache for a remote folder)."""
         try:
             index = json.loads((Path(self.stream().input_dir.path) / "index.json").read_text())
         except (OSError, ValueError) as err:
@@ -133,7 +152,7 @@ class Streaming(Source):
         if meta.get("format") != FORMAT:
             raise UserError(f"{self.root} was written by another version of diffusion_lit (format "
                             f"{meta.get('format')}; this version reads {FORMAT}): write it again with `data optimize`")
-        return meta
+        return index
 
     def read_captions(self) -> None:
         if not self.meta["captions"]:
@@ -166,6 +185,24 @@ class Streaming(Source):
         return ld.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                       worker_init_fn=leave_signals_to_main, pin_memory=torch.cuda.is_available(),
                                       persistent_workers=num_workers > 0)
+
+
+def cache_budget(max_cache_size: str | int, chunk_bytes: int) -> int:
+    """The cache limit to give litdata so that the cache stays under `max_cache_size`: litdata evicts read chunks
+    once over its limit, but fetches up to two chunks ahead per worker first (measured: one chunk over with two
+    workers), so room for AHEAD_CHUNKS of the largest chunks is kept aside."""
+    from litdata.utilities.format import _convert_bytes_to_int  # litdata's own reading of "50GB", "500MB", ...
+
+    try:
+        limit = max_cache_size if isinstance(max_cache_size, int) else _convert_bytes_to_int(str(max_cache_size))
+    except ValueError:
+        raise UserError(f"--data.source.max_cache_size {max_cache_size!r} is not a size: give bytes or a size such as "
+                        "50GB or 500MB") from None
+    room = AHEAD_CHUNKS * chunk_bytes
+    if limit < room + 2 * chunk_bytes:
+        raise UserError(f"--data.source.max_cache_size {max_cache_size} is too small for chunks of up to "
+                        f"{chunk_bytes} bytes: give at least {room + 2 * chunk_bytes} bytes")
+    return limit - room
 
 
 def check_chunks(root: Path) -> None:

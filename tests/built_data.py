@@ -10,18 +10,24 @@ from conftest import write_image_folder
 
 
 def hf_layout(tmp_path: Path, layout: str, n_per_class: int = 8, captions: bool = False) -> Path:
-    """The images of `write_image_folder` as a save_to_disk folder, a parquet file, or an imagefolder (the folder
-    itself, with a metadata.jsonl when `captions`)."""
+    """The images of `write_image_folder` as a save_to_disk folder or a parquet file (image, label as a ClassLabel,
+    and a caption per image in `text`), or as an imagefolder (the folder itself, with a metadata.jsonl when
+    `captions`). Rows in file order; the caption of a/000.png is "image 000 of a"."""
     import datasets
 
     root = write_image_folder(tmp_path / "images", n_per_class=n_per_class)
-    if captions:
-        lines = [f'{{"file_name": "{p.relative_to(root).as_posix()}", "text": "image {p.stem} of {p.parent.name}"}}'
-                 for p in sorted(root.rglob("*.png"))]
-        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    files = sorted(root.rglob("*.png"))
+    texts = [f"image {p.stem} of {p.parent.name}" for p in files]
     if layout == "imagefolder":
+        if captions:
+            lines = [f'{{"file_name": "{p.relative_to(root).as_posix()}", "text": "{text}"}}'
+                     for p, text in zip(files, texts)]
+            (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         return root
-    table = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]),
+                                  "text": datasets.Value("string")})
+    table = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in files], "label": [p.parent.name for p in files], "text": texts}, features=features)
     if layout == "save_to_disk":
         table.save_to_disk(str(tmp_path / "saved"))
         return tmp_path / "saved"

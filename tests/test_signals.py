@@ -115,6 +115,7 @@ def test_one_writer_per_run_sigterm_to_the_group_saves_the_step_with_workers_and
     # Resumed again, it continues from the step it was stopped at
     resumed = cli(*args[:-1], step + 2, "--ckpt_path", "last", "--data.num_workers", 0)
     assert resumed.returncode == 0, resumed.stderr
+    assert "saved with --data.num_workers 2 and this run has 0: its epoch starts again" in resumed.stderr
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == step + 2
 
 

@@ -1,8 +1,14 @@
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from diffusion_lit.errors import UserError
+from diffusion_lit.speed import Accelerate
 from diffusion_lit.unet import UNet, timestep_embedding
 
 from conftest import tiny_unet
@@ -42,3 +48,34 @@ def test_output_depends_on_t_and_is_zero_at_init():
 def test_image_size_the_network_cannot_take():
     with pytest.raises(UserError, match="cannot be halved"):
         UNet(1, 28, channel_mult=(1, 2, 2, 2))
+
+
+def attention_unet() -> UNet:
+    torch.manual_seed(0)
+    return tiny_unet(1, 8, attention_resolutions=(4,))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["plain", "channels_last"])
+def test_every_gradient_has_its_weights_strides(channels_last):
+    """DDP copies each gradient into a bucket laid out as its parameter, and warns ("Grad strides do not match bucket
+    view strides") when the strides differ, even in a dimension of size 1. The attention's output, transposed, was
+    channels-last, so its 1x1 projection's weight gradient came back in channels-last strides."""
+    net = attention_unet()
+    if channels_last:  # what the Accelerate callback does
+        Accelerate(channels_last=True).setup(None, SimpleNamespace(net=net, ema=None), "fit")
+    net(torch.randn(2, 1, 8, 8), torch.tensor([1, 500])).square().mean().backward()
+    assert [(name, p.stride(), p.grad.stride()) for name, p in net.named_parameters()
+            if p.grad.stride() != p.stride()] == []
+
+
+def test_a_ddp_step_warns_of_no_gradient_strides(tmp_path):
+    """One DDP step of a one-process gloo group, in this process (DDP's reducer warns once per process)."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        net = DistributedDataParallel(attention_unet())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            net(torch.randn(2, 1, 8, 8), torch.tensor([1, 500])).square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if "Grad strides" in str(w.message)]

@@ -152,6 +152,12 @@ class Checkpoint(ModelCheckpoint):
         if signal.getsignal(signal.SIGTERM) is _stop:  # the CLI's: SIGTERM stops at once until training starts
             keep_stop_until_training(trainer)
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # The train loader's position travels in the data module's state (`DiffusionDataModule.state_dict`). Lightning's
+        # own copy is left out: it restores it only sometimes (pytorch-lightning #20550), and litdata's under DDP holds
+        # numpy scalars, which a checkpoint read without trusting its pickles (weights_only) refuses.
+        checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).pop("combined_loader", None)
+
     def on_train_start(self, trainer, pl_module) -> None:
         # Ctrl-C stops as SIGTERM does (after the step it is in, saving it), not wherever Python happens to be.
         # Lightning's own SIGTERM handler broadcasts from within the handler, which under DDP pairs with whatever

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
 from diffusion_lit import hf_data, streaming  # noqa: F401  (their sources, by name in a config)
 from diffusion_lit.errors import UserError, say
-from diffusion_lit.loaders import leave_signals_to_main
+from diffusion_lit.loaders import leave_signals_to_main, plain
 from diffusion_lit.old_data import upgrade
 from diffusion_lit.sources import MNIST, Source, build
 
@@ -160,7 +160,7 @@ class DiffusionDataModule(LightningDataModule):
                 f"its epoch starts again from its first batch (resume with {state['workers']} to go on exactly)")
         elif state is not None:  # a resumed run goes on where the checkpoint's epoch stopped
             if "epoch" in state:  # before the position: the skipped indices are that epoch's
-                loader.sampler.set_epoch(state["epoch"])
+                loader.sampler.resume(state["epoch"])
             loader.load_state_dict(state["position"])
         elif self.trainer is not None and self.trainer.global_step and len(loader) and (
                 self.trainer.global_step * self.trainer.accumulate_grad_batches % len(loader)):
@@ -182,7 +182,7 @@ class DiffusionDataModule(LightningDataModule):
             return {}
         sampler = getattr(loader, "sampler", None)
         epoch = {"epoch": sampler.epoch} if hasattr(sampler, "set_epoch") else {}  # litdata's loader keeps its own
-        return {"train_loader": {"position": loader.state_dict(), "workers": self.hparams.num_workers,
+        return {"train_loader": {"position": plain(loader.state_dict()), "workers": self.hparams.num_workers,
                                  **epoch}}
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -39,6 +39,16 @@ def leave_signals_to_main(worker_id: int) -> None:
     threading.Thread(target=obey_main, daemon=True, name="sigterm-from-main").start()
 
 
+def plain(state):
+    """A loader's state in the types a checkpoint loads without trusting its pickles (`weights_only`): numpy's
+    scalars and arrays (litdata's state holds some under DDP) as Python numbers and lists."""
+    if isinstance(state, dict):
+        return {key: plain(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(plain(value) for value in state)
+    return state.tolist() if hasattr(state, "tolist") and not isinstance(state, torch.Tensor) else state
+
+
 class Splits(NamedTuple):
     """What a source serves: the training images, the held-out validation images, and the training images without
     augmentation (FID's reference)."""
@@ -56,12 +66,30 @@ def random_split(train_full: Dataset, eval_full: Dataset, val_fraction: float, s
     return Splits(Subset(train_full, order[n_val:]), Subset(eval_full, order[:n_val]), Subset(eval_full, order[n_val:]))
 
 
+class EpochSampler(DistributedSampler):
+    """DistributedSampler whose epochs count on from a resumed checkpoint's (`resume`). Lightning counts an epoch that
+    `max_steps` cut short as done, so after a run stopped that way its count runs one ahead of the epochs the data
+    went through; the first epoch Lightning sets after a resume fixes the difference for the rest of the run."""
+
+    shift = 0  # the data's epoch less Lightning's
+    resumed: int | None = None  # the epoch a resume restarted in, until Lightning next sets one
+
+    def resume(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.resumed = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.resumed is not None:
+            self.shift, self.resumed = self.resumed - epoch, None
+        super().set_epoch(epoch + self.shift)
+
+
 def map_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, world_size: int,
                rank: int) -> StatefulDataLoader:
     """Batches of a map-style dataset, shuffled by seed and epoch (Lightning sets the epoch), each DDP rank its own
     share; `state_dict()` is the position in the epoch, which `load_state_dict` goes on from (the sampler's indices
     are skipped, no image is read twice)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=shuffle)
     return StatefulDataLoader(
         dataset,

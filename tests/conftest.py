@@ -61,3 +61,22 @@ def assert_halves_its_loss(model, loader, steps: int = 100, window: int = 10) ->
             enable_model_summary=False, callbacks=[recorder]).fit(model, loader)
     first, last = sum(recorder.losses[:window]) / window, sum(recorder.losses[-window:]) / window
     assert last < first / 2, (first, last)
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory) -> Path:
+    """The folder where `ddp_runs.py` ran the suite's two-rank fits, all in one launch."""
+    import os
+    import subprocess
+    import sys
+
+    import ddp_runs
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    ddp_runs.prepare(tmp)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(repo / "tests" / "ddp_runs.py"), str(tmp)], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return tmp

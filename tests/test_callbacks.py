@@ -27,7 +27,9 @@ def events(run_dir):
     return scalars, images
 
 
-def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
+def callback_fit_args(tmp_path, fid_args: dict, *extra) -> list:
+    """`fit` of tiny_cpu.yaml on a 32-image folder for 4 steps with a grid, FID (`fid_args`) and the guide
+    checkpoint, into tmp_path/runs."""
     images = write_image_folder(tmp_path / "images", n_per_class=16, size=16)
     config = {
         "trainer": {
@@ -42,20 +44,21 @@ def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
         }
     }
     (tmp_path / "callbacks.yaml").write_text(yaml.safe_dump(config))
-    return cli(
-        "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--config", tmp_path / "callbacks.yaml",
-        "--data.source", "ImageFolder", "--data.source.root", images, "--data.batch_size", 4, "--trainer.max_steps", 4,
-        "--trainer.logger.init_args.save_dir", tmp_path / "runs", "--trainer.enable_progress_bar", "false", *extra,
-        **env_vars,
-    )
+    return ["fit", "--config", REPO / "configs/tiny_cpu.yaml", "--config", tmp_path / "callbacks.yaml",
+            "--data.source", "ImageFolder", "--data.source.root", images, "--data.batch_size", 4,
+            "--trainer.max_steps", 4, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
+            "--trainer.enable_progress_bar", "false", *extra]
 
 
-def test_ddp_fit_logs_fid_once_per_evaluation_from_exactly_s_samples(tmp_path):
-    result = fit_with_callbacks(
-        tmp_path, {"num_samples": 11, "num_real": 20, "feature_extractor": "digits"}, "--model.conditioning", "Labels",
-        "--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp",
-    )
-    assert result.returncode == 0, result.stderr
+def fit_with_callbacks(tmp_path, fid_args: dict, *extra, **env_vars):
+    return cli(*callback_fit_args(tmp_path, fid_args, *extra), **env_vars)
+
+
+DDP_FID_ARGS = ({"num_samples": 11, "num_real": 20, "feature_extractor": "digits"}, "--model.conditioning", "Labels")
+
+
+def test_ddp_fit_logs_fid_once_per_evaluation_from_exactly_s_samples(ddp_runs):
+    tmp_path = ddp_runs / "fid"  # `fit` with DDP_FID_ARGS under two ranks (conftest.ddp_runs)
     scalars, images = events(tmp_path / "runs" / "tiny_cpu")
     assert [step for step, _ in scalars["val/fid"]] == [2, 4]  # once per evaluation, not once per rank
     assert [value for _, value in scalars["val/num_samples"]] == [11, 11]  # 6 + 5 over the two ranks

@@ -3,7 +3,6 @@ for every kind of source: the train loader's position (torchdata's StatefulDataL
 travels in the checkpoint with the data module."""
 
 import pytest
-import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -59,3 +58,18 @@ def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path, k
     assert stopped + resumed == straight  # the same images in the same batches at the same steps
     assert len({digest for _, _, digest in straight[:4]}) == 4  # four distinct batches an epoch, not one repeated
     assert [d for _, _, d in straight[:4]] != [d for _, _, d in straight[4:8]]  # shuffled again in epoch two
+
+
+
+def test_under_ddp_each_rank_resumes_on_its_own_batches(ddp_runs):
+    """Two ranks, for a folder and for streamed chunks of it: an uninterrupted run of 10 steps, and a run stopped at
+    step 6 and resumed to 10 (conftest.ddp_runs)."""
+    for kind in ("folder", "streaming"):
+        straight = sorted(read_log(ddp_runs / kind / "straight.log"))
+        # 32 training images, 2 ranks of batch 4: 4 steps an epoch, so the run stopped mid-epoch and went on into
+        # the next two
+        assert [(step, rank) for step, rank, _ in straight] == [(s, r) for s in range(10) for r in (0, 1)], kind
+        resumed = sorted(read_log(ddp_runs / kind / "stopped.log") + read_log(ddp_runs / kind / "resumed.log"))
+        assert resumed == straight, kind
+        first_epoch = [digest for step, _, digest in straight if step < 4]
+        assert len(set(first_epoch)) == 8, kind  # each rank its own share

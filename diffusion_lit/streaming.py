@@ -94,7 +94,7 @@ def optimize(source: Source, out: str, captions: bool = False, num_workers: int 
 
 
 class Decode:
-    """A chunk item -> (image tensor through `transform`, label or caption)."""
+    """A chunk item -> (image through `transform`, or the PIL image without one; label or caption)."""
 
     def __init__(self, transform, channels: int, captions: bool) -> None:
         self.transform, self.mode, self.captions = transform, "L" if channels == 1 else "RGB", captions
@@ -102,7 +102,8 @@ class Decode:
     def __call__(self, item: dict):
         with Image.open(io.BytesIO(item["image"])) as image:
             image = image.convert(self.mode)
-        return self.transform(image), item["caption"] if self.captions else int(item["label"])
+        label = item["caption"] if self.captions else int(item["label"])
+        return (self.transform(image) if self.transform else image), label
 
 
 class Streaming(Source):

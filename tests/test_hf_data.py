@@ -10,7 +10,7 @@ from test_cli import REPO, cli
 
 
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet", "imagefolder"])
-def test_each_layout_trains_the_tiny_config(tmp_path, layout):
+def test_each_layout_reads_as_the_same_images_and_one_trains_the_tiny_config(tmp_path, layout):
     path = hf_layout(tmp_path, layout, captions=True)
     source = HFDataset(str(path))
     # datasets' imagefolder takes its columns from a metadata.jsonl, when there is one, instead of the class folders
@@ -22,6 +22,8 @@ def test_each_layout_trains_the_tiny_config(tmp_path, layout):
         assert HFDataset(str(hf_layout(tmp_path / "plain", layout))).classes == ["a", "b"]
     source.read_captions()
     assert source.caption(0, 0) == "image 000 of a"
+    if layout != "save_to_disk":  # past loading, every layout is the same rows (`Rows`): one fit shows they train
+        return
     result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "HFDataset",
                  "--data.source.path", path, "--data.batch_size", 4, "--trainer.max_steps", 2,
                  "--trainer.callbacks", "[]", "--trainer.logger.init_args.save_dir", tmp_path / "runs",

@@ -165,7 +165,7 @@ class Streaming(Source):
 
     def datasets(self, transform, channels: int, captions: bool, val_fraction: float, seed: int) -> Splits:
         """The stream for training (shuffled by seed and epoch), a share of its chunks' items held out for
-        validation, and the whole set in order, read by index, as the reference."""
+        validation, and the whole set in order as the reference (read by index from a local folder)."""
         ld = need("litdata", "data")
         train = self.stream(shuffle=True, seed=seed, drop_last=True,
                             transform=Decode(transform(True), channels, captions))
@@ -175,7 +175,7 @@ class Streaming(Source):
             val.shuffle, val.drop_last = False, False
             val.transform = Decode(transform(False), channels, captions)
         reference = self.stream(transform=Decode(transform(False), channels, captions))
-        return Splits(train, val, reference)
+        return Splits(train, val, InOrder(reference) if self.remote else reference)
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
                world_size: int, rank: int) -> DataLoader:
@@ -186,6 +186,24 @@ class Streaming(Source):
         return ld.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                       worker_init_fn=leave_signals_to_main, pin_memory=torch.cuda.is_available(),
                                       persistent_workers=num_workers > 0)
+
+
+class InOrder(Dataset):
+    """A remote stream's images in order, read as far as they are asked for and kept (FID's reference images): litdata
+    reads a remote folder's chunks by index only once iterating has fetched them."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.items, self.iterator = stream, [], None
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, i: int):
+        if self.iterator is None:
+            self.iterator = iter(self.stream)
+        while len(self.items) <= i:
+            self.items.append(next(self.iterator))
+        return self.items[i]
 
 
 def cache_budget(max_cache_size: str | int, chunk_bytes: int) -> int:

@@ -84,6 +84,8 @@ def test_the_cache_stays_under_max_cache_size_through_an_epoch_of_training(chunk
     Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, callbacks=[sizes]).fit(DiffusionModule(net=tiny_unet, image_size=8, channels=1), data)
     assert sizes.seen == 40 and 0 < max(sizes.sizes) <= bound  # the whole set went through the cache
+    image, label = data.reference_set[5]  # FID's reference images, read in order from the remote folder
+    assert image.shape == (1, 8, 8) and label in (0, 1) and len(data.reference_set) == 40
 
 
 def test_a_folder_that_is_not_ours_or_is_cut_short_is_refused_in_one_line(chunks, tmp_path):

@@ -77,10 +77,15 @@ class HFDataset(Source):
         self.num_classes, self.classes = 0, []
         if label_column in features:
             feature = features[label_column]
+            integers = str(getattr(feature, "dtype", "")).startswith(("int", "uint"))  # a ClassLabel's are int64
+            if integers and min(table[label_column]) < 0:
+                raise UserError(f"{path}: column {label_column!r} holds negative labels (-1: no label) in "
+                                f"{sum(label < 0 for label in table[label_column])} rows: remove those rows, or train "
+                                "unlabelled with --data.source.label_column none")
             if type(feature).__name__ == "ClassLabel":
                 self.classes = list(feature.names)
                 self.num_classes = len(self.classes)
-            elif getattr(feature, "dtype", "").startswith(("int", "uint")):
+            elif integers:
                 self.num_classes = max(table[label_column]) + 1
             else:
                 raise UserError(f"{path}: column {label_column!r} holds {feature!r}, not class labels: name the label "
@@ -104,6 +109,9 @@ class HFDataset(Source):
 
     def caption(self, index: int, label: int) -> str:
         return self.captions[index]
+
+    def identity(self) -> dict:
+        return {**super().identity(), "split": self.split, "image_column": self.image_column}
 
 
 class Rows(Dataset):

@@ -89,8 +89,7 @@ def map_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_
     """Batches of a map-style dataset, shuffled by seed and epoch (Lightning sets the epoch), each DDP rank its own
     share; `state_dict()` is the position in the epoch, which `load_state_dict` goes on from (the sampler's indices
     are skipped, no image is read twice)."""
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=shuffle)
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,

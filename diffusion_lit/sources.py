@@ -85,7 +85,7 @@ class Source:
         """Reads and checks the captions before training (`--data.captions true`)."""
         if type(self).caption is Source.caption:
             raise UserError(f"{type(self).__name__} has no captions: leave --data.captions false or use a source "
-                            "with captions (ShippedDigits, MNIST, CIFAR10, ImageFolder)")
+                            "with captions (ShippedDigits, MNIST, CIFAR10, ImageFolder, HFDataset, Streaming)")
 
     def caption(self, index: int, label: int) -> str:
         """The caption of image `index`."""

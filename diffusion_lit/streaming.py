@@ -44,20 +44,26 @@ class Item:
 
 
 def optimize(source: Source, out: str, captions: bool = False, num_workers: int = 1,
-             chunk_bytes: str = "64MB") -> None:
+             chunk_bytes: str | int = "64MB") -> None:
     """Write a source's images as litdata chunks that `data.source: Streaming(out)` trains from.
 
     Args:
         source: any data source, as `fit` names it (``--source ImageFolder --source.root DIR``).
         out: the folder to write (new, or empty); a half-written one never takes its place.
         captions: store each image's caption too, for text models.
-        num_workers: processes that encode the images.
-        chunk_bytes: the size of a chunk file.
+        num_workers: processes that encode the images (0: in this one).
+        chunk_bytes: the size of a chunk file: bytes, or a size such as 64MB.
     """
     ld = need("litdata", "data")
     folder = Path(out)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
+    if num_workers < 0:
+        raise UserError(f"--num_workers must be 0 (encode in this process) or more, got {num_workers}")
+    chunk_bytes = size_in_bytes(chunk_bytes, "--chunk_bytes")
+    if captions and isinstance(source, Streaming):
+        raise UserError("--captions true: a stream's captions are not read back to be written again: optimize the "
+                        "source it was written from")
     if captions:
         source.read_captions()
     source.prepare()
@@ -65,7 +71,7 @@ def optimize(source: Source, out: str, captions: bool = False, num_workers: int 
     if len(images) == 0:
         raise UserError("the source holds no images: nothing to write")
     partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted optimize into the same --out left
     before = multiprocessing.get_start_method(allow_none=True)
     try:  # litdata's own lines (an account to create, its settings) say nothing a user needs; its bar stays
         with contextlib.redirect_stdout(io.StringIO()):
@@ -143,9 +149,10 @@ class Streaming(Source):
         """litdata's index with what `data optimize` wrote into it (read from the cache for a remote folder)."""
         try:
             index = json.loads((Path(self.stream().input_dir.path) / "index.json").read_text())
-        except (OSError, ValueError) as err:
+        except Exception as err:  # litdata's, for a folder it cannot open: credentials, a missing client, no chunks
             raise UserError(f"--data.source.root {self.root}: no chunk index can be read ({reason(err)}): give a "
-                            "folder written by `python -m diffusion_lit data optimize`") from None
+                            "folder written by `python -m diffusion_lit data optimize`, and for a bucket its "
+                            "credentials and client library (litdata's docs)") from None
         meta = index.get("diffusion_lit") if isinstance(index, dict) else None
         if not isinstance(meta, dict):
             raise UserError(f"{self.root} was not written by `python -m diffusion_lit data optimize` (its index has no "
@@ -206,17 +213,24 @@ class InOrder(Dataset):
         return self.items[i]
 
 
+def size_in_bytes(size: str | int, option: str) -> int:
+    """Bytes from a number of them or litdata's sizes ("50GB", "500MB", ...); a UserError naming `option`."""
+    from litdata.utilities.format import _convert_bytes_to_int  # litdata's own reading of its sizes
+
+    try:
+        value = int(size) if str(size).strip().isdigit() else _convert_bytes_to_int(str(size))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"{option} {size} is not a size: give bytes, or a size such as 50GB or 500MB")
+    return value
+
+
 def cache_budget(max_cache_size: str | int, chunk_bytes: int) -> int:
     """The cache limit to give litdata so that the cache stays under `max_cache_size`: litdata evicts read chunks
     once over its limit, but fetches up to two chunks ahead per worker first (measured: one chunk over with two
     workers), so room for AHEAD_CHUNKS of the largest chunks is kept aside."""
-    from litdata.utilities.format import _convert_bytes_to_int  # litdata's own reading of "50GB", "500MB", ...
-
-    try:
-        limit = max_cache_size if isinstance(max_cache_size, int) else _convert_bytes_to_int(str(max_cache_size))
-    except ValueError:
-        raise UserError(f"--data.source.max_cache_size {max_cache_size!r} is not a size: give bytes or a size such as "
-                        "50GB or 500MB") from None
+    limit = size_in_bytes(max_cache_size, "--data.source.max_cache_size")
     room = AHEAD_CHUNKS * chunk_bytes
     if limit < room + 2 * chunk_bytes:
         raise UserError(f"--data.source.max_cache_size {max_cache_size} is too small for chunks of up to "

@@ -48,6 +48,10 @@ def bad(tmp_path, kind):
     if kind == "empty":
         table.select([]).to_parquet(str(tmp_path / "empty" / "train.parquet"))
         return tmp_path / "empty", {}
+    if kind == "negative labels":  # -1: Hugging Face's "no label"
+        table.cast_column("label", datasets.Value("int64")).map(
+            lambda row, i: {"label": -1 if i == 3 else row["label"]}, with_indices=True).save_to_disk(str(tmp_path / "n"))
+        return tmp_path / "n", {}
     if kind == "text labels":
         table.cast_column("label", datasets.Value("string")).save_to_disk(str(tmp_path / "strings"))
         return tmp_path / "strings", {}
@@ -60,6 +64,7 @@ def bad(tmp_path, kind):
     ("not images", "column 'text' holds Value\\('string'\\), not images"),
     ("empty", "holds no rows in its 'train' split"),
     ("text labels", "column 'label' holds Value\\('string'\\), not class labels"),
+    ("negative labels", "column 'label' holds negative labels \\(-1: no label\\) in 1 rows"),
     ("missing captions", "has no column 'prompt'"),
 ])
 def test_bad_input_is_one_line_naming_what_to_change(tmp_path, kind, message):

@@ -116,8 +116,14 @@ def test_bad_settings_are_one_error_line_and_write_nothing(chunks, tmp_path):
     assert "cannot be written to" in result.stderr and not (tmp_path / "runs").exists()
     with pytest.raises(UserError, match="max_cache_size 1KB is too small for chunks"):
         Streaming(str(chunks), max_cache_size="1KB")
-    with pytest.raises(UserError, match="max_cache_size 'lots' is not a size"):
+    with pytest.raises(UserError, match="max_cache_size lots is not a size"):
         Streaming(str(chunks), max_cache_size="lots")
     result = cli("data", "optimize", "--source", "ImageFolder", "--source.root", tmp_path / "images", "--out", chunks)
     assert result.returncode == 2 and "already exists and is not an empty folder" in result.stderr
+    for option, value, said in (("--chunk_bytes", "lots", "--chunk_bytes lots is not a size"),
+                                ("--num_workers", -1, "--num_workers must be 0")):
+        result = cli("data", "optimize", "--source", "ImageFolder", "--source.root", tmp_path / "images", "--out",
+                     tmp_path / "new", option, value)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
     os.chmod(chunks, 0o755)

@@ -49,6 +49,11 @@ class Unconditional(nn.Module):
         """The null condition of classifier-free guidance as features [1, L, D] (None: the null label, or none)."""
         return None
 
+    def null_rows(self, y, ema: bool = True) -> tuple[Tensor, Tensor] | None:
+        """For a batch's conditions as `drop` left them: the null condition for every row, as `condition` gives
+        conditions, and a bool [B] of the rows already dropped to it (None: there is no null condition)."""
+        return None
+
     def rows(self, prompts: Sequence[str] | None, datamodule) -> list | None:
         """The conditions of a sample grid's rows (None: one unconditional grid)."""
         return None
@@ -105,6 +110,9 @@ class Labels(Unconditional):
         if y is not None and not isinstance(y, Tensor):
             raise UserError("this model reads class labels, not prompts: give it --labels")
         return y
+
+    def null_rows(self, y: Tensor, ema: bool = True) -> tuple[Tensor, Tensor]:
+        return null_labels(self.num_classes, y), y == self.num_classes
 
     def rows(self, prompts: Sequence[str] | None, datamodule) -> list:
         return list(range(self.num_classes))
@@ -178,6 +186,10 @@ class Prompts(Unconditional):
 
     def null(self, ema: bool = True) -> Tensor:
         return self.encode([""], ema)
+
+    def null_rows(self, y: Sequence[str], ema: bool = True) -> tuple[Tensor, Tensor]:
+        features = self.null(ema)
+        return features.expand(len(y), *features.shape[1:]), torch.tensor([p == "" for p in y], device=features.device)
 
     def rows(self, prompts: Sequence[str] | None, datamodule) -> list[str]:
         if prompts:

@@ -17,6 +17,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from diffusion_lit.errors import UserError, reason, say
+from diffusion_lit.loading import start_from_checkpoint
 from diffusion_lit.process import VP
 from diffusion_lit.schedule import cosine_betas, linear_betas, scaled_linear_betas
 from diffusion_lit.text import need
@@ -267,11 +268,12 @@ def read_json(path: Path) -> dict:
 class InitFrom(Callback):
     """Starts a new run from the weights of a local diffusers `UNet2DModel` (a folder written by save_pretrained, or
     a pipeline folder with `unet/`), loaded into the UNet and its EMA copy after checking that the plans match and
-    that the pipeline's scheduler (when there is one) is the model's process and prediction. A resumed run keeps
-    its own weights.
+    that the pipeline's scheduler (when there is one) is the model's process and prediction; or from a `fit`
+    checkpoint (a .ckpt file) of the same kind of model, its EMA weights, to tune it (a flow model can start a
+    MeanFlow one: `loading.start_from_checkpoint`). A resumed run keeps its own weights.
 
     Args:
-        path: the UNet2DModel or pipeline folder.
+        path: the UNet2DModel or pipeline folder, or a checkpoint file.
     """
 
     def __init__(self, path: str) -> None:
@@ -280,6 +282,8 @@ class InitFrom(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path is not None:
             return
+        if Path(self.path).is_file():
+            return start_from_checkpoint(pl_module, self.path)
         if not isinstance(pl_module.net, UNet):
             raise UserError(f"InitFrom loads a UNet2DModel into diffusion_lit's UNet; this model's net is a "
                             f"{type(pl_module.net).__name__}")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffusion_lit.checkpointing import Stopped
 from diffusion_lit.data import DiffusionDataModule, from_config
-from diffusion_lit.digits import judge_counts, judge_shares
+from diffusion_lit.digits import frame_stats, judge_counts, judge_shares
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.guidance import Evaluations, GuideCondition, Interval
 from diffusion_lit.images import load_images
@@ -160,7 +160,7 @@ def evaluate(
 def score(features: ImageFeatures, fake_images: Tensor, real_features: Tensor, labels: Tensor | None = None,
           batch_size: int = 256) -> dict:
     """FID and KID of uint8 images against reference features; with the digit judge also the share of confident
-    digits (and, given the labels asked for, of digits classified as asked)."""
+    digits (and, given the labels asked for, of digits classified as asked), and their frames' grey (`frame_stats`)."""
     fake = extract(features, fake_images, batch_size)
     fid, kid = (m.to(fake.device) for m in fid_and_kid(fake.shape[1], min(1000, len(fake), len(real_features))))
     for metric in (fid, kid):
@@ -169,6 +169,7 @@ def score(features: ImageFeatures, fake_images: Tensor, real_features: Tensor, l
     scores = {**compute(fid, kid), "num_samples": len(fake)}
     if (logits := features.judge(fake)) is not None:  # the digit judge also says how clear the digits are
         scores |= judge_shares(judge_counts(logits, labels), len(fake), labels is not None)
+        scores |= frame_stats(fake_images)
     return scores
 
 

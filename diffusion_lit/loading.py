@@ -97,6 +97,52 @@ def module_class(hparams: dict) -> type[DiffusionModule]:
     return StableDiffusionModule if "pretrained" in hparams else DiffusionModule
 
 
+def model_kind(m: DiffusionModule) -> dict:
+    """What a guide or a starting checkpoint must share with the model: process, prediction, shape, conditioning
+    and space."""
+    return {"process": m.process.spec(), "prediction": m.objective.prediction, "shape": m.shape,
+            **m.conditioning.spec(), **m.latent.spec()}
+
+
+def start_from_checkpoint(module: DiffusionModule, ckpt: str, trusted: list[str] = ()) -> None:
+    """Loads the EMA denoiser of a `fit` checkpoint into `module`'s network and its EMA copy, so that a new run
+    tunes it, possibly with another objective. They must share the process, image shape, conditioning and space
+    (pixels, or the same autoencoder's latents), and the prediction, except that a flow model (v) may start a
+    MeanFlow model (u): the checkpoint lacks its interval layer, whose output is zeroed so that u(z, r, t) starts as
+    the flow's v(z, t) for every r."""
+    _, upgraded = read_run(ckpt, trusted)
+    space = {True: "a latent model", False: "a pixel model"}
+    if works_on_latents(upgraded["hyper_parameters"]) != (not module.latent.pixels):
+        raise UserError(f"InitFrom {ckpt}: it is {space[works_on_latents(upgraded['hyper_parameters'])]} and this "
+                        f"model {space[not module.latent.pixels]}; start from a checkpoint trained in the same space")
+    source = build_module(Path(ckpt), upgraded, getattr(module.latent, "path", None))
+    ours, theirs = model_kind(module), model_kind(source)
+    if (theirs["prediction"], ours["prediction"]) == ("v", "u"):
+        ours["prediction"] = "v"  # a flow model's velocity is MeanFlow's u(z, t, t)
+    for key in ours:
+        if ours[key] != theirs[key]:
+            raise UserError(f"InitFrom {ckpt}: its {key} is {theirs[key]!r} and this model's {ours[key]!r}; start "
+                            "from a model of the same process, image shape and conditioning (a flow model can start "
+                            "a MeanFlow one)")
+    try:
+        missing, unexpected = module.net.load_state_dict(source.denoiser().state_dict(), strict=False)
+    except RuntimeError as err:
+        raise UserError(f"InitFrom {ckpt}: its network has other shapes than this model's ({reason(err)}); give "
+                        "model.net the checkpoint's settings") from None
+    added = [k for k in missing if not k.startswith("interval_mlp.")]
+    if added or unexpected:
+        raise UserError(f"InitFrom {ckpt}: its network is not this model's (missing {added[:3]}, unexpected "
+                        f"{unexpected[:3]}); give model.net the checkpoint's class and settings")
+    if missing:  # the interval layer, new: silent at first
+        last = module.net.interval_mlp[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+    if module.ema is not None:
+        module.ema.module.load_state_dict(module.net.state_dict())
+    say(f"InitFrom: the network starts from the EMA weights of {ckpt} (step {upgraded.get('global_step', '?')})")
+
+
 def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[str] = ()) -> nn.Module | None:
     """The EMA denoiser of a guide checkpoint for autoguidance (None without one), checked to be a model of the same
     process, prediction, image shape and conditioning as `module`'s, in the same space (pixels or an autoencoder's
@@ -117,11 +163,7 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
     # A latent guide decodes through the model's autoencoder (checked by its fingerprint), wherever it was recorded.
     guide = build_module(Path(guide_ckpt), upgraded, getattr(module.latent, "path", None))
 
-    def kind(m: DiffusionModule) -> dict:
-        return {"process": m.process.spec(), "prediction": m.objective.prediction, "shape": m.shape,
-                **m.conditioning.spec(), **m.latent.spec()}
-
-    ours, theirs = kind(module), kind(guide)
+    ours, theirs = model_kind(module), model_kind(guide)
     for key in ours:
         if ours[key] != theirs[key]:
             raise UserError(f"--guide_ckpt {guide_ckpt}: its {key} is {theirs[key]!r} and this model's "

@@ -93,6 +93,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
                             f"({reason(err)}): use diffusion_lit's UNet or DiT") from None
         self.ema = averaged(self.net, ema_decay, ema_warmup) if ema_decay is not None else None
         self.guide = guide(self.shape[0], self.shape[1], classes, **extra) if guide is not None else None
+        self.objective.check_parts(self.conditioning, self.guide)
         self.optimizer = optimizer
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -139,10 +140,10 @@ class DiffusionModule(LoadsClearly, LightningModule):
                 m.train(mode)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        y = self.conditioning.drop(batch[1] if len(batch) > 1 else None)  # images alone: no labels to drop
-        x0, y = self.latent.encode(batch[0]), self.conditioning.condition(y, ema=False)
-        loss = total = self.objective.loss(self.net, self.process, x0, y)
-        if self.guide is not None:  # the same images and conditions, its own t and noise
+        kept = self.conditioning.drop(batch[1] if len(batch) > 1 else None)  # images alone: no labels to drop
+        x0, y = self.latent.encode(batch[0]), self.conditioning.condition(kept, ema=False)
+        loss = total = self.objective.loss(self.net, self.process, x0, y, **self.guidance(kept, ema=False))
+        if self.guide is not None:  # the same images and conditions, its own t and noise; unguided
             guide_loss = self.objective.loss(self.guide.net, self.process, x0, y)
             self.log("train/guide_loss", guide_loss, batch_size=len(batch[0]))
             total = loss + guide_loss
@@ -161,9 +162,19 @@ class DiffusionModule(LoadsClearly, LightningModule):
         # Fixed t and noise per batch, so val/loss moves only when the EMA weights do.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         x0 = self.latent.encode(batch[0], generator)
-        y = self.conditioning.condition(batch[1] if len(batch) > 1 else None)
-        loss = self.objective.loss(self.denoiser(), self.process, x0, y, generator)
+        kept = batch[1] if len(batch) > 1 else None
+        y = self.conditioning.condition(kept)
+        loss = self.objective.loss(self.denoiser(), self.process, x0, y, generator, **self.guidance(kept))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
+
+    def guidance(self, kept, ema: bool = True) -> dict:
+        """What an objective that folds guidance into training guides with: the null condition of each row (a class
+        or text model), or else the guide's EMA network (autoguidance); nothing for other objectives."""
+        if not self.objective.guided:
+            return {}
+        if self.conditioning.conditional:
+            return {"null": self.conditioning.null_rows(kept, ema)}
+        return {"weak": self.guide.ema.module}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.trained_parameters() if p.grad is not None]

@@ -9,7 +9,7 @@ import torch
 
 from diffusion_lit.evaluation import evaluate
 from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.digits import DigitJudge, held_out, judge_counts, shipped_digits
+from diffusion_lit.digits import DigitJudge, frame_stats, held_out, judge_counts, shipped_digits
 from diffusion_lit.metrics import ImageFeatures, compute, extract, fid_and_kid
 from diffusion_lit.sources import ShippedDigits
 
@@ -67,6 +67,17 @@ def test_evaluate_with_the_judge_on_real_digits(tmp_path, capsys):
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["confident_share"] > 0.9 and "requested_share" not in scores
     assert scores["num_samples"] == 1000 and scores["fid"] < 5
+    # Real digits' frames are black (the 10,000 shipped ones: mean 2.24, 0.4% above 10).
+    assert scores["frame_mean"] < 4 and scores["grey_frame_share"] < 0.02, scores
+
+
+def test_frame_stats_read_the_four_pixel_border():
+    images = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    images[:, :, 4:-4, 4:-4] = 255  # strokes inside the frame are not counted
+    images[:2, :, :4] = 40  # the top 4 rows of the first two images: 112 of the border's 384 pixels
+    stats = frame_stats(images)
+    assert stats["grey_frame_share"] == 0.5  # 40 * 112 / 384 = 11.7 > 10
+    assert abs(stats["frame_mean"] - 40 * 112 / 384 / 2) < 1e-5
 
 
 def test_offline_mnist_trains_on_the_shipped_digits(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ from conftest import tiny_unet, write_image_folder
 from diffusion_lit.conditioning import Labels
 from diffusion_lit.dit import DiT
 from diffusion_lit.errors import UserError
-from diffusion_lit.guidance import Evaluations
+from diffusion_lit.guidance import Evaluations, Guide
+from diffusion_lit.loading import load_checkpoint, start_from_checkpoint
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.objective import MeanFlow, Objective, u_and_derivative
 from diffusion_lit.process import Flow
@@ -198,6 +199,60 @@ def test_the_meanflow_loss_of_the_exact_average_velocity_is_zero_but_for_the_dat
     assert abs(objective.loss_at(exact, Flow(), x0, eps, r, t) / irreducible - 1) < 0.03
 
 
+def test_guidance_folded_into_training_builds_its_target_from_the_guided_velocity():
+    # v~ = omega v + kappa u(z, t, t | y) + (1 - omega - kappa) u(z, t, t | null), v on dropped rows; the target
+    # u_tgt = v~ - (t - r) du/dt, the jvp's tangent v~ too. Rebuilt here by hand from plain network calls.
+    torch.manual_seed(0)
+    net = perturbed(tiny_unet(1, 8, 3, interval_input=True))
+    process, g = Flow(), torch.Generator().manual_seed(2)
+    x0, eps = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, torch.randn(6, 1, 8, 8, generator=g)
+    r, t = torch.tensor([0.1, 0.3, 0.2, 0.6, 0.4, 0.05]), torch.tensor([0.9, 0.3, 0.8, 0.6, 0.7, 0.5])
+    y = torch.tensor([0, 1, 2, 3, 1, 3])  # 3: the null label (rows 3 and 5 were dropped)
+    null = (torch.full((6,), 3), y == 3)
+    omega, kappa = 2.5, 0.25
+    guided = MeanFlow(p=0.0, guidance_scale=omega, guidance_mix=kappa)
+    loss = guided.loss_at(net, process, x0, eps, r, t, y, null)
+
+    tt, z, v = t.view(-1, 1, 1, 1), (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps, eps - x0
+    with torch.no_grad():
+        mixed = omega * v + kappa * net(z, 1000 * t, y) + (1 - omega - kappa) * net(z, 1000 * t, null[0])
+    tilde = torch.where(null[1].view(-1, 1, 1, 1), v, mixed)
+    u, du_dt = u_and_derivative(net, process, z, tilde, r, t, y)
+    by_hand = F.mse_loss(u, (tilde - (tt - r.view(-1, 1, 1, 1)) * du_dt).detach())
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=0)  # the same float32 operations, batched apart
+    unguided = MeanFlow(p=0.0).loss_at(net, process, x0, eps, r, t, y)
+    assert abs(loss - unguided) > 1e-2 * unguided  # the guidance changed the target (measured: by about a third)
+    # Without guidance (omega 1, kappa 0) the objective reads no null condition: the plain loss, to the bit.
+    assert not MeanFlow(guidance_scale=1.0).guided
+    assert torch.equal(MeanFlow(p=0.0, guidance_scale=1.0).loss_at(net, process, x0, eps, r, t, y), unguided)
+
+    # A model without conditions guides from a weaker network (autoguidance): v~ = omega v + kappa u + (1 - omega -
+    # kappa) u_weak on every row.
+    weak = perturbed(tiny_unet(1, 8, interval_input=True), seed=1)
+    plain_net = perturbed(tiny_unet(1, 8, interval_input=True))
+    loss = guided.loss_at(plain_net, process, x0, eps, r, t, weak=weak)
+    with torch.no_grad():
+        tilde = omega * v + kappa * plain_net(z, 1000 * t) + (1 - omega - kappa) * weak(z, 1000 * t)
+    u, du_dt = u_and_derivative(plain_net, process, z, tilde, r, t)
+    by_hand = F.mse_loss(u, (tilde - (tt - r.view(-1, 1, 1, 1)) * du_dt).detach())
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=0)
+    with pytest.raises(UserError, match="unconditional with no guide"):
+        DiffusionModule(tiny_unet, image_size=8, channels=1, process=Flow(), objective=MeanFlow(guidance_scale=2))
+    for bad in ({"guidance_scale": 0.0}, {"guidance_mix": 1.0}):
+        with pytest.raises(UserError, match="guidance_mix in"):
+            MeanFlow(**bad)
+
+
+def test_the_module_gives_a_guided_objective_the_null_condition_or_its_guide():
+    make = partial(DiffusionModule, tiny_unet, image_size=8, channels=1, process=Flow())
+    labels = make(num_classes=3, conditioning=Labels(), objective=MeanFlow(guidance_scale=2))
+    null_y, plain = labels.guidance(torch.tensor([0, 3, 2]))["null"]
+    assert null_y.tolist() == [3, 3, 3] and plain.tolist() == [False, True, False]
+    guided = make(objective=MeanFlow(guidance_scale=2), guide=partial(Guide, net=tiny_unet))
+    assert guided.guidance(None) == {"weak": guided.guide.ema.module}
+    assert make(num_classes=3, conditioning=Labels(), objective=MeanFlow()).guidance(torch.tensor([0])) == {}
+
+
 # --- parts and refusals --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [tiny_unet, tiny_dit], ids=["unet", "dit"])
@@ -305,6 +360,22 @@ def test_meanflow_fits_resumes_bit_exactly_samples_and_refuses_other_samplers(tm
                           "sampler meanflow samples MeanFlow models", "predicts v")
     assert_one_error_line(cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--model.objective", "MeanFlow",
                               "--trainer.logger.init_args.save_dir", tmp_path / "runs"), "--model.process Flow")
+
+    # Tuning: the flow model starts a MeanFlow run (InitFrom its checkpoint). The interval layer it lacks starts
+    # silent, so u(z, r, t) is the flow's v(z, t) for every r (learning rate 0: the step changes no weight).
+    flow_ckpt = tmp_path / "runs" / "flow" / "checkpoints" / "last.ckpt"
+    tuned = fit(tmp_path, "tuned", "--trainer.max_steps", 1, "--model.optimizer.init_args.lr", 0,
+                "--trainer.callbacks+=InitFrom", "--trainer.callbacks.path", flow_ckpt)
+    assert tuned.returncode == 0 and "starts from the EMA weights of" in tuned.stdout, tuned.stderr[-3000:]
+    (meanflow, _), (velocity, _) = (load_checkpoint(str(p)) for p in
+                                    (tmp_path / "runs" / "tuned" / "checkpoints" / "last.ckpt", flow_ckpt))
+    z, t = torch.randn(3, 3, 16, 16), torch.tensor([0.9, 0.5, 0.2])
+    with torch.no_grad():
+        v = velocity.denoiser()(z, 1000 * t)
+        for r in (t, t / 2, torch.zeros(3)):
+            torch.testing.assert_close(meanflow.net(z, 1000 * torch.stack([t, t - r], 1)), v)
+    with pytest.raises(UserError, match="its process is"):  # a VP model cannot start from a flow model
+        start_from_checkpoint(DiffusionModule(tiny_unet, image_size=16), str(flow_ckpt))
 
 
 def test_meanflow_loss_falls_and_the_callbacks_sample_it_in_one_step(tmp_path):

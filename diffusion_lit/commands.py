@@ -296,5 +296,5 @@ def save_kept(images: Tensor, out: str, per_row: int | None) -> Path:
 def evaluations_text(counts: Evaluations) -> str:
     """'20 network evaluations per image (10 of the model, 10 of the guide)'."""
     model, guide = counts.per_image()
-    total = f"{model + guide:g} network evaluations per image"
+    total = f"{model + guide:g} network evaluation{'' if model + guide == 1 else 's'} per image"
     return f"{total} ({model:g} of the model, {guide:g} of the guide)" if guide else total

@@ -282,7 +282,7 @@ class InitFrom(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path is not None:
             return
-        if Path(self.path).is_file():
+        if Path(self.path).is_file() or self.path.endswith(".ckpt"):  # a missing one is said as a checkpoint
             return start_from_checkpoint(pl_module, self.path)
         if not isinstance(pl_module.net, UNet):
             raise UserError(f"InitFrom loads a UNet2DModel into diffusion_lit's UNet; this model's net is a "

@@ -110,6 +110,9 @@ def start_from_checkpoint(module: DiffusionModule, ckpt: str, trusted: list[str]
     (pixels, or the same autoencoder's latents), and the prediction, except that a flow model (v) may start a
     MeanFlow model (u): the checkpoint lacks its interval layer, whose output is zeroed so that u(z, r, t) starts as
     the flow's v(z, t) for every r."""
+    if not Path(ckpt).is_file():
+        raise UserError(f"InitFrom {ckpt}: no such checkpoint; train the model to start from first (the config's "
+                        "header names its command), or give InitFrom's path another run's checkpoint")
     _, upgraded = read_run(ckpt, trusted)
     space = {True: "a latent model", False: "a pixel model"}
     if works_on_latents(upgraded["hyper_parameters"]) != (not module.latent.pixels):

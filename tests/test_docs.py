@@ -41,7 +41,12 @@ def commands(page: Path) -> list[list[str]]:
 
 
 LINKS = [(page, target) for page in PAGES for target in relative_links(page)]
-COMMANDS = [(page, words) for page in PAGES for words in commands(page)]
+# Each command once, on the first page that shows it: a command repeated on another page parses the same.
+FIRST_SHOWN: dict[tuple, tuple] = {}
+for _page in PAGES:
+    for _words in commands(_page):
+        FIRST_SHOWN.setdefault(tuple(_words), (_page, _words))
+COMMANDS = list(FIRST_SHOWN.values())
 
 
 def test_the_pages_are_found():

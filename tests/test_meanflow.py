@@ -338,7 +338,7 @@ def test_meanflow_fits_resumes_bit_exactly_samples_and_refuses_other_samplers(tm
         drawn = cli("sample", "--ckpt_path", ckpt, "--sampler", "meanflow", "--steps", steps, "--num_samples", 4,
                     "--out", out)
         assert drawn.returncode == 0 and out.is_file(), drawn.stderr[-3000:]
-        assert f"({steps} network evaluations per image;" in drawn.stdout
+        assert f"({steps} network evaluation{'s' * (steps > 1)} per image;" in drawn.stdout
 
     assert_one_error_line(cli("sample", "--ckpt_path", ckpt, "--out", tmp_path / "x.png"),
                           "MeanFlow model", "sampler ddim", "--sampler meanflow")
@@ -366,16 +366,18 @@ def test_meanflow_fits_resumes_bit_exactly_samples_and_refuses_other_samplers(tm
     flow_ckpt = tmp_path / "runs" / "flow" / "checkpoints" / "last.ckpt"
     tuned = fit(tmp_path, "tuned", "--trainer.max_steps", 1, "--model.optimizer.init_args.lr", 0,
                 "--trainer.callbacks+=InitFrom", "--trainer.callbacks.path", flow_ckpt)
-    assert tuned.returncode == 0 and "starts from the EMA weights of" in tuned.stdout, tuned.stderr[-3000:]
+    assert tuned.returncode == 0 and "starts from the EMA weights of" in tuned.stderr, tuned.stderr[-3000:]
     (meanflow, _), (velocity, _) = (load_checkpoint(str(p)) for p in
                                     (tmp_path / "runs" / "tuned" / "checkpoints" / "last.ckpt", flow_ckpt))
-    z, t = torch.randn(3, 3, 16, 16), torch.tensor([0.9, 0.5, 0.2])
+    z, t = torch.randn(3, *meanflow.shape), torch.tensor([0.9, 0.5, 0.2])
     with torch.no_grad():
         v = velocity.denoiser()(z, 1000 * t)
         for r in (t, t / 2, torch.zeros(3)):
             torch.testing.assert_close(meanflow.net(z, 1000 * torch.stack([t, t - r], 1)), v)
     with pytest.raises(UserError, match="its process is"):  # a VP model cannot start from a flow model
         start_from_checkpoint(DiffusionModule(tiny_unet, image_size=16), str(flow_ckpt))
+    with pytest.raises(UserError, match="no such checkpoint"):
+        start_from_checkpoint(meanflow, str(tmp_path / "none.ckpt"))
 
 
 def test_meanflow_loss_falls_and_the_callbacks_sample_it_in_one_step(tmp_path):

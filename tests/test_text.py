@@ -14,7 +14,8 @@ from diffusion_lit.digits import PHRASINGS, WORDS, digit_caption
 from diffusion_lit.dit import DiT
 from diffusion_lit.errors import UserError
 from diffusion_lit.module import DiffusionModule
-from diffusion_lit.process import VP
+from diffusion_lit.objective import MeanFlow
+from diffusion_lit.process import VP, Flow
 from diffusion_lit.sampling import guided, sample
 from diffusion_lit.sources import ImageFolder, ShippedDigits
 from diffusion_lit.text import ByteTextEncoder, CLIPText, byte_tokens
@@ -194,3 +195,16 @@ def test_text_fit_and_sample_with_prompts(tmp_path):
 def test_prompts_for_a_model_without_text_are_refused(tmp_path):
     result = cli("sample", "--ckpt_path", "tests/data/eps_ddpm_v1.ckpt", "--prompt", "seven", "--out", tmp_path / "x.png")
     assert result.returncode == 2 and "was not trained on text" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_text_model_folds_guidance_into_meanflow_from_the_empty_prompt():
+    torch.manual_seed(0)
+    model = text_module(process=Flow(), objective=MeanFlow(guidance_scale=2))
+    prompts = ["a seven", "", "two"]  # the second caption was dropped to the empty prompt
+    null_y, plain = model.guidance(prompts, ema=False)["null"]
+    assert plain.tolist() == [False, True, False]
+    assert null_y.shape[0] == 3 and torch.equal(null_y[0], model.conditioning.null(ema=False)[0])
+    loss = model.objective.loss(model.net, model.process, torch.rand(3, 1, 8, 8) * 2 - 1,
+                                model.conditioning.condition(prompts, ema=False), null=(null_y, plain))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in model.conditioning.encoder.parameters())

@@ -152,13 +152,21 @@ class DiffusionDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_set, shuffle=True)
-        state, self.loader_state, workers = self.loader_state, None, self.hparams.num_workers
+        state, self.loader_state = self.loader_state, None
         if self.trainer is not None:  # this module's copy of the position is the one restored (`state_dict`)
             self.trainer.fit_loop._combined_loader_states_to_load = []
-        if state is not None and state["workers"] != workers and not self.source.elastic:
-            say(f"the checkpoint was saved with --data.num_workers {state['workers']} and this run has {workers}: "
-                f"its epoch starts again from its first batch (resume with {state['workers']} to go on exactly)")
+        workers, saved_workers = self.hparams.num_workers, state and state["workers"]
+        if state is not None and (why := self.other_data(state, loader)):
+            say(f"the checkpoint's loader position belongs to other data ({why}): its epoch starts again from its "
+                "first batch (resume on the data and batch size it was saved with to go on exactly)")
+        elif state is not None and saved_workers != workers and not self.source.elastic:
+            say(f"the checkpoint was saved with --data.num_workers {saved_workers} and this run has {workers}: "
+                f"its epoch starts again from its first batch (resume with {saved_workers} to go on exactly)")
         elif state is not None:  # a resumed run goes on where the checkpoint's epoch stopped
+            if saved_workers != workers:  # litdata deals the rest of the epoch to the new workers
+                say(f"the checkpoint was saved with --data.num_workers {saved_workers} and this run has {workers}: "
+                    "the stream goes on from its position, but a stream's order depends on its workers, so its "
+                    f"batches differ from an uninterrupted run's (resume with {saved_workers} to go on exactly)")
             if "epoch" in state:  # before the position: the skipped indices are that epoch's
                 loader.sampler.resume(state["epoch"])
             loader.load_state_dict(state["position"])
@@ -169,6 +177,33 @@ class DiffusionDataModule(LightningDataModule):
         # workers in an order that makes each wait 5 s (torch's shutdown timeout) before it ends.
         self.train_loader = weakref.ref(loader)
         return loader
+
+    def data_key(self) -> dict:
+        """What a saved loader position belongs to: the source as configured, the training images' count, the batch
+        size."""
+        return {"source": plain(self.source.config()), "images": len(self.train_set),
+                "batch_size": self.hparams.batch_size}
+
+    def other_data(self, state: dict, loader: DataLoader) -> str:
+        """Why a checkpoint's loader position belongs to other data than this run's ("" when it does not)."""
+        key, saved = self.data_key(), state.get("data")  # positions saved before this key was added carry none
+        if saved is not None and saved["source"]["class_path"] != key["source"]["class_path"]:
+            return f"--data.source {saved['source']['class_path']} -> {key['source']['class_path']}"
+        map_style = hasattr(getattr(loader, "sampler", None), "resume")
+        if ("epoch" in state) != map_style:  # only a map-style source's position has its epoch
+            return "saved from a stream, resumed on a map-style source" if map_style else \
+                "saved from a map-style source, resumed on a stream"
+        if saved is None:
+            return ""
+        old, new = saved["source"], key["source"]
+        changed = [f"--data.source.{name} {old['init_args'].get(name)} -> {new['init_args'].get(name)}"
+                   for name in {**old["init_args"], **new["init_args"]}
+                   if old["init_args"].get(name) != new["init_args"].get(name)]
+        if saved["batch_size"] != key["batch_size"]:
+            changed.append(f"--data.batch_size {saved['batch_size']} -> {key['batch_size']}")
+        if not changed and saved["images"] != key["images"]:
+            changed.append(f"{saved['images']} training images -> {key['images']}")
+        return ", ".join(changed)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
@@ -183,7 +218,7 @@ class DiffusionDataModule(LightningDataModule):
         sampler = getattr(loader, "sampler", None)
         epoch = {"epoch": sampler.epoch} if hasattr(sampler, "set_epoch") else {}  # litdata's loader keeps its own
         return {"train_loader": {"position": plain(loader.state_dict()), "workers": self.hparams.num_workers,
-                                 **epoch}}
+                                 "data": self.data_key(), **epoch}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.loader_state = state_dict.get("train_loader")

@@ -7,6 +7,7 @@ it were remote) is fetched into a cache that `max_cache_size` bounds.
 """
 
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
@@ -190,9 +191,32 @@ class Streaming(Source):
         if not isinstance(dataset, ld.StreamingDataset):  # an encoded copy (latent diffusion's cache)
             return super().loader(dataset, batch_size, shuffle, seed, num_workers, world_size, rank)
         # litdata splits the chunks between DDP ranks and workers itself, and shuffles them by seed and epoch.
-        return ld.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                      worker_init_fn=leave_signals_to_main, pin_memory=torch.cuda.is_available(),
-                                      persistent_workers=num_workers > 0)
+        return resumed_once_loader()(dataset, batch_size=batch_size, num_workers=num_workers,
+                                     worker_init_fn=leave_signals_to_main, pin_memory=torch.cuda.is_available(),
+                                     persistent_workers=num_workers > 0)
+
+
+@functools.cache
+def resumed_once_loader() -> type:
+    """litdata's StreamingDataLoader whose restored position serves only the first epoch iterated after
+    `load_state_dict`. litdata keeps replaying a restored position until an epoch's iterator runs to its end, and
+    Lightning stops asking for batches once it has had `len(loader)` of them: with no workers, the next epoch then
+    began by repeating the resumed one (its order and its batches)."""
+
+    class ResumedOnce(need("litdata", "data").StreamingDataLoader):
+        replay = False  # the next iterator goes on from a restored position
+
+        def load_state_dict(self, obj: dict) -> None:
+            super().load_state_dict(obj)
+            self.replay = True
+
+        def __iter__(self):
+            if not self.replay:
+                self.restore = False
+            self.replay = False
+            return super().__iter__()
+
+    return ResumedOnce
 
 
 class InOrder(Dataset):

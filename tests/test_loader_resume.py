@@ -45,7 +45,7 @@ def run(make_source, log, ckpt_dir, max_steps, workers, ckpt_path=None):
     trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=False)
 
 
-@pytest.mark.parametrize("kind,workers", [("folder", 2), ("hf", 0), ("streaming", 2)])
+@pytest.mark.parametrize("kind,workers", [("folder", 2), ("hf", 0), ("streaming", 2), ("streaming", 0)])
 def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path, kind, workers):
     made = source(kind, tmp_path)
     run(lambda: made, tmp_path / "straight.log", tmp_path / "a", 2 * N, workers)
@@ -73,3 +73,43 @@ def test_under_ddp_each_rank_resumes_on_its_own_batches(ddp_runs):
         assert resumed == straight, kind
         first_epoch = [digest for step, _, digest in straight if step < 4]
         assert len(set(first_epoch)) == 8, kind  # each rank its own share
+
+
+def other_folder(tmp_path):
+    return ImageFolder(str(write_image_folder(tmp_path / "other", n_per_class=24)))
+
+
+@pytest.mark.parametrize("resumed_on,line", [
+    ("root", "--data.source.root "),
+    ("batch_size", "--data.batch_size 8 -> 4"),
+    ("streaming", "--data.source diffusion_lit.sources.ImageFolder -> diffusion_lit.streaming.Streaming"),
+])
+def test_a_resume_onto_other_data_says_its_epoch_starts_again(tmp_path, capsys, resumed_on, line):
+    """The saved position belongs to the data and batch size it was saved with: resumed onto others it is not applied
+    to them (their batches would be neither the old run's nor a fresh epoch's), and one line says so."""
+    made = source("folder", tmp_path)
+    run(lambda: made, tmp_path / "stopped.log", tmp_path / "b", N, 0)
+    other = {"root": lambda: other_folder(tmp_path), "batch_size": lambda: made,
+             "streaming": lambda: source("streaming", tmp_path / "s")}[resumed_on]()
+    capsys.readouterr()
+    batch = 4 if resumed_on == "batch_size" else 8
+    seed_everything(0)
+    data = DiffusionDataModule(other, batch_size=batch, num_workers=0, val_fraction=0.2)
+    model = ReadsStepsAhead(net=tiny_unet, image_size=data.image_size, channels=data.channels)
+    trainer = Trainer(max_steps=N + 2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, enable_checkpointing=False,
+                      callbacks=[BatchLog(str(tmp_path / "resumed.log"))])
+    trainer.fit(model, data, ckpt_path=tmp_path / "b" / "last.ckpt", weights_only=False)
+    said = [x for x in capsys.readouterr().err.splitlines() if "loader position" in x]
+    assert len(said) == 1 and line in said[0] and "its epoch starts again from its first batch" in said[0], said
+    assert [step for step, _, _ in read_log(tmp_path / "resumed.log")] == [N, N + 1]
+
+
+def test_a_stream_resumed_with_other_workers_says_its_batches_differ(tmp_path, capsys):
+    made = source("streaming", tmp_path)
+    run(lambda: made, tmp_path / "stopped.log", tmp_path / "b", N, 2)
+    capsys.readouterr()
+    run(lambda: made, tmp_path / "resumed.log", tmp_path / "b", N + 2, 0, ckpt_path=tmp_path / "b" / "last.ckpt")
+    said = [x for x in capsys.readouterr().err.splitlines() if "num_workers" in x]
+    assert len(said) == 1 and "saved with --data.num_workers 2 and this run has 0" in said[0], said
+    assert "differ from an uninterrupted run's (resume with 2 to go on exactly)" in said[0]

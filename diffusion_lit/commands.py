@@ -167,6 +167,7 @@ def sample(
     guidance_interval: Interval | None = None,
     guide_condition: GuideCondition = "same",
     autoencoder: str | None = None,
+    stack_guidance: bool = False,
 ) -> None:
     """Generate images from a checkpoint.
 
@@ -210,11 +211,14 @@ def sample(
             one weak model).
         autoencoder: for a latent model whose autoencoder moved: its new place (its weights are checked); for a
             Stable Diffusion fine-tune, the new place of its pretrained folder.
+        stack_guidance: give guidance_scale to a MeanFlow model trained with guidance folded in (its
+            model.objective's guidance_scale), guiding its guided samples once more at twice the evaluations.
     """
     check_output(out)  # before the work, not after it
     trusted = parse_trusted(trust_class)
     module, _ = load_checkpoint(ckpt_path, trusted, autoencoder)
-    settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt, guide_condition)
+    settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt, guide_condition,
+                        stack_guidance)
     settings.check(module.process)
     guide = load_guide(guide_ckpt, module, trusted)
     settings.check_model(module, guide is not None)

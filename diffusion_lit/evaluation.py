@@ -60,6 +60,7 @@ def evaluate(
     guidance_interval: Interval | None = None,
     guide_condition: GuideCondition = "same",
     autoencoder: str | None = None,
+    stack_guidance: bool = False,
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
     the feature network (``--feature_extractor digits``) also the share of samples it classifies with confidence above
@@ -90,6 +91,7 @@ def evaluate(
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI] (see `sample`).
         guide_condition: ``same`` or ``null``: what the guide is given on a class or text model (see `sample`).
         autoencoder: for a latent model whose autoencoder moved: its new place (see `sample`).
+        stack_guidance: guidance_scale for a MeanFlow model with guidance folded in (see `sample`).
     """
     if (ckpt_path is None) == (samples is None):
         raise UserError("give exactly one of --ckpt_path (to generate images) and --samples (images to score)")
@@ -101,7 +103,7 @@ def evaluate(
     if ckpt_path is not None:
         module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
         settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt,
-                            guide_condition)
+                            guide_condition, stack_guidance)
         settings.check(module.process)
         guide = load_guide(guide_ckpt, module, parse_trusted(trust_class))
         settings.check_model(module, guide is not None)

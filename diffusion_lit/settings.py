@@ -27,6 +27,8 @@ class Sampling:
         guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
         guide_ckpt: autoguidance from this checkpoint's EMA denoiser (an earlier or smaller run of the same kind).
         guide_condition: ``same`` (the guide sees each sample's label or prompt) or ``null`` (the null one).
+        stack_guidance: guide a MeanFlow model trained with guidance folded in (MeanFlow's guidance_scale) once more,
+            at guidance_scale: refused without it, since its one step is guided already.
     """
 
     sampler: Sampler = "ddim"
@@ -37,6 +39,7 @@ class Sampling:
     guidance_interval: Interval | None = None
     guide_ckpt: str | None = None
     guide_condition: GuideCondition = "same"
+    stack_guidance: bool = False
 
     def check(self, process) -> None:
         """A UserError for settings that no sampler takes on this process, or that this sampler would ignore,
@@ -74,6 +77,13 @@ class Sampling:
         """A UserError for settings this model cannot use (`guide`: a guide checkpoint was given)."""
         check_sampler(self.sampler, module.process, self.steps, self.eta, self.spacing, module.objective.prediction,
                       self.guidance_interval)  # meanflow for MeanFlow models, and only for them
+        folded = module.objective  # guidance folded into training: the sampler's would guide a guided model again
+        if folded.guided and self.guidance_scale != 1.0 and not self.stack_guidance:
+            scale = folded.guidance_scale / (1 - folded.guidance_mix)  # the effective scale of its samples
+            raise UserError(f"guidance_scale {self.guidance_scale:g}: this MeanFlow model has guidance folded into it "
+                            f"at scale {scale:g} (its MeanFlow objective's guidance_scale), so it draws guided samples "
+                            "already; leave guidance_scale out, or give stack_guidance true to guide it once more "
+                            "(twice the network evaluations)")
         if self.guide_condition != "null":
             return
         if not module.conditioning.conditional:
@@ -97,4 +107,4 @@ class Sampling:
 
     def kwargs(self) -> dict:
         """What `sampling.sample` and `sampling.generate` take of them (the guide checkpoint is loaded apart)."""
-        return {k: v for k, v in asdict(self).items() if k != "guide_ckpt"}
+        return {k: v for k, v in asdict(self).items() if k not in ("guide_ckpt", "stack_guidance")}

@@ -9,14 +9,16 @@ asks for (`nn.Module`, `Optimizer`, `Source`). Anything else is refused with a U
 """
 
 import importlib
+import importlib.util
 import pickle
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from diffusion_lit.conditioning import Unconditional
-from diffusion_lit.errors import UserError, reason
+from diffusion_lit.errors import UserError, reason, say
 from diffusion_lit.latent import Pixels
 from diffusion_lit.objective import Objective
 from diffusion_lit.process import Process
@@ -61,7 +63,7 @@ def read_checkpoint(path, mmap: bool = False, advice: str = "give a .ckpt file w
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         text = str(err)
-        if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+        if refused_pickle(err):
             detail = "it holds more than tensors and plain values, or is not a checkpoint at all"
         elif "_use_new_zipfile_serialization" in text:  # mmap's advice to save it again: not the user's file to save
             detail = "it is not the zip archive that torch.save writes"
@@ -71,6 +73,17 @@ def read_checkpoint(path, mmap: bool = False, advice: str = "give a .ckpt file w
             detail = reason(err)[:200]
         raise UserError(f"{path} could not be loaded: it is not a readable checkpoint of diffusion_lit, or it is "
                         f"damaged ({detail}); {advice}") from None
+
+
+def refused_pickle(err: BaseException | None) -> bool:
+    """Whether a `torch.load(weights_only=True)` (ours, or a library's such as transformers') refused a file for
+    holding more than tensors and plain values. torch's text then advises re-running it with weights_only=False,
+    which would run whatever code a crafted file carries: the caller says what is wrong in its own words instead."""
+    while err is not None:  # a library may wrap torch's error in its own
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+            return True
+        err = err.__cause__
+    return False
 
 
 def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:
@@ -105,11 +118,53 @@ def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the
         if name not in allowed and name not in trusted:
             raise UserError(
                 f"{source} names {name!r} as its {place}, which is not one of diffusion_lit's networks, "
-                f"data sources or torch.optim's optimizers: refused before importing it. If it is a class of your own "
-                f"that you trust, name it on the command line: --trust_class {name}"
+                f"data sources or torch.optim's optimizers: refused before importing it. {trust_advice(name, source)}"
             )
         if name in trusted:
             check_subclass(name, base, source)
+
+
+def origin(name: str) -> Path | None:
+    """The file (a namespace package's: folder) whose code importing the import path `name` runs first, that of its
+    top-level module, found without importing or running anything; None when it cannot be imported.
+
+    Only the top-level name is looked up: importlib.util.find_spec of a dotted name imports the parent packages.
+    """
+    try:
+        spec = importlib.util.find_spec(name.partition(".")[0])
+    except (ImportError, ValueError):  # ValueError: an empty name, or a module without a spec
+        return None
+    if spec is None:
+        return None
+    if spec.has_location and spec.origin:
+        return Path(spec.origin).resolve()
+    locations = list(spec.submodule_search_locations or [])
+    return Path(locations[0]).resolve() if locations else None  # None too for built-in modules: nothing to run
+
+
+def trust_advice(name: str, source: str) -> str:
+    """What to do about a class that a checkpoint names and the user has not trusted, with where it would be imported
+    from: under `python -m` the current folder is on sys.path, so a module that came with the checkpoint imports,
+    and its top-level code runs before any check of the class."""
+    file = origin(name)
+    if file is None:
+        return (f"No module {name.partition('.')[0]!r} is on the path here to import it from. If it is a class of "
+                "your own, make its module importable (install it, or run from its folder) and name it on the command "
+                f"line: --trust_class {name}")
+    if (place := near(file, source)) is None:
+        return (f"It would be imported from {file}; if it is a class of your own that you trust, name it on the "
+                f"command line: --trust_class {name}")
+    return (f"It would be imported from {file}, a file {place}, and importing it runs that file's code: never trust "
+            f"a file that came with a checkpoint; only if you wrote {file.name} yourself, name it on the command "
+            f"line: --trust_class {name}")
+
+
+def near(file: Path, source: str) -> str | None:
+    """Where `file` lies if it may have come with the checkpoint `source` (a path, or words naming none): beside it,
+    or under the current folder, which `python -m` puts on sys.path; None elsewhere (an installed package)."""
+    if Path(source).is_file() and file.is_relative_to(Path(source).resolve().parent):
+        return "beside the checkpoint"
+    return "under the current folder" if file.is_relative_to(Path.cwd().resolve()) else None
 
 
 def shown(value) -> str:
@@ -141,7 +196,11 @@ def import_named(name: str, what: str) -> object:
 
 
 def check_subclass(name: str, base: type, source: str) -> None:
-    """Imports a class the user trusts and checks that it is a `base` subclass (a class, not any callable)."""
+    """Imports a class the user trusts and checks that it is a `base` subclass (a class, not any callable); says
+    first which file the import runs, since a checkpoint may have come with one beside it."""
+    if (file := origin(name)) is not None:
+        place = f", a file {near(file, source)}" if near(file, source) else ""
+        say(f"{source} names {name!r}, which you trust: importing it from {file}{place}")
     obj = import_named(name, f"--trust_class {name}")
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise UserError(f"{source} names {name!r}, which is not a subclass of {BASE_NAMES[base]}: refused")

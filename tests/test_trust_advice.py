@@ -1,0 +1,135 @@
+"""Refusals whose advice must not invite running a file that came with a checkpoint, and guidance that a MeanFlow
+model has folded in already, which a sampler's guidance would stack on without a word."""
+
+import builtins
+
+import pytest
+import torch
+
+from diffusion_lit.conditioning import Labels
+from diffusion_lit.errors import UserError
+from diffusion_lit.loading import load_checkpoint
+from diffusion_lit.module import DiffusionModule
+from diffusion_lit.objective import MeanFlow
+from diffusion_lit.process import Flow
+from diffusion_lit.settings import Sampling
+from diffusion_lit.text import CLIPText
+
+from conftest import tiny_unet
+from test_cli import REPO, cli
+from test_meanflow import assert_one_error_line, fit
+from test_text import write_tiny_clip
+from test_trust import crafted
+
+OLD = REPO / "tests" / "data" / "eps_ddpm_v1.ckpt"  # a small checkpoint whose net is diffusion_lit.UNet
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A checkpoint in a folder that also holds a module and a package whose import leaves a marker, run from that
+    folder as `python -m` runs (the current folder on sys.path)."""
+    folder, marker = tmp_path / "download", tmp_path / "ran"
+    (folder / "shipped_pkg").mkdir(parents=True)
+    run = f"open({str(marker)!r}, 'w').close()\n"
+    (folder / "shipped_net.py").write_text(run + "from diffusion_lit.unet import UNet\nclass Net(UNet):\n    pass\n")
+    (folder / "shipped_pkg" / "__init__.py").write_text(run)
+    (folder / "shipped_pkg" / "nets.py").write_text(run)
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    net = torch.load(OLD, weights_only=True)["hyper_parameters"]["net"]
+    return folder, marker, lambda name: crafted(OLD, folder / "model.ckpt", net={**net, "class_path": name})
+
+
+@pytest.mark.parametrize("name,file", [("shipped_net.Net", "shipped_net.py"),
+                                       ("shipped_pkg.nets.Net", "shipped_pkg/__init__.py")])
+def test_the_refusal_says_which_file_beside_the_checkpoint_would_run_and_runs_none(shipped, name, file):
+    folder, marker, ckpt = shipped
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(str(ckpt(name)))
+    line = str(refused.value)
+    assert f"imported from {(folder / file).resolve()}, a file beside the checkpoint" in line, line
+    assert "never trust a file that came with a checkpoint" in line and line.endswith(f"--trust_class {name}")
+    assert "\n" not in line and not marker.exists()  # found, not imported: not even the package's __init__.py
+
+
+def test_the_command_line_refuses_in_one_line_before_importing(shipped, tmp_path):
+    folder, marker, ckpt = shipped
+    result = cli("sample", "--ckpt_path", ckpt("shipped_net.Net"), "--out", tmp_path / "x.png", cwd=folder)
+    assert_one_error_line(result, "shipped_net.py, a file beside the checkpoint", "--trust_class shipped_net.Net")
+    assert not marker.exists()
+
+
+def test_a_trusted_class_still_says_where_it_is_imported_from(shipped, capsys):
+    folder, marker, ckpt = shipped
+    module, _ = load_checkpoint(str(ckpt("shipped_net.Net")), ["shipped_net.Net"])
+    assert type(module.net).__name__ == "Net" and marker.exists()
+    assert f"importing it from {(folder / 'shipped_net.py').resolve()}, a file beside the checkpoint" in (
+        capsys.readouterr().err)
+
+
+def test_the_refusal_names_an_installed_module_or_none_at_all(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = torch.load(OLD, weights_only=True)["hyper_parameters"]["net"]
+    with pytest.raises(UserError, match=r"imported from .*collections.*; if it is a class of your own that you trust, "
+                                        r"name it on the command line: --trust_class collections.OrderedDict$"):
+        load_checkpoint(str(crafted(OLD, tmp_path / "a.ckpt", net={**net, "class_path": "collections.OrderedDict"})))
+    with pytest.raises(UserError, match=r"No module 'nowhere_at_all' is on the path .* --trust_class nowhere_at_all.Net$"):
+        load_checkpoint(str(crafted(OLD, tmp_path / "b.ckpt", net={**net, "class_path": "nowhere_at_all.Net"})))
+    (tmp_path / "local_net.py").write_text("raise SystemExit('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "runs").mkdir()  # the checkpoint elsewhere, the module in the current folder
+    with pytest.raises(UserError, match="local_net.py, a file under the current folder"):
+        load_checkpoint(str(crafted(OLD, tmp_path / "runs" / "c.ckpt", net={**net, "class_path": "local_net.Net"})))
+
+
+def test_a_pickled_clip_folder_is_refused_with_what_to_do_not_torchs_advice(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    write_tiny_clip(tmp_path / "clip")
+    folder = tmp_path / "clip" / "text_encoder"
+    state = transformers.CLIPTextModel.from_pretrained(str(folder)).state_dict()
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "extra": builtins.print}, folder / "pytorch_model.bin")  # a pickle naming a callable
+    with pytest.raises(UserError) as refused:
+        CLIPText(str(tmp_path / "clip"))
+    line = str(refused.value)
+    assert f"{folder / 'pytorch_model.bin'} is a pickle that holds more than tensors" in line, line
+    assert "Re-running" not in line and "likely succeed" not in line and "\n" not in line and "\x1b" not in line
+
+    # The code it gives, run where the folder is trusted (as the test trusts its own), converts it.
+    code = line[line.index("transformers.CLIPTextModel"):]
+    eval(code, {"transformers": transformers, "torch": torch})
+    assert (folder / "model.safetensors").is_file() and CLIPText(str(tmp_path / "clip")).width == 32
+
+
+# --- guidance folded into a MeanFlow model ------------------------------------------------------------------------
+
+def folded(guidance_scale: float = 2.0, guidance_mix: float = 0.0) -> DiffusionModule:
+    return DiffusionModule(tiny_unet, image_size=8, channels=1, num_classes=2, conditioning=Labels(), process=Flow(),
+                           objective=MeanFlow(guidance_scale=guidance_scale, guidance_mix=guidance_mix))
+
+
+def test_sampler_guidance_on_folded_guidance_is_refused_unless_stacked():
+    settings = Sampling(sampler="meanflow", steps=1, guidance_scale=3.0)
+    with pytest.raises(UserError, match=r"guidance folded into it at scale 2 .* stack_guidance true"):
+        settings.for_model(folded(), False, "SampleGrid")  # the callbacks' way in
+    with pytest.raises(UserError, match="at scale 3 "):  # the effective scale omega / (1 - kappa)
+        settings.check_model(folded(1.5, 0.5), False)
+    Sampling(sampler="meanflow", steps=1, guidance_scale=3.0, stack_guidance=True).check_model(folded(), False)
+    Sampling(sampler="meanflow", steps=1).check_model(folded(), False)  # its own guidance alone
+    Sampling(sampler="meanflow", steps=1, guidance_scale=3.0).check_model(folded(1.0), False)  # nothing folded in
+    assert "stack_guidance" not in Sampling(stack_guidance=True).kwargs()  # not a sampler's argument
+
+
+def test_sample_and_evaluate_refuse_to_stack_guidance_without_being_asked(tmp_path):
+    assert fit(tmp_path, "folded", "--model.conditioning", "Labels", "--model.objective.guidance_scale", 2,
+               "--trainer.max_steps", 1).returncode == 0
+    ckpt = tmp_path / "runs" / "folded" / "checkpoints" / "last.ckpt"
+    args = ["--ckpt_path", ckpt, "--sampler", "meanflow", "--steps", 1, "--guidance_scale", 3]
+    out = tmp_path / "x.png"
+    phrases = ("guidance_scale 3: this MeanFlow model has guidance folded into it at scale 2", "stack_guidance true")
+    assert_one_error_line(cli("sample", *args, "--labels", "all", "--num_samples", 4, "--out", out), *phrases)
+    assert not out.exists()
+    assert_one_error_line(cli("evaluate", *args, "--feature_extractor", "features.TinyFeatures"), *phrases)
+    stacked = cli("sample", *args, "--labels", "all", "--num_samples", 4, "--out", out, "--stack_guidance", "true")
+    assert stacked.returncode == 0 and out.is_file(), stacked.stderr[-3000:]
+    assert "(2 network evaluations per image;" in stacked.stdout

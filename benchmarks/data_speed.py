@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.hf_data import HFDataset
 from diffusion_lit.sources import ImageFolder
-from diffusion_lit.streaming import Streaming, optimize
+from diffusion_lit.optimize import optimize
+from diffusion_lit.streaming import Streaming
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench  # build and time the config's network as bench.py does

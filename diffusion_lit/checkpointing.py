@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion_lit.errors import UserError, reason, say
 from diffusion_lit.files import write_atomic
+from diffusion_lit.loaders import Unreadable
 
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what shells and schedulers expect of a process ended by SIGTERM
 SIGINT_EXIT_STATUS = 130  # 128 + SIGINT, for Ctrl-C
@@ -220,6 +221,13 @@ class Checkpoint(ModelCheckpoint):
             return
         if (lost := lost_peers(trainer, exception)) is not None:
             Checkpoint.lost_line = self.after_lost_peer(trainer, lost)
+            return
+        if isinstance(exception, Unreadable) and Checkpoint.training_began and trainer.world_size == 1:
+            # A damaged image ends the run: the steps before it are kept (under DDP a save would wait for the others)
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            exception.saved = (f"{Path(self.dirpath) / 'last.ckpt'} holds step {trainer.global_step}: once the data "
+                               "is fixed, run the same command with --ckpt_path last to continue")
             return
         if not isinstance(exception, SIGTERMException):
             return

@@ -36,13 +36,14 @@ from diffusion_lit.checkpointing import (
 from diffusion_lit.commands import sample
 from diffusion_lit.evaluation import evaluate
 from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.config_errors import part_mistake
 from diffusion_lit.errors import UserError, say
 from diffusion_lit.export import export
 from diffusion_lit.old_model import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.old_data import refuse_old_configs, upgrade_words
 from diffusion_lit.speed import CpuCost
-from diffusion_lit.streaming import optimize
+from diffusion_lit.optimize import optimize
 from diffusion_lit.stable_diffusion import StableDiffusionModule
 from diffusion_lit.trust import check_hparams, class_paths, parse_trusted, read_checkpoint
 
@@ -67,10 +68,18 @@ CHECKPOINT_DEFAULTS = {
 
 
 class QuietUsage:
-    """Parser errors print the error line (and a tip to run --help), not the whole usage above it."""
+    """Parser errors print the error line (and a tip to run --help), not the whole usage above it; a part's class
+    path that names nothing, fails to import or is given an argument it does not take is said in one line."""
 
     def print_usage(self, file=None) -> None:
         pass
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not os.environ.get("DIFFUSION_LIT_DEBUG"):  # the debugger of a part wants jsonargparse's whole report
+            # the type of each option (jsonargparse keeps it on the action, with no public name for it)
+            typehints = {action.dest: getattr(action, "_typehint", None) for action in self._actions}
+            message = part_mistake(message, typehints) or message
+        super().error(message, ex)
 
 
 class Parser(QuietUsage, LightningArgumentParser):

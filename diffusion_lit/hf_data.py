@@ -5,11 +5,15 @@ written by `save_to_disk`, parquet files, or an `imagefolder` (images in class s
 from pathlib import Path
 
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.folders import GRAYSCALE_MODES, to_8_bits
+from diffusion_lit.loaders import Splits, Unreadable
 from diffusion_lit.sources import Source
 from diffusion_lit.text import need
+
+CHECKED_ROWS = 10_000  # rows decoded before training (all of a smaller dataset, else as many spread over it)
 
 
 def load(path: Path, split: str):
@@ -95,7 +99,28 @@ class HFDataset(Source):
     def images(self, transform, channels: int) -> Dataset:
         columns = [self.image_column] + ([self.label_column] if self.num_classes else [])
         return Rows(self.table.select_columns(columns), self.image_column, self.label_column if self.num_classes
-                    else None, "L" if channels == 1 else "RGB", transform)
+                    else None, "L" if channels == 1 else "RGB", transform, self.path)
+
+    def datasets(self, transform, channels: int, captions: bool, val_fraction: float, seed: int) -> Splits:
+        self.check_rows()
+        return super().datasets(transform, channels, captions, val_fraction, seed)
+
+    def check_rows(self) -> None:
+        """A UserError naming the rows whose image cannot be decoded, before training: every row of a dataset of up
+        to CHECKED_ROWS, else CHECKED_ROWS spread evenly over it (a row met later is named as it is read)."""
+        rows = Rows(self.table.select_columns([self.image_column]), self.image_column, None, "L", None, self.path)
+        step = max(1, len(rows) / CHECKED_ROWS)
+        picked = sorted({int(k * step) for k in range(min(len(rows), CHECKED_ROWS))})
+        bad = []
+        for i in tqdm(picked, f"checking the images in {self.path}", disable=len(picked) < 2000, leave=False):
+            try:
+                rows[i]
+            except Unreadable as err:
+                bad.append(str(err).split(": fix")[0])
+        if bad:
+            more = ", ..." if len(bad) > 3 else ""
+            raise UserError(f"{len(bad)} of the {len(picked)} rows checked cannot be read: {', '.join(bad[:3])}{more}"
+                            ": remove or replace them, or write the dataset again without them")
 
     def colour(self, channels: int) -> list:
         return []  # Rows converts each image's mode itself
@@ -117,15 +142,20 @@ class HFDataset(Source):
 class Rows(Dataset):
     """A Hugging Face dataset's images (converted to `mode`) with their labels (0 without a label column)."""
 
-    def __init__(self, table, image_column: str, label_column: str | None, mode: str, transform=None) -> None:
+    def __init__(self, table, image_column: str, label_column: str | None, mode: str, transform=None,
+                 path: str = "the dataset") -> None:
         self.table, self.image_column, self.label_column = table, image_column, label_column
-        self.mode, self.transform = mode, transform
+        self.mode, self.transform, self.path = mode, transform, path
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, i: int):
-        row = self.table[i]
-        image = to_8_bits(row[self.image_column]).convert(self.mode)
+        try:
+            row = self.table[i]
+            image = to_8_bits(row[self.image_column]).convert(self.mode)
+        except Exception as err:  # a damaged image: PIL's and datasets' errors take many forms
+            raise Unreadable(f"row {i} of {self.path} cannot be read ({reason(err)}): fix or remove it, or write the "
+                             "dataset again without it") from None
         label = int(row[self.label_column]) if self.label_column else 0
         return (self.transform(image) if self.transform else image), label

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
+from diffusion_lit.errors import UserError
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # torchdata's import-time notices say nothing a user can act on
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -37,6 +39,20 @@ def leave_signals_to_main(worker_id: int) -> None:
         os._exit(0)  # a quiet end: the main process is shutting its workers down
 
     threading.Thread(target=obey_main, daemon=True, name="sigterm-from-main").start()
+
+
+class Unreadable(UserError):
+    """An image met while training that cannot be decoded (a damaged chunk or row). torch re-raises a DataLoader
+    worker's as a new one whose text carries the worker's traceback: its str() is the original line, and what the
+    `Checkpoint` callback saved before the run ended (`saved`)."""
+
+    saved = ""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if "Original Traceback" in text:  # "...\ndiffusion_lit.loaders.Unreadable: <the line>"
+            text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+        return f"{text}; {self.saved}" if self.saved else text
 
 
 def plain(state):

@@ -1,18 +1,16 @@
 """Training images streamed in chunks with litdata (`pip install -e ".[data]"`), for data that outgrows a disk.
 
-`python -m diffusion_lit data optimize --source ... --out DIR` writes any source's images (PNG-compressed, at their
-native size) with their labels and captions as litdata chunks; `data.source: Streaming(DIR)` trains from them: a local
-folder is read in place, a remote one (s3://, gs://, azure://, r2://, hf://; `local:DIR` reads a local folder as if
-it were remote) is fetched into a cache that `max_cache_size` bounds.
+`python -m diffusion_lit data optimize --source ... --out DIR` writes any source's images as litdata chunks
+(`optimize`); `data.source: Streaming(DIR)` trains from them: a local folder is read in place (its chunks checked
+against their checksums first), a remote one (s3://, gs://, azure://, r2://, hf://; `local:DIR` reads a local folder
+as if it were remote) is fetched into a cache that `max_cache_size` bounds.
 """
 
-import contextlib
 import functools
 import io
 import json
-import multiprocessing
-import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -20,95 +18,32 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lit.errors import UserError, reason
-from diffusion_lit.loaders import Splits, leave_signals_to_main
+from diffusion_lit.loaders import Splits, Unreadable, leave_signals_to_main
 from diffusion_lit.sources import Source
 from diffusion_lit.text import need
 
 FORMAT = 1  # what diffusion_lit writes beside litdata's own index (under "diffusion_lit"): this version reads 1
 AHEAD_CHUNKS = 4  # chunks of room kept in the cache for litdata's fetching ahead (`cache_budget`)
 REMOTE = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
-
-
-class Item:
-    """One image of a source as a chunk item: its index, PNG bytes, label and caption (litdata pickles this to its
-    workers)."""
-
-    def __init__(self, images: Dataset, source: Source, captions: bool) -> None:
-        self.images, self.source, self.captions = images, source, captions
-
-    def __call__(self, index: int) -> dict:
-        image, label = self.images[index]
-        png = io.BytesIO()
-        image.save(png, "PNG")
-        caption = self.source.caption(index, label) if self.captions else ""
-        return {"index": index, "image": png.getvalue(), "label": int(label), "caption": caption}
-
-
-def optimize(source: Source, out: str, captions: bool = False, num_workers: int = 1,
-             chunk_bytes: str | int = "64MB") -> None:
-    """Write a source's images as litdata chunks that `data.source: Streaming(out)` trains from.
-
-    Args:
-        source: any data source, as `fit` names it (``--source ImageFolder --source.root DIR``).
-        out: the folder to write (new, or empty); a half-written one never takes its place.
-        captions: store each image's caption too, for text models.
-        num_workers: processes that encode the images (0: in this one).
-        chunk_bytes: the size of a chunk file: bytes, or a size such as 64MB.
-    """
-    ld = need("litdata", "data")
-    folder = Path(out)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
-    if num_workers < 0:
-        raise UserError(f"--num_workers must be 0 (encode in this process) or more, got {num_workers}")
-    chunk_bytes = size_in_bytes(chunk_bytes, "--chunk_bytes")
-    if captions and isinstance(source, Streaming):
-        raise UserError("--captions true: a stream's captions are not read back to be written again: optimize the "
-                        "source it was written from")
-    if captions:
-        source.read_captions()
-    source.prepare()
-    images = source.images(None, source.channels)
-    if len(images) == 0:
-        raise UserError("the source holds no images: nothing to write")
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted optimize into the same --out left
-    before = multiprocessing.get_start_method(allow_none=True)
-    try:  # litdata's own lines (an account to create, its settings) say nothing a user needs; its bar stays
-        with contextlib.redirect_stdout(io.StringIO()):
-            # Forked workers start at once; litdata's default (spawn) imports everything again in each.
-            ld.optimize(fn=Item(images, source, captions), inputs=list(range(len(images))),
-                        output_dir=str(partial.resolve()), chunk_bytes=chunk_bytes, num_workers=num_workers,
-                        mode="overwrite", start_method="fork")
-    finally:  # litdata sets the start method for the whole process
-        multiprocessing.set_start_method(before, force=True)
-    index_file = partial / "index.json"
-    index = json.loads(index_file.read_text())
-    written = sum(chunk["chunk_size"] for chunk in index["chunks"])
-    if written != len(images):  # litdata's workers can fail without an error reaching here
-        shutil.rmtree(partial, ignore_errors=True)
-        raise UserError(f"data optimize wrote {written} of {len(images)} images and kept none; run it again with "
-                        "--num_workers 1 to see what fails")
-    index["diffusion_lit"] = {"format": FORMAT, "count": len(images), "image_size": source.image_size,
-                              "channels": source.channels, "num_classes": source.num_classes, "captions": captions,
-                              "source": source.config()}
-    index_file.write_text(json.dumps(index))
-    if folder.exists():
-        folder.rmdir()
-    partial.rename(folder)
-    print(f"wrote {len(images)} images to {folder} ({sum(1 for _ in folder.glob('*.bin'))} chunks); train with "
-          f"--data.source Streaming --data.source.root {folder}")
+CHECKED_BYTES = 2**30  # local chunks up to this size in all are checked against their checksums before training
 
 
 class Decode:
-    """A chunk item -> (image through `transform`, or the PIL image without one; label or caption)."""
+    """A chunk item -> (image through `transform`, or the PIL image without one; label or caption); an image that
+    cannot be decoded is an `Unreadable` naming it."""
 
-    def __init__(self, transform, channels: int, captions: bool) -> None:
+    def __init__(self, transform, channels: int, captions: bool, root: str) -> None:
         self.transform, self.mode, self.captions = transform, "L" if channels == 1 else "RGB", captions
+        self.root = root
 
     def __call__(self, item: dict):
-        with Image.open(io.BytesIO(item["image"])) as image:
-            image = image.convert(self.mode)
+        try:
+            with Image.open(io.BytesIO(item["image"])) as image:
+                image = image.convert(self.mode)
+        except Exception as err:  # PIL's errors for damaged bytes take many forms
+            raise Unreadable(f"image {item.get('index')} of the chunks in {self.root} cannot be decoded "
+                             f"({reason(err)}): the chunk is damaged; copy it again, or write the folder again "
+                             "with `data optimize`") from None
         label = item["caption"] if self.captions else int(item["label"])
         return (self.transform(image) if self.transform else image), label
 
@@ -169,20 +104,20 @@ class Streaming(Source):
                             "`data optimize --captions true`")
 
     def images(self, transform, channels: int) -> Dataset:
-        return self.stream(transform=Decode(transform, channels, False))
+        return self.stream(transform=Decode(transform, channels, False, self.root))
 
     def datasets(self, transform, channels: int, captions: bool, val_fraction: float, seed: int) -> Splits:
         """The stream for training (shuffled by seed and epoch), a share of its chunks' items held out for
         validation, and the whole set in order as the reference (read by index from a local folder)."""
         ld = need("litdata", "data")
         train = self.stream(shuffle=True, seed=seed, drop_last=True,
-                            transform=Decode(transform(True), channels, captions))
+                            transform=Decode(transform(True), channels, captions, self.root))
         val = []
         if val_fraction > 0:
             train, val = ld.train_test_split(train, [1.0 - val_fraction, val_fraction], seed=seed)
             val.shuffle, val.drop_last = False, False
-            val.transform = Decode(transform(False), channels, captions)
-        reference = self.stream(transform=Decode(transform(False), channels, captions))
+            val.transform = Decode(transform(False), channels, captions, self.root)
+        reference = self.stream(transform=Decode(transform(False), channels, captions, self.root))
         return Splits(train, val, InOrder(reference) if self.remote else reference)
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
@@ -262,15 +197,25 @@ def cache_budget(max_cache_size: str | int, chunk_bytes: int) -> int:
     return limit - room
 
 
+def checksum(path: Path) -> str:
+    """A chunk file's CRC-32 (what `data optimize` records and `check_chunks` compares), as 8 hex digits."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(2**22):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
 def check_chunks(root: Path) -> None:
-    """A UserError when a local chunk folder is missing, or a chunk file is missing or not of its indexed size (cut
-    short by a copy or a full disk)."""
+    """A UserError when a local chunk folder is missing, or a chunk file is missing, not of its indexed size (cut
+    short by a copy or a full disk) or, up to CHECKED_BYTES in all, not of its recorded checksum (damaged bytes)."""
     index_file = root / "index.json"
     if not index_file.is_file():
         raise UserError(f"--data.source.root {root}: no chunk index ({index_file} is missing): give a folder written "
                         "by `python -m diffusion_lit data optimize`")
     try:
-        chunks = json.loads(index_file.read_text())["chunks"]
+        index = json.loads(index_file.read_text())
+        chunks = index["chunks"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{index_file} cannot be read ({reason(err)}): write the folder again with "
                         "`data optimize`") from None
@@ -280,6 +225,14 @@ def check_chunks(root: Path) -> None:
         if size != chunk["chunk_bytes"]:
             found = "is missing" if size is None else f"holds {size} bytes of {chunk['chunk_bytes']}"
             raise UserError(f"chunk {path} {found}: copy it again, or write the folder again with `data optimize`")
+    # Folders written before checksums were recorded have none; larger ones are checked image by image as read.
+    checksums = (index.get("diffusion_lit") or {}).get("checksums") or {}
+    if checksums and sum(chunk["chunk_bytes"] for chunk in chunks) <= CHECKED_BYTES:
+        for chunk in chunks:
+            path = root / chunk["filename"]
+            if checksums.get(chunk["filename"]) not in (None, checksum(path)):
+                raise UserError(f"chunk {path} is damaged (its bytes differ from those `data optimize` wrote): copy "
+                                "it again, or write the folder again with `data optimize`")
 
 
 def check_writable(folder: Path) -> None:

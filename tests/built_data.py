@@ -9,13 +9,14 @@ from lightning.pytorch import Callback
 from conftest import write_image_folder
 
 
-def hf_layout(tmp_path: Path, layout: str, n_per_class: int = 8, captions: bool = False) -> Path:
+def hf_layout(tmp_path: Path, layout: str, n_per_class: int = 8, captions: bool = False, written: bool = False) -> Path:
     """The images of `write_image_folder` as a save_to_disk folder or a parquet file (image, label as a ClassLabel,
     and a caption per image in `text`), or as an imagefolder (the folder itself, with a metadata.jsonl when
-    `captions`). Rows in file order; the caption of a/000.png is "image 000 of a"."""
+    `captions`). Rows in file order; the caption of a/000.png is "image 000 of a". `written`: the images are in
+    tmp_path/images already."""
     import datasets
 
-    root = write_image_folder(tmp_path / "images", n_per_class=n_per_class)
+    root = tmp_path / "images" if written else write_image_folder(tmp_path / "images", n_per_class=n_per_class)
     files = sorted(root.rglob("*.png"))
     texts = [f"image {p.stem} of {p.parent.name}" for p in files]
     if layout == "imagefolder":

@@ -19,7 +19,8 @@ from diffusion_lit.cli import main
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sources import ImageFolder
-from diffusion_lit.streaming import Streaming, optimize
+from diffusion_lit.optimize import optimize
+from diffusion_lit.streaming import Streaming
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 

@@ -12,7 +12,8 @@ from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.hf_data import HFDataset
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.sources import ImageFolder
-from diffusion_lit.streaming import Streaming, optimize
+from diffusion_lit.optimize import optimize
+from diffusion_lit.streaming import Streaming
 
 N = 6  # 32 training images in batches of 8: the run stops two batches into its second epoch
 

@@ -14,7 +14,8 @@ from conftest import tiny_unet, write_image_folder
 from diffusion_lit.data import DiffusionDataModule
 from diffusion_lit.module import DiffusionModule
 from diffusion_lit.errors import UserError
-from diffusion_lit.streaming import AHEAD_CHUNKS, Streaming, optimize
+from diffusion_lit.optimize import optimize
+from diffusion_lit.streaming import AHEAD_CHUNKS, Streaming
 from diffusion_lit.sources import ImageFolder
 from test_cli import REPO, cli
 

@@ -1,0 +1,85 @@
+"""A part named wrongly in a config or on the command line (`--model.process X`) ends with one `error:` line that
+names the option, what was given and what to do; never jsonargparse's many-line report."""
+
+import pytest
+
+from test_cli import REPO, cli
+
+TINY = REPO / "configs/tiny_cpu.yaml"
+PROCESSES = "diffusion_lit.process.VP, diffusion_lit.process.Flow"
+
+
+def error_line(result) -> str:
+    """The one line a user sees (beside jsonargparse's tip to run --help), after status 2."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("tip:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,phrases", [
+    (["--model.process", "diffusion_lit.process.Nope"], ["--model.process diffusion_lit.process.Nope", PROCESSES]),
+    (["--model.process", "Nope"], ["--model.process Nope: no such class", PROCESSES]),
+    (["--model.process", "diffusion_lit.proces.Flow"], ["no module diffusion_lit.proces", PROCESSES]),
+    (["--model.process", "diffusion_lit.objective.MeanFlow"], ["not a Process", PROCESSES]),
+    (["--model.objective", "diffusion_lit.objective.Nope"], ["--model.objective", "diffusion_lit.objective.MeanFlow"]),
+    (["--model.conditioning", "Nope"], ["--model.conditioning", "diffusion_lit.conditioning.Labels",
+                                        "diffusion_lit.conditioning.Prompts"]),
+    (["--model.latent", "diffusion_lit.latent.Nope"], ["--model.latent", "diffusion_lit.latent.Latent"]),
+    # a factory of networks: only our networks (a module imported by nothing yet included), not every nn.Module
+    (["--model.net", "diffusion_lit.unet.Nope"], ["--model.net", "diffusion_lit.unet.UNet, ", "diffusion_lit.dit.DiT"]),
+    (["--data.source", "Nope"], ["--data.source Nope", "diffusion_lit.sources.ImageFolder"]),
+    (["--trainer.callbacks", "diffusion_lit.callbacks.Nope"], ["--trainer.callbacks", "diffusion_lit.callbacks.FID"]),
+], ids=["class", "short-name", "submodule", "other-kind", "objective", "conditioning", "latent", "net", "source",
+        "callbacks"])
+def test_a_class_that_does_not_exist_lists_those_that_fit(args, phrases):
+    line = error_line(cli("fit", "--config", TINY, *args, "--print_config"))
+    for phrase in phrases:
+        assert phrase in line
+    if "--model.net" in args:
+        assert "ResBlock" not in line and "Guide" not in line
+
+
+def test_a_module_that_does_not_exist_says_how_to_make_one_importable():
+    line = error_line(cli("fit", "--config", TINY, "--model.process", "nosuchmodule.Flow", "--print_config"))
+    assert line.startswith("error: --model.process nosuchmodule.Flow: Python cannot find the module nosuchmodule")
+    assert "PYTHONPATH" in line and PROCESSES in line
+
+
+def test_ones_own_module_beside_a_config_elsewhere_says_how_to_make_it_importable(tmp_path):
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    (folder / "beside_config_part.py").write_text(
+        "from diffusion_lit.process import Flow\n\n\nclass MyProcess(Flow):\n    pass\n")
+    (folder / "run.yaml").write_text("model:\n  process:\n    class_path: beside_config_part.MyProcess\n")
+    line = error_line(cli("fit", "--config", TINY, "--config", folder / "run.yaml", "--print_config", cwd=tmp_path))
+    assert "--model.process beside_config_part.MyProcess" in line
+    assert "run from the folder that holds beside_config_part.py" in line and "PYTHONPATH" in line
+
+
+@pytest.mark.parametrize("where", ["command line", "config"])
+def test_a_module_that_raises_on_import_gives_its_one_line(tmp_path, monkeypatch, where):
+    (tmp_path / "raising_part.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # as when run from its folder
+    (tmp_path / "run.yaml").write_text("model:\n  process:\n    class_path: raising_part.MyProcess\n")
+    args = ["--model.process", "raising_part.MyProcess"] if where == "command line" else ["--config", "run.yaml"]
+    line = error_line(cli("fit", "--config", TINY, *args, "--print_config", cwd=tmp_path))
+    assert "--model.process raising_part.MyProcess: importing raising_part failed" in line
+    assert "RuntimeError: boom at import" in line and "raising_part.py, line 1" in line
+
+
+@pytest.mark.parametrize("where", ["command line", "config"])
+def test_an_argument_the_class_does_not_take_lists_those_it_takes(tmp_path, where):
+    (tmp_path / "run.yaml").write_text(
+        "model:\n  process:\n    class_path: diffusion_lit.process.Flow\n    init_args: {nope: 3}\n")
+    args = (["--model.process", "diffusion_lit.process.Flow", "--model.process.init_args.nope", "3"]
+            if where == "command line" else ["--config", tmp_path / "run.yaml"])
+    line = error_line(cli("fit", "--config", TINY, *args, "--print_config"))
+    assert "--model.process diffusion_lit.process.Flow: it takes no argument 'nope'; its arguments are shift" in line
+
+
+def test_an_argument_of_another_part_lists_its_own():
+    line = error_line(cli("fit", "--config", TINY, "--model.conditioning", "Labels", "--model.conditioning.nope", "3",
+                          "--print_config"))
+    assert "--model.conditioning diffusion_lit.conditioning.Labels: it takes no argument 'nope'" in line
+    assert "its arguments are p_uncond" in line

@@ -110,7 +110,8 @@ class AutoencoderModule(LoadsClearly, LightningModule):
 def load_autoencoder(spec: str) -> tuple[nn.Module, float | None, float]:
     """(the frozen AutoencoderKL, its scaling factor or None when it has none, its shift) from a checkpoint of
     `AutoencoderModule` or a local diffusers folder (its own, or one with a `vae` sub-folder, as SD's)."""
-    from diffusion_lit.trust import read_checkpoint  # trust imports the parts, and the latent part imports this file
+    # trust imports the parts, and the latent part imports this file
+    from diffusion_lit.trust import diffusers_pickle_refusal, read_checkpoint, refused_pickle
 
     diffusers = need("diffusers")
     path = Path(spec).expanduser()
@@ -135,6 +136,8 @@ def load_autoencoder(spec: str) -> tuple[nn.Module, float | None, float]:
         try:
             vae = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
         except Exception as err:
+            if refused_pickle(err):  # diffusers says only "Unable to load weights"; torch's advice: never passed on
+                raise diffusers_pickle_refusal(f"autoencoder {spec}", "AutoencoderKL", folder) from None
             raise UserError(f"autoencoder {spec} could not be loaded as an AutoencoderKL ({reason(err)})") from None
         scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     else:

@@ -21,6 +21,7 @@ from diffusion_lit.loading import start_from_checkpoint
 from diffusion_lit.process import VP
 from diffusion_lit.schedule import cosine_betas, linear_betas, scaled_linear_betas
 from diffusion_lit.text import need
+from diffusion_lit.trust import diffusers_pickle_refusal, refused_pickle
 from diffusion_lit.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample
 
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours -> diffusers' prediction_type
@@ -242,6 +243,8 @@ def load_unet_weights(net: UNet, spec: str) -> dict | None:
     try:
         unet = diffusers.UNet2DModel.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
+        if refused_pickle(err):  # diffusers says only "Unable to load weights"; torch's advice: never passed on
+            raise diffusers_pickle_refusal(f"InitFrom {spec}", "UNet2DModel", folder) from None
         raise UserError(f"InitFrom {spec}: its weights could not be read ({reason(err)}); a folder written by "
                         "save_pretrained holds diffusion_pytorch_model.safetensors") from None
     try:

@@ -24,6 +24,7 @@ from diffusion_lit.module import DiffusionModule
 from diffusion_lit.objective import Objective, Weighting
 from diffusion_lit.old_data import describe
 from diffusion_lit.text import CLIPText, need
+from diffusion_lit.trust import diffusers_pickle_refusal, refused_pickle
 
 SD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections: diffusers' LoRA scripts' default
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -117,6 +118,8 @@ class PretrainedUNet(nn.Module):
         try:
             self.unet = diffusers.UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
         except Exception as err:
+            if refused_pickle(err):  # diffusers says only "Unable to load weights"; torch's advice: never passed on
+                raise diffusers_pickle_refusal(f"pretrained {folder}", "UNet2DConditionModel", root / "unet") from None
             raise UserError(f"pretrained {folder}: its unet could not be loaded ({reason(err)})") from None
         self.lora = lora_rank is not None
         # The frozen base weights are read from the folder, not saved with the adapters: their fingerprint is.

@@ -9,8 +9,11 @@ as if it were remote) is fetched into a cache that `max_cache_size` bounds.
 import functools
 import io
 import json
+import os
 import tempfile
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,12 +60,16 @@ class Streaming(Source):
         max_cache_size: the most a remote folder's cache may hold ("50GB", "500MB", or bytes); by default litdata's
             (75% of the free disk).
         cache_dir: where a remote folder's chunks are cached; by default litdata's.
+        timeout: seconds to wait for a remote folder's index before giving up in one line.
     """
 
     name, elastic = "streaming", True  # litdata's loader resumes with another number of workers
 
-    def __init__(self, root: str, max_cache_size: str | int | None = None, cache_dir: str | None = None) -> None:
-        self.root, self.max_cache_size, self.cache_dir = root, max_cache_size, cache_dir
+    def __init__(self, root: str, max_cache_size: str | int | None = None, cache_dir: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.root, self.max_cache_size, self.cache_dir, self.timeout = root, max_cache_size, cache_dir, timeout
+        if timeout <= 0:
+            raise UserError(f"--data.source.timeout must be a number of seconds above 0, got {timeout}")
         self.remote = root.startswith(REMOTE)
         if not self.remote:
             check_chunks(Path(root))
@@ -82,9 +89,13 @@ class Streaming(Source):
         return ld.StreamingDataset(self.root, cache_dir=self.cache_dir, max_cache_size=self.budget, **kwargs)
 
     def read_index(self) -> dict:
-        """litdata's index with what `data optimize` wrote into it (read from the cache for a remote folder)."""
+        """litdata's index with what `data optimize` wrote into it (read from the cache for a remote folder, within
+        `timeout` seconds: a client with credentials and no network retries for minutes without a word)."""
         try:
-            index = json.loads((Path(self.stream().input_dir.path) / "index.json").read_text())
+            index = json.loads(within(self.timeout, lambda: (Path(self.stream().input_dir.path) / "index.json")
+                                      .read_text(), self.waited))
+        except UserError:
+            raise
         except Exception as err:  # litdata's, for a folder it cannot open: credentials, a missing client, no chunks
             raise UserError(f"--data.source.root {self.root}: no chunk index can be read ({reason(err)}): give a "
                             "folder written by `python -m diffusion_lit data optimize`, and for a bucket its "
@@ -97,6 +108,16 @@ class Streaming(Source):
             raise UserError(f"{self.root} was written by another version of diffusion_lit (format "
                             f"{meta.get('format')}; this version reads {FORMAT}): write it again with `data optimize`")
         return index
+
+    def waited(self) -> UserError:
+        scheme = self.root.split("://")[0]
+        endpoint = {"s3": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                    or "AWS S3 (s3.amazonaws.com, or the endpoint in ~/.aws/config)",
+                    "gs": "Google Cloud Storage (storage.googleapis.com)", "hf": "the Hugging Face Hub (huggingface.co)",
+                    "r2": "Cloudflare R2 (r2.cloudflarestorage.com)", "azure": "Azure Blob Storage (blob.core.windows.net)"}
+        return UserError(f"--data.source.root {self.root}: no chunk index within {self.timeout:g} s from "
+                         f"{endpoint.get(scheme, scheme)}, with the credentials in this environment: check the network "
+                         "and the endpoint, or wait longer with --data.source.timeout SECONDS")
 
     def read_captions(self) -> None:
         if not self.meta["captions"]:
@@ -170,6 +191,27 @@ class InOrder(Dataset):
         while len(self.items) <= i:
             self.items.append(next(self.iterator))
         return self.items[i]
+
+
+def within(seconds: float, read: Callable[[], str], late: Callable[[], UserError]) -> str:
+    """read() on a thread of its own, waited for `seconds`; `late()` raised when it has not answered by then (the
+    thread is left to end with the process)."""
+    box = {}
+
+    def run() -> None:
+        try:
+            box["value"] = read()
+        except Exception as err:  # raised again in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True, name="read-chunk-index")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise late()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def size_in_bytes(size: str | int, option: str) -> int:

@@ -94,17 +94,16 @@ class CLIPText(nn.Module):
             self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
             self.model = transformers.CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as err:
-            from diffusion_lit.trust import refused_pickle  # trust imports latent, which imports this module
+            # imported here: trust imports latent, which imports this module
+            from diffusion_lit.trust import pickle_refusal, pickled_weights, refused_pickle
 
             if refused_pickle(err):  # torch's text advises loading it with weights_only=False: never passed on
-                weights = next(iter(sorted(model_dir.glob("*.bin"))), model_dir / "pytorch_model.bin")
-                raise UserError(
-                    f"CLIPText {folder}: {weights} is a pickle that holds more than tensors, which could run code when "
-                    "loaded: refused. Only if you trust where the folder came from, convert it to safetensors once "
-                    "(save_pretrained writes model.safetensors, which loads without running anything): transformers."
-                    f"CLIPTextModel.from_pretrained(None, config=transformers.CLIPTextConfig.from_pretrained("
-                    f"\"{model_dir}\"), state_dict=torch.load(\"{weights}\", weights_only=False)).save_pretrained("
-                    f"\"{model_dir}\")") from None
+                weights = pickled_weights(model_dir, "pytorch_model.bin")
+                raise pickle_refusal(
+                    f"CLIPText {folder}", weights, "model.safetensors",
+                    "transformers.CLIPTextModel.from_pretrained(None, config=transformers.CLIPTextConfig."
+                    f"from_pretrained({str(model_dir)!r}), state_dict=torch.load({str(weights)!r}, weights_only=False))"
+                    f".save_pretrained({str(model_dir)!r})") from None
             raise UserError(f"CLIPText {folder} could not be loaded as a CLIP text model ({reason(err)})") from None
         self.model.requires_grad_(False).eval()
         self.width = self.model.config.hidden_size

@@ -79,11 +79,38 @@ def refused_pickle(err: BaseException | None) -> bool:
     """Whether a `torch.load(weights_only=True)` (ours, or a library's such as transformers') refused a file for
     holding more than tensors and plain values. torch's text then advises re-running it with weights_only=False,
     which would run whatever code a crafted file carries: the caller says what is wrong in its own words instead."""
-    while err is not None:  # a library may wrap torch's error in its own
+    seen = set()
+    while err is not None and id(err) not in seen:  # a library may wrap torch's error in its own: raised from it
+        seen.add(id(err))  # (transformers), or while handling it (diffusers' "Unable to load weights" OSError)
         if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
             return True
-        err = err.__cause__
+        err = err.__cause__ or err.__context__
     return False
+
+
+def pickle_refusal(what: str, weights: Path, safe_file: str, convert: str) -> UserError:
+    """The one line that refuses a pretrained folder's pickled `weights` once `refused_pickle` says a weights_only
+    load refused them, with `convert`, the code that rewrites them as `safe_file` for whoever trusts the folder."""
+    return UserError(f"{what}: {weights} is a pickle that holds more than tensors, which could run code when loaded: "
+                     "refused. Only if you trust where the folder came from, convert it to safetensors once "
+                     f"(save_pretrained writes {safe_file}, which loads without running anything): {convert}")
+
+
+def pickled_weights(folder: Path, name: str) -> Path:
+    """The pickled weights file of a pretrained folder: `name` when it is there, else its first .bin (a variant's or
+    a shard's)."""
+    return folder / name if (folder / name).is_file() else next(iter(sorted(folder.glob("*.bin"))), folder / name)
+
+
+def diffusers_pickle_refusal(what: str, model: str, folder: Path) -> UserError:
+    """`pickle_refusal` for a diffusers `model` (a class name, "AutoencoderKL") saved in `folder`; its conversion
+    keeps the file's tensors (its other objects are no weights) and loads them strictly into the model first."""
+    weights = pickled_weights(folder, "diffusion_pytorch_model.bin")
+    return pickle_refusal(
+        what, weights, "diffusion_pytorch_model.safetensors",
+        f"import diffusers, torch; m = diffusers.{model}.from_config(diffusers.{model}.load_config({str(folder)!r})); "
+        f"m.load_state_dict({{k: v for k, v in torch.load({str(weights)!r}, weights_only=False).items() "
+        f"if torch.is_tensor(v)}}); m.save_pretrained({str(folder)!r})")
 
 
 def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:

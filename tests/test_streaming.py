@@ -128,3 +128,29 @@ def test_bad_settings_are_one_error_line_and_write_nothing(chunks, tmp_path):
         assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
     os.chmod(chunks, 0o755)
+
+
+def test_a_bucket_that_does_not_answer_is_one_line_after_the_timeout(tmp_path, monkeypatch):
+    """Credentials set and no network: boto retries for minutes without a word. The index is waited for `timeout`
+    seconds, then one line says what was tried and how to wait longer."""
+    import time
+
+    def no_answer(self, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(Streaming, "stream", no_answer)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://192.0.2.1:9")
+    began = time.monotonic()
+    with pytest.raises(UserError, match=r"s3://no-such-bucket/x: no chunk index within 0.5 s from http://192.0.2.1:9, "
+                                        r"with the credentials in this environment: .* --data.source.timeout SECONDS"):
+        Streaming("s3://no-such-bucket/x", timeout=0.5)
+    assert time.monotonic() - began < 5
+
+
+def test_a_bucket_with_credentials_and_no_network_ends_in_one_line(tmp_path):
+    result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "Streaming", "--data.source.root",
+                 "s3://no-such-bucket/x", "--data.source.timeout", 3, AWS_ACCESS_KEY_ID="AKIAEXAMPLE",
+                 AWS_SECRET_ACCESS_KEY="example", AWS_DEFAULT_REGION="us-east-1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith("error: --data.source.root s3://no-such-bucket/x: no chunk index")

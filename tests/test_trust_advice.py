@@ -133,3 +133,64 @@ def test_sample_and_evaluate_refuse_to_stack_guidance_without_being_asked(tmp_pa
     stacked = cli("sample", *args, "--labels", "all", "--num_samples", 4, "--out", out, "--stack_guidance", "true")
     assert stacked.returncode == 0 and out.is_file(), stacked.stderr[-3000:]
     assert "(2 network evaluations per image;" in stacked.stdout
+
+
+# --- a diffusers folder's pickled weights ---------------------------------------------------------------------------
+
+def pickled(folder):
+    """`folder`'s diffusion_pytorch_model.safetensors replaced by diffusers' pickled name for the weights, a pickle
+    that also names a callable."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({**state, "extra": builtins.print}, folder / "diffusion_pytorch_model.bin")
+
+
+def autoencoder_folder(tmp_path):
+    from diffusion_lit.autoencoder import load_autoencoder
+
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 16),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=4).save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae", "autoencoder", lambda: load_autoencoder(str(tmp_path / "vae"))
+
+
+def unet2d_folder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusion_lit.diffusers_io import load_unet_weights, unet2d_config
+
+    net = tiny_unet(1, 8, 0)
+    diffusers.UNet2DModel(**unet2d_config(net)).save_pretrained(tmp_path / "unet")
+    return tmp_path / "unet", "InitFrom", lambda: load_unet_weights(net, str(tmp_path / "unet"))
+
+
+def sd_folder(part):
+    def build(tmp_path):
+        from test_stable_diffusion import write_tiny_sd  # skipped without diffusers, transformers or peft
+
+        from diffusion_lit.stable_diffusion import StableDiffusionModule
+
+        sd = write_tiny_sd(tmp_path)
+        return sd / part, "pretrained" if part == "unet" else "autoencoder", lambda: StableDiffusionModule(str(sd))
+    return build
+
+
+@pytest.mark.parametrize("build", [autoencoder_folder, unet2d_folder, sd_folder("unet"), sd_folder("vae")],
+                         ids=["autoencoder", "InitFrom", "sd_unet", "sd_vae"])
+def test_a_pickled_diffusers_folder_is_refused_with_what_to_do(tmp_path, build):
+    folder, begins, load = build(tmp_path)
+    pickled(folder)
+    with pytest.raises(UserError) as refused:
+        load()
+    line = str(refused.value)
+    assert line.startswith(begins), line  # whose folder: diffusers' own line says only "Unable to load weights"
+    assert f"{folder / 'diffusion_pytorch_model.bin'} is a pickle that holds more than tensors" in line, line
+    assert "weights_only set to False" not in line and "likely succeed" not in line and "Unable to load" not in line
+    assert "\n" not in line and "\x1b" not in line
+
+    # The code it gives, run where the folder is trusted (as the test trusts its own), converts it.
+    exec(line[line.index("import diffusers, torch; "):], {})
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    load()

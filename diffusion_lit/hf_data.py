@@ -2,6 +2,7 @@
 written by `save_to_disk`, parquet files, or an `imagefolder` (images in class sub-folders, captions in a
 `metadata.jsonl`), read with the `datasets` library, as diffusers' training scripts read them. Nothing is downloaded."""
 
+import json
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -23,6 +24,9 @@ def load(path: Path, split: str):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:  # datasets' own errors for a folder it cannot read take many forms
+            if empty_saved(path):  # datasets cannot load a dataset of no rows that it saved itself (IndexError)
+                raise UserError(f"{path} holds no rows (a save_to_disk dataset of none): nothing to train on; give "
+                                "a dataset with images") from None
             raise UserError(f"{path} cannot be read as a save_to_disk dataset ({reason(err)}): write it again with "
                             "save_to_disk") from None
         if isinstance(loaded, datasets.DatasetDict):
@@ -41,6 +45,15 @@ def load(path: Path, split: str):
             raise UserError(f"{path} holds no rows in its {split!r} split: nothing to train on") from None
         raise UserError(f"{path} is not a Hugging Face dataset this can read ({reason(err)}): give a "
                         "save_to_disk folder, parquet files, or a folder of images (imagefolder)") from None
+
+
+def empty_saved(path: Path) -> bool:
+    """Whether a save_to_disk folder (of one dataset, or each split of a DatasetDict) lists no data files."""
+    states = [path / "state.json"] if (path / "state.json").is_file() else sorted(path.glob("*/state.json"))
+    try:
+        return bool(states) and all(not json.loads(state.read_text()).get("_data_files") for state in states)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class HFDataset(Source):

@@ -48,6 +48,9 @@ def bad(tmp_path, kind):
     if kind == "empty":
         table.select([]).to_parquet(str(tmp_path / "empty" / "train.parquet"))
         return tmp_path / "empty", {}
+    if kind == "empty save_to_disk":  # which datasets itself cannot load again (an IndexError)
+        table.select([]).save_to_disk(str(tmp_path / "none"))
+        return tmp_path / "none", {}
     if kind == "negative labels":  # -1: Hugging Face's "no label"
         table.cast_column("label", datasets.Value("int64")).map(
             lambda row, i: {"label": -1 if i == 3 else row["label"]}, with_indices=True).save_to_disk(str(tmp_path / "n"))
@@ -63,6 +66,7 @@ def bad(tmp_path, kind):
     ("missing column", "has no column 'img' \\(it has image, label, text\\): name the image column"),
     ("not images", "column 'text' holds Value\\('string'\\), not images"),
     ("empty", "holds no rows in its 'train' split"),
+    ("empty save_to_disk", "holds no rows \\(a save_to_disk dataset of none\\): nothing to train on"),
     ("text labels", "column 'label' holds Value\\('string'\\), not class labels"),
     ("negative labels", "column 'label' holds negative labels \\(-1: no label\\) in 1 rows"),
     ("missing captions", "has no column 'prompt'"),

@@ -1,11 +1,15 @@
 """A folder of images as training data: the readable images below it found once (with their class sub-folders, sizes
 and colour modes) before training, their captions, and the images as a dataset. Also reads folders for `evaluate`."""
 
+import errno
+import io
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -19,43 +23,138 @@ GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
 SCAN_BAR_DELAY = 0.5  # seconds of walking before the folder scan's running count shows (none for a quick scan)
+PIECE = 1024  # bytes of a path opened at once when the whole is too long (Linux's PATH_MAX is 4,096, macOS's 1,024)
+DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
 
 
-def walk(root: Path, bar: tqdm | None = None) -> Iterator[Path]:
-    """Every file below root, without recursion (a folder nested thousands deep cannot exhaust Python's stack);
-    symbolic links to folders are followed once each. `bar` counts the folders as they are read."""
-    stack, seen = [Path(root)], set()
+def open_fd(path: str | Path, flags: int) -> int:
+    """os.open(path, flags), also for a path longer than PATH_MAX (one-letter folders nested 2,000 deep): such a path
+    is opened a piece at a time, each piece relative to the folder the one before it opened."""
+    try:
+        return os.open(path, flags)
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+    rest, fd = os.fsencode(path), None
+    try:
+        while rest:
+            cut = rest.rfind(b"/", 1, PIECE) if len(rest) >= PIECE else -1
+            piece, rest = (rest[:cut], rest[cut + 1:].lstrip(b"/")) if cut > 0 else (rest, b"")
+            opened = os.open(piece, DIRECTORY if rest else flags, dir_fd=fd)
+            if fd is not None:
+                os.close(fd)
+            fd = opened
+        return fd
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+
+
+def open_file(path: Path, mode: str = "rb", **options) -> IO:
+    """open(path, mode, ...) for reading, also for a path longer than PATH_MAX."""
+    try:
+        return open(path, mode, **options)
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+    fd = open_fd(path, os.O_RDONLY)
+    try:
+        return open(fd, mode, **options)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_image(path: Path) -> Image.Image:
+    """Image.open(path), also for a path longer than PATH_MAX: then from the file's bytes, read through its folders'
+    descriptors (nothing left open for the image to close)."""
+    try:
+        return Image.open(path)
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+    with open_file(path) as file:
+        return Image.open(io.BytesIO(file.read()))
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file(), also for a path longer than PATH_MAX."""
+    try:
+        try:
+            return stat.S_ISREG(os.stat(path).st_mode)
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+        fd = open_fd(path.parent, DIRECTORY)
+        try:
+            return stat.S_ISREG(os.stat(path.name, dir_fd=fd).st_mode)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # what Path.is_file() answers False to
+            return False
+        raise
+
+
+def walk(root: Path, bar: tqdm | None = None, unreadable: list[tuple[str, OSError]] | None = None) -> Iterator[Path]:
+    """Every file below root, at any depth: without recursion (a folder nested thousands deep cannot exhaust Python's
+    stack), each folder opened by its path, or a piece at a time where the path is longer than PATH_MAX; symbolic
+    links to folders are followed once each. `bar` counts the folders as they are read; the folders (and links)
+    that cannot be read are added to `unreadable` with their error."""
+    stack, seen = [os.fspath(root)], set()
+    unreadable = [] if unreadable is None else unreadable
     while stack:
         folder = stack.pop()
         try:
+            fd = open_fd(folder, DIRECTORY)
+        except OSError as err:  # permission denied, vanished since it was listed
+            unreadable.append((folder, err))
+            continue
+        try:
             # Identity by device and inode: Path.resolve() checks every component of the path, which made a folder
             # 2,000 deep cost 2 million lstat calls (45 s) where this is one stat a folder.
-            status = os.stat(folder)
-            identity = (status.st_dev, status.st_ino) if status.st_ino else folder.resolve()
+            status = os.fstat(fd)
+            identity = (status.st_dev, status.st_ino) if status.st_ino else Path(folder).resolve()
             if identity in seen:
                 continue
             seen.add(identity)
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
-            continue  # an unreadable folder (or one whose path is too long to open) holds nothing we can use
+            with os.scandir(fd) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+            folders, files = [], []
+            for entry in entries:  # while fd is open: a link's is_dir() and is_file() stat it relative to fd
+                try:
+                    if entry.is_dir():
+                        folders.append(os.path.join(folder, entry.name))
+                    elif entry.is_file():
+                        files.append(Path(folder, entry.name))
+                except OSError as err:  # a link that cannot be followed: a loop, or a target we may not read
+                    unreadable.append((os.path.join(folder, entry.name), err))
+        except OSError as err:
+            unreadable.append((folder, err))
+            continue
+        finally:
+            os.close(fd)
         if bar is not None:
             bar.update()
-        for entry in entries:
-            if entry.is_dir():
-                stack.append(Path(entry.path))
-            elif entry.is_file():
-                yield Path(entry.path)
+        stack.extend(folders)
+        yield from files
 
 
 def image_files(root: Path) -> list[Path]:
     """The image files below root (by extension), with a running count of the folders read and the images found
-    from the first folder on, once the walk has taken SCAN_BAR_DELAY seconds."""
-    found = []
+    from the first folder on, once the walk has taken SCAN_BAR_DELAY seconds; one line says how many folders could
+    not be read."""
+    found, unreadable = [], []
     with tqdm(desc=f"looking for images in {root}", unit=" folders", delay=SCAN_BAR_DELAY, leave=False) as bar:
-        for path in walk(root, bar):
+        for path in walk(root, bar, unreadable):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 found.append(path)
                 bar.set_postfix_str(f"{len(found)} images", refresh=False)
+    if unreadable:
+        where, err = unreadable[0]
+        say(f"{root}: {len(unreadable)} folder(s) could not be read and are left out (the first, {where}: "
+            f"{err.strerror or reason(err)})")
     return found
 
 
@@ -96,7 +195,7 @@ class FolderIndex:
         files, sizes, modes, bad = [], [], [], []
         for path in tqdm(candidates, f"checking the images in {root}", disable=len(candidates) < 2000, leave=False):
             try:
-                with Image.open(path) as image:
+                with open_image(path) as image:
                     image.load()  # the whole file, not only its header
                     size, mode = image.size, image.mode
                 sizes.append(size)
@@ -163,7 +262,7 @@ def read_captions(root: Path, files: list[Path]) -> list[str | None]:
     found = []
     for path in files:
         text = captions.get(path.resolve())
-        if text is None and (beside := path.with_suffix(".txt")).is_file():
+        if text is None and is_file(beside := path.with_suffix(".txt")):
             text = read_text(beside).strip()
         found.append(text)
     return found
@@ -172,7 +271,8 @@ def read_captions(root: Path, files: list[Path]) -> list[str | None]:
 def read_text(path: Path) -> str:
     """A caption file's text (UTF-8); a UserError when it cannot be read."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open_file(path, "r", encoding="utf-8") as file:
+            return file.read()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"caption file {path} cannot be read as UTF-8 text ({reason(err)}): fix or remove it") from None
 
@@ -189,7 +289,7 @@ class FolderImages(Dataset):
         return len(self.index.files)
 
     def __getitem__(self, i: int):
-        with Image.open(self.index.files[i]) as image:
+        with open_image(self.index.files[i]) as image:
             image = to_8_bits(image).convert(self.mode)
         return (self.transform(image) if self.transform else image), self.index.labels[i]
 

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from diffusion_lit.folders import image_files, to_8_bits
+from diffusion_lit.folders import image_files, open_image, to_8_bits
 from diffusion_lit.errors import UserError, reason
 from diffusion_lit.files import free_bytes, size_text, write_atomic
 
@@ -106,7 +106,7 @@ def load_images(path: str | Path) -> Tensor:
         arrays = []
         for f in files:
             try:
-                with Image.open(f) as image:
+                with open_image(f) as image:
                     arrays.append(np.asarray(to_8_bits(image)))
             except (OSError, SyntaxError, ValueError) as err:
                 raise UserError(f"{f} cannot be read as an image ({reason(err)}): remove or replace it") from None

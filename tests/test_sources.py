@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,68 @@ def test_a_users_own_source_is_trusted_when_named():
     assert data.train_set[0][0].shape == (1, 8, 8) and data.num_classes == 0
     with pytest.raises(UserError, match="Gray has no captions: leave --data.captions false"):
         DiffusionDataModule(Gray(), captions=True)
+
+
+# Folders deeper than PATH_MAX (4,096 bytes), made and removed through folder descriptors: their paths cannot be opened
+
+
+DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
+
+
+def remove_chain(root: Path) -> None:
+    """Removes the chain of folders named d below root and the files at its bottom, from the bottom up (shutil.rmtree,
+    pytest's clean-up, recurses on Python 3.11 and stops with a RecursionError at this depth)."""
+    fd, depth = os.open(root, DIRECTORY), 0
+    while True:
+        try:
+            child = os.open("d", DIRECTORY, dir_fd=fd)
+        except FileNotFoundError:
+            break
+        os.close(fd)
+        fd, depth = child, depth + 1
+    for name in os.listdir(fd):
+        os.unlink(name, dir_fd=fd)
+    for _ in range(depth):
+        parent = os.open("..", DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        os.rmdir("d", dir_fd=fd)
+    os.close(fd)
+
+
+def test_an_image_deeper_than_path_max_is_found_read_and_captioned(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("L", (8, 8), 0).save(root / "top.png")
+    (root / "top.txt").write_text("top")
+    fd = os.open(root, DIRECTORY)
+    try:
+        for _ in range(3000):  # 2 bytes a level: the deep image's path is over 6,000 bytes long
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        with open(os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as file:
+            Image.new("L", (8, 8), 255).save(file, format="PNG")
+        with open(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as file:
+            file.write("deep")
+        source = ImageFolder(str(root))
+        assert sorted(len(os.fsencode(p)) > 4096 for p in source.index.files) == [False, True]
+        data = DiffusionDataModule(source, batch_size=2, num_workers=0, val_fraction=0, captions=True)
+        data.setup()
+        loaded = {data.train_set[i][1]: data.train_set[i][0] for i in range(2)}  # caption -> image
+        assert loaded.keys() == {"top", "deep"} and loaded["deep"].shape == (1, 8, 8)
+        assert (loaded["deep"] == 1).all() and (loaded["top"] == -1).all()
+    finally:
+        os.close(fd)
+        remove_chain(root)
+
+
+def test_a_folder_that_cannot_be_read_is_said_not_lost_silently(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "images", n_per_class=2)
+    (root / "a" / "x").symlink_to("y")  # a loop of links: each names the other
+    (root / "a" / "y").symlink_to("x")
+    assert len(ImageFolder(str(root)).index.files) == 4
+    said = [line for line in capsys.readouterr().err.splitlines() if "could not be read" in line]
+    assert said == [f"{root}: 2 folder(s) could not be read and are left out (the first, {root / 'a' / 'x'}: Too many "
+                    "levels of symbolic links)"]

@@ -104,8 +104,8 @@ def main() -> None:
                             "--seed", 0, "--out", "{out}"],
         "dpmpp_2m": [*guided_ckpt, "--num_samples", 2, "--sampler", "dpmpp_2m", "--steps", 4, "--seed", 1,
                      "--out", "{out}"],
-        "heun_autoguided": [*guided_ckpt, "--num_samples", 2, "--guidance_scale", 1.5, "--sampler", "heun",
-                            "--steps", 3, "--seed", 2, "--out", "{out}"],
+        "euler_autoguided": [*guided_ckpt, "--num_samples", 2, "--guidance_scale", 1.5, "--sampler", "euler",
+                             "--steps", 4, "--seed", 2, "--out", "{out}"],
     })
 
 

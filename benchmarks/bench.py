@@ -38,12 +38,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion_lit.data import from_config
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sampling import ddim_sample, ddpm_sample
-from diffusion_lit.process import VP
-from diffusion_lit.speed import Accelerate, autocast
-from diffusion_lit.unet import UNet
+from diffusion_lit.data.datamodule import from_config
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.sampling.samplers import ddim_sample, ddpm_sample
+from diffusion_lit.model.process import VP
+from diffusion_lit.core.precision import autocast
+from diffusion_lit.training.speed import Accelerate
+from diffusion_lit.nets.unet import UNet
 
 NETWORKS = ("ours", "diffusers")
 # The settings of `--settings ladder`, each adding one switch to the one before.

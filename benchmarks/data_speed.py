@@ -30,11 +30,11 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.hf_data import HFDataset
-from diffusion_lit.sources import ImageFolder
-from diffusion_lit.optimize import optimize
-from diffusion_lit.streaming import Streaming
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.data.hf_data import HFDataset
+from diffusion_lit.data.sources import ImageFolder
+from diffusion_lit.commands.optimize import optimize
+from diffusion_lit.data.streaming import Streaming
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench  # build and time the config's network as bench.py does

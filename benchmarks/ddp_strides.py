@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusion_lit.speed import autocast  # noqa: E402
-from diffusion_lit.unet import AttnBlock  # noqa: E402
+from diffusion_lit.core.precision import autocast  # noqa: E402
+from diffusion_lit.nets.unet import AttnBlock  # noqa: E402
 
 
 def before_the_fix(self, x):

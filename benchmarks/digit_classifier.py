@@ -1,4 +1,4 @@
-"""The digit judge (`diffusion_lit.digits.DigitJudge`): train it on the shipped digits, or score a checkpoint with it.
+"""The digit judge (`diffusion_lit.data.digits.DigitJudge`): train it on the shipped digits, or score a checkpoint with it.
 
     python benchmarks/digit_classifier.py train      # writes diffusion_lit/assets/digit_judge.pt (shipped; ~1 min)
     python benchmarks/digit_classifier.py score --ckpt_path runs/mnist_cpu/checkpoints/last.ckpt --guidance 1,1.25
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from diffusion_lit.commands import generate_images, parse_labels
-from diffusion_lit.loading import load_checkpoint
-from diffusion_lit.digits import CONFIDENT, JUDGE_WEIGHTS, DigitJudge, ShippedDigits, held_out
-from diffusion_lit.images import save_images
+from diffusion_lit.commands.sample import generate_images, parse_labels
+from diffusion_lit.io.loading import load_checkpoint
+from diffusion_lit.data.digits import CONFIDENT, JUDGE_WEIGHTS, DigitJudge, ShippedDigits, held_out
+from diffusion_lit.data.images import save_images
 
 def train(epochs: int, seed: int) -> None:
     torch.manual_seed(seed)  # the held-out digits are fixed (`held_out`); the seed sets the initial weights

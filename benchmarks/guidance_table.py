@@ -19,11 +19,11 @@ import json
 import time
 
 
-from diffusion_lit.commands import generate_images, parse_labels
-from diffusion_lit.evaluation import checkpoint_data, checkpoint_reference, score
-from diffusion_lit.loading import load_checkpoint, load_guide
-from diffusion_lit.guidance import Evaluations
-from diffusion_lit.metrics import ImageFeatures
+from diffusion_lit.commands.sample import generate_images, parse_labels
+from diffusion_lit.commands.evaluate import checkpoint_data, checkpoint_reference, score
+from diffusion_lit.io.loading import load_checkpoint, load_guide
+from diffusion_lit.model.guidance import Evaluations
+from diffusion_lit.training.metrics import ImageFeatures
 
 
 def parse_run(text: str) -> dict:

@@ -82,7 +82,7 @@ def overrides(words: list[str]) -> dict:
             continue
         value = yaml.safe_load(value)
         if path == ["data", "source"] and isinstance(value, str):
-            value = {"class_path": value if "." in value else f"diffusion_lit.sources.{value}"}
+            value = {"class_path": value if "." in value else f"diffusion_lit.data.sources.{value}"}
         node = found
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -101,7 +101,7 @@ def merged(base: dict, extra: dict) -> dict:
 def bare_steps_per_s(cfg: dict, device: torch.device, precision: str, steps: int, warmup: int) -> dict:
     """The bare training step's rate: back to back (one synchronization at the end), and synchronized each step."""
     import bench
-    from diffusion_lit.speed import autocast
+    from diffusion_lit.core.precision import autocast
 
     torch.manual_seed(0)
     module, batch_size = bench.build(cfg, "ours")

@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from diffusion_lit.commands import generate_images
-from diffusion_lit.evaluation import checkpoint_data, checkpoint_reference, score
-from diffusion_lit.loading import load_checkpoint
-from diffusion_lit.digits import WORDS
-from diffusion_lit.metrics import ImageFeatures
-from diffusion_lit.sampling import network_evaluations
+from diffusion_lit.commands.sample import generate_images
+from diffusion_lit.commands.evaluate import checkpoint_data, checkpoint_reference, score
+from diffusion_lit.io.loading import load_checkpoint
+from diffusion_lit.data.digits import WORDS
+from diffusion_lit.training.metrics import ImageFeatures
+from diffusion_lit.sampling.samplers import network_evaluations
 
 PROMPT_SETS = {  # name -> the prompt for digit d
     "words": lambda d: WORDS[d],

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_lit.files import size_text
+from diffusion_lit.core.files import size_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -61,7 +61,7 @@ def saved_bytes(step, weights: list[torch.Tensor]) -> int:
 def account(unet, vae, text, lora_rank: int | None, frozen: torch.dtype, checkpointing: bool, latent: tuple,
             context: tuple) -> dict:
     """The memory of one setting, in bytes: weights, gradients and optimizer state, activations."""
-    from diffusion_lit.stable_diffusion import SD_TARGETS, add_lora
+    from diffusion_lit.model.stable_diffusion import SD_TARGETS, add_lora
 
     if lora_rank is not None:
         add_lora(unet, lora_rank, lora_rank, SD_TARGETS)

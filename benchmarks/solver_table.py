@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from diffusion_lit.commands import generate_images, parse_labels
-from diffusion_lit.evaluation import checkpoint_data, checkpoint_reference, score
-from diffusion_lit.loading import load_checkpoint, set_flow_shift
-from diffusion_lit.metrics import ImageFeatures
-from diffusion_lit.sampling import network_evaluations
+from diffusion_lit.commands.sample import generate_images, parse_labels
+from diffusion_lit.commands.evaluate import checkpoint_data, checkpoint_reference, score
+from diffusion_lit.io.loading import load_checkpoint, set_flow_shift
+from diffusion_lit.training.metrics import ImageFeatures
+from diffusion_lit.sampling.samplers import network_evaluations
 
 SOLVERS = ["ddim", "ddim@1", "euler", "heun", "dpmpp_2m", "heun:karras", "dpmpp_2m:karras"]
 

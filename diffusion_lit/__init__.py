@@ -1,8 +1,8 @@
 """Denoising diffusion models trained and sampled with PyTorch Lightning."""
 
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.process import VP, Flow
-from diffusion_lit.unet import UNet
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.process import VP, Flow
+from diffusion_lit.nets.unet import UNet
 
 __all__ = ["DiffusionDataModule", "DiffusionModule", "Flow", "UNet", "VP"]

@@ -19,9 +19,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from diffusion_lit.autoencoder import AutoencoderModule
-from diffusion_lit.callbacks import ProgressBar
-from diffusion_lit.checkpointing import (
+from diffusion_lit.model.autoencoder import AutoencoderModule
+from diffusion_lit.training.callbacks import ProgressBar
+from diffusion_lit.training.checkpointing import (
     LOST_PEER_EXIT_STATUS,
     SIGINT_EXIT_STATUS,
     SIGTERM_EXIT_STATUS,
@@ -33,19 +33,20 @@ from diffusion_lit.checkpointing import (
     restore_signals,
     stop_on_signals,
 )
-from diffusion_lit.commands import sample
-from diffusion_lit.evaluation import evaluate
-from diffusion_lit.data import DiffusionDataModule
+from diffusion_lit.commands.sample import sample
+from diffusion_lit.commands.evaluate import evaluate
+from diffusion_lit.data.datamodule import DiffusionDataModule
 from diffusion_lit.config_errors import part_mistake
-from diffusion_lit.errors import UserError, say
-from diffusion_lit.export import export
-from diffusion_lit.old_model import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.old_data import refuse_old_configs, upgrade_words
-from diffusion_lit.speed import CpuCost
-from diffusion_lit.optimize import optimize
-from diffusion_lit.stable_diffusion import StableDiffusionModule
-from diffusion_lit.trust import check_hparams, class_paths, parse_trusted, read_checkpoint
+from diffusion_lit.core.moved import moved
+from diffusion_lit.core.errors import UserError, say
+from diffusion_lit.commands.export import export
+from diffusion_lit.model.old_model import refuse_flat_sampler_settings, refuse_old_model_spelling, upgrade_hparams
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.data.old_data import refuse_old_configs, upgrade_words
+from diffusion_lit.training.speed import CpuCost
+from diffusion_lit.commands.optimize import optimize
+from diffusion_lit.model.stable_diffusion import StableDiffusionModule
+from diffusion_lit.core.trust import check_hparams, class_paths, parse_trusted, read_checkpoint
 
 # Runs live in runs/<name>/ (no version_N folders), checkpoints in runs/<name>/checkpoints/,
 # so `--ckpt_path last` finds the run's latest checkpoint and TensorBoard curves continue in place.
@@ -54,7 +55,7 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "default", "version": ""},
     },
-    "plugins": [{"class_path": "diffusion_lit.checkpointing.AtomicCheckpointIO"}],  # a kill never corrupts one
+    "plugins": [{"class_path": "diffusion_lit.training.checkpointing.AtomicCheckpointIO"}],  # a kill never corrupts one
 }
 # last.ckpt plus one checkpoint every N steps, all kept; configurable as --checkpoint.every_n_train_steps N.
 CHECKPOINT_DEFAULTS = {
@@ -208,7 +209,7 @@ def requeued_on_slurm(trainer) -> bool:
 
 def check_checkpoint(path: Path, trusted: list[str]) -> dict:
     """The checkpoint, opened without reading its tensors (memory-mapped): a truncated or foreign file, or one that
-    names classes that are not trusted (`diffusion_lit.trust`), is a UserError."""
+    names classes that are not trusted (`diffusion_lit.core.trust`), is a UserError."""
     checkpoint = read_checkpoint(path, mmap=True, advice="resume from another file in its folder (--ckpt_path FILE) "
                                  "or start a new run")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
@@ -231,9 +232,9 @@ def check_steps_left(path: Path, max_steps: int) -> None:
 
 # Beside LightningCLI's fit, validate, ...; `data optimize` writes a source as litdata chunks.
 COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export, "data": {"optimize": optimize}}
-MODULE_CLASSES = {"diffusion_lit.module.DiffusionModule": DiffusionModule,
-                  "diffusion_lit.autoencoder.AutoencoderModule": AutoencoderModule,
-                  "diffusion_lit.stable_diffusion.StableDiffusionModule": StableDiffusionModule}
+MODULE_CLASSES = {"diffusion_lit.model.module.DiffusionModule": DiffusionModule,
+                  "diffusion_lit.model.autoencoder.AutoencoderModule": AutoencoderModule,
+                  "diffusion_lit.model.stable_diffusion.StableDiffusionModule": StableDiffusionModule}
 
 
 def config_files(words: list[str]) -> list[Path]:
@@ -272,6 +273,8 @@ def named_module(words: list[str]) -> tuple[str, type, bool] | None:
             continue
         if "class_path" in model:
             name = model["class_path"]
+            if new := moved(name):
+                raise UserError(f"{path}: model.class_path {name} moved: write {new}")
             if name not in MODULE_CLASSES:
                 raise UserError(f"{path}: model.class_path {name!r} is not one of diffusion_lit's modules "
                                 f"({', '.join(MODULE_CLASSES)})")

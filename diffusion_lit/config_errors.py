@@ -12,7 +12,8 @@ import typing
 
 from torch import nn
 
-from diffusion_lit.errors import reason
+from diffusion_lit.core.errors import reason
+from diffusion_lit.core.moved import moved
 
 # What jsonargparse's report on a part option says that we read: the option, the class path it was given (in one of
 # the forms it echoes a value: `class_path 'X'`, `{'class_path': 'X', ...}`, `class_path='X'`, `Given value: X`) and
@@ -35,6 +36,8 @@ def part_mistake(message: str, typehints: dict) -> str | None:
     fit = fitting(bases, factory_args)
     given = given[1] or given[2]
     said = f"--{option[1]} {given}"
+    if new := moved(given):  # the package's modules moved into subpackages
+        return f"{said}: {given.rsplit('.', 1)[0]} moved: write {new}"
     choices = f"the classes that fit are {', '.join(fit)}" if fit else "give a class by its import path"
     if "." not in given:  # a short name: jsonargparse looks it up among the subclasses it knows
         given = next((path for path in fit if path.rsplit(".", 1)[1] == given), None)
@@ -98,10 +101,10 @@ def fitting(bases: tuple[type, ...], factory_args: tuple = ()) -> list[str]:
     themselves where they have none; for a factory, those whose first arguments are the factory's."""
     import diffusion_lit  # its modules, each imported (a config may name one that nothing imported yet: dit)
 
-    for module in pkgutil.iter_modules(diffusion_lit.__path__):
-        if not module.name.startswith("_"):  # __main__ would run the command line again
+    for module in pkgutil.walk_packages(diffusion_lit.__path__, "diffusion_lit."):
+        if "._" not in module.name:  # __main__ would run the command line again
             with contextlib.suppress(Exception):
-                importlib.import_module(f"diffusion_lit.{module.name}")
+                importlib.import_module(module.name)
 
     def subclasses(cls):
         for sub in cls.__subclasses__():

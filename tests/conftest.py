@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from PIL import Image
 
-from diffusion_lit.unet import UNet
+from diffusion_lit.nets.unet import UNet
 
 # A UNet small enough to train for a few steps in a test: 2 levels, no attention unless asked.
 tiny_unet = partial(

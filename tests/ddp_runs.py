@@ -14,13 +14,13 @@ from lightning.pytorch import Trainer, seed_everything
 
 from built_data import BatchLog
 from conftest import tiny_unet, write_image_folder
-from diffusion_lit.checkpointing import Checkpoint
+from diffusion_lit.training.checkpointing import Checkpoint
 from diffusion_lit.cli import main
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sources import ImageFolder
-from diffusion_lit.optimize import optimize
-from diffusion_lit.streaming import Streaming
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.data.sources import ImageFolder
+from diffusion_lit.commands.optimize import optimize
+from diffusion_lit.data.streaming import Streaming
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 

@@ -1,11 +1,11 @@
-"""A noise process of "the user's own package", written against diffusion_lit.process.Process as docs/extending.md
+"""A noise process of "the user's own package", written against diffusion_lit.model.process.Process as docs/extending.md
 shows: EDM's variance-exploding process (Karras et al. 2022), x_t = x0 + sigma eps with sigma from sigma_min to
 sigma_max geometrically over t in [0, 1]."""
 
 import torch
 from torch import Tensor
 
-from diffusion_lit.process import Process
+from diffusion_lit.model.process import Process
 
 
 class VE(Process):

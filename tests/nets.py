@@ -1,6 +1,6 @@
 """A network class of "the user's own package", for the tests of which classes a checkpoint may name."""
 
-from diffusion_lit.unet import UNet
+from diffusion_lit.nets.unet import UNet
 
 
 class MyUNet(UNet):

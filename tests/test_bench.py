@@ -18,7 +18,7 @@ import bench  # noqa: E402
 def config(name: str, tmp_path) -> dict:
     """The config, its image folder (if any) replaced by a few 28x28 digits-like images."""
     cfg = yaml.safe_load((REPO / "configs" / name).read_text())
-    if cfg["data"]["source"]["class_path"] == "diffusion_lit.sources.ImageFolder":
+    if cfg["data"]["source"]["class_path"] == "diffusion_lit.data.sources.ImageFolder":
         cfg["data"]["source"]["init_args"] = {"root": str(write_image_folder(tmp_path / "images", size=28))}
     return cfg
 
@@ -51,8 +51,8 @@ def test_one_measurement_reports_every_number(tmp_path):
 
 def test_the_share_of_a_training_step_the_guide_takes_is_measured(tmp_path):
     cfg = config("tiny_cpu.yaml", tmp_path)
-    cfg["model"]["guide"] = {"class_path": "diffusion_lit.guidance.Guide", "init_args": {"net": {
-        "class_path": "diffusion_lit.unet.UNet", "init_args": {"base_channels": 8, "channel_mult": [1],
+    cfg["model"]["guide"] = {"class_path": "diffusion_lit.model.guidance.Guide", "init_args": {"net": {
+        "class_path": "diffusion_lit.nets.unet.UNet", "init_args": {"base_channels": 8, "channel_mult": [1],
                                                               "attention_resolutions": [], "norm_groups": 4}}}}
     args = Namespace(config="configs/tiny_cpu.yaml", network="ours", device="cpu", batch_size=2, precision="32-true",
                      channels_last=False, compile=False, warmup=0, repeats=3, sample_steps=1)

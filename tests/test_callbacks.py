@@ -9,8 +9,8 @@ from lightning.pytorch.callbacks import Timer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import write_image_folder
-from diffusion_lit.callbacks import GuideCheckpoint, run_share
-from diffusion_lit.errors import UserError
+from diffusion_lit.training.callbacks import GuideCheckpoint, run_share
+from diffusion_lit.core.errors import UserError
 from test_cli import REPO, cli
 
 
@@ -34,12 +34,12 @@ def callback_fit_args(tmp_path, fid_args: dict, *extra) -> list:
     config = {
         "trainer": {
             "callbacks": [
-                {"class_path": "diffusion_lit.callbacks.SampleGrid",
+                {"class_path": "diffusion_lit.training.callbacks.SampleGrid",
                  "init_args": {"every_n_steps": 2, "num_samples": 4, "sampling": {"steps": 3}}},
-                {"class_path": "diffusion_lit.callbacks.FID",
+                {"class_path": "diffusion_lit.training.callbacks.FID",
                  "init_args": {"every_n_steps": 2, "sampling": {"steps": 3}, "cache_dir": str(tmp_path / "cache"),
                               **fid_args}},
-                {"class_path": "diffusion_lit.callbacks.GuideCheckpoint", "init_args": {"share": 0.5}},
+                {"class_path": "diffusion_lit.training.callbacks.GuideCheckpoint", "init_args": {"share": 0.5}},
             ]
         }
     }

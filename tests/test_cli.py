@@ -79,12 +79,12 @@ def test_every_config_parses(config):
     result = cli("fit", "--config", config, "--print_config")  # one `fit` for every config
     assert result.returncode == 0, result.stderr
     model = yaml.safe_load(result.stdout)["model"]
-    if model.get("class_path") == "diffusion_lit.autoencoder.AutoencoderModule":  # the config names its module
+    if model.get("class_path") == "diffusion_lit.model.autoencoder.AutoencoderModule":  # the config names its module
         assert model["init_args"]["latent_channels"] > 0
-    elif model.get("class_path") == "diffusion_lit.stable_diffusion.StableDiffusionModule":
+    elif model.get("class_path") == "diffusion_lit.model.stable_diffusion.StableDiffusionModule":
         assert model["init_args"]["lora_rank"] > 0  # its net comes from --model.pretrained
     else:
-        assert model["net"]["class_path"] in {"diffusion_lit.UNet", "diffusion_lit.unet.UNet", "diffusion_lit.dit.DiT"}
+        assert model["net"]["class_path"] in {"diffusion_lit.UNet", "diffusion_lit.nets.unet.UNet", "diffusion_lit.nets.dit.DiT"}
 
 
 def test_a_refusal_of_a_config_named_module_is_one_error_line():

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from diffusion_lit.images import load_images
-from diffusion_lit.metrics import ImageFeatures, extract, fid_and_kid
+from diffusion_lit.data.images import load_images
+from diffusion_lit.training.metrics import ImageFeatures, extract, fid_and_kid
 
 from conftest import write_image_folder
 from features import TinyFeatures
@@ -151,8 +151,8 @@ def test_conditional_fit_and_guided_sampling(tmp_path, checkpoint):
 def test_a_checkpoint_from_before_v_and_flow_samples_as_it_did():
     """tests/data/eps_ddpm_v1.ckpt was written by `fit` at commit ebebde6 (eps prediction, DDPM, no `process` or
     `prediction` in its hyperparameters); the samples beside it were drawn from it by that code."""
-    from diffusion_lit.loading import load_checkpoint
-    from diffusion_lit.sampling import sample
+    from diffusion_lit.io.loading import load_checkpoint
+    from diffusion_lit.sampling.samplers import sample
 
     data = REPO / "tests" / "data"
     module, checkpoint = load_checkpoint(str(data / "eps_ddpm_v1.ckpt"))
@@ -196,7 +196,7 @@ def test_flow_fit_and_sample(tmp_path):
 def test_fid_and_kid_of_one_set_against_itself_are_never_negative():
     """The same 300 features as real and fake: both distances are zero up to rounding, which may fall below it
     (FID's matrix square root in float, KID's unbiased estimate); what is reported is clamped at 0."""
-    from diffusion_lit.metrics import compute
+    from diffusion_lit.training.metrics import compute
 
     features = torch.randn(300, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     fid, kid = fid_and_kid(16, 100)

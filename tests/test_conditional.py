@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.dit import DiT
-from diffusion_lit.errors import UserError
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sampling import ddim_sample, guided, sample
-from diffusion_lit.conditioning import Labels
-from diffusion_lit.process import VP
+from diffusion_lit.nets.dit import DiT
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.sampling.samplers import ddim_sample, guided, sample
+from diffusion_lit.model.conditioning import Labels
+from diffusion_lit.model.process import VP
 
 from conftest import assert_halves_its_loss, bars, tiny_unet
 

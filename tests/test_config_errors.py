@@ -6,7 +6,7 @@ import pytest
 from test_cli import REPO, cli
 
 TINY = REPO / "configs/tiny_cpu.yaml"
-PROCESSES = "diffusion_lit.process.VP, diffusion_lit.process.Flow"
+PROCESSES = "diffusion_lit.model.process.VP, diffusion_lit.model.process.Flow"
 
 
 def error_line(result) -> str:
@@ -18,18 +18,18 @@ def error_line(result) -> str:
 
 
 @pytest.mark.parametrize("args,phrases", [
-    (["--model.process", "diffusion_lit.process.Nope"], ["--model.process diffusion_lit.process.Nope", PROCESSES]),
+    (["--model.process", "diffusion_lit.model.process.Nope"], ["--model.process diffusion_lit.model.process.Nope", PROCESSES]),
     (["--model.process", "Nope"], ["--model.process Nope: no such class", PROCESSES]),
     (["--model.process", "diffusion_lit.proces.Flow"], ["no module diffusion_lit.proces", PROCESSES]),
-    (["--model.process", "diffusion_lit.objective.MeanFlow"], ["not a Process", PROCESSES]),
-    (["--model.objective", "diffusion_lit.objective.Nope"], ["--model.objective", "diffusion_lit.objective.MeanFlow"]),
-    (["--model.conditioning", "Nope"], ["--model.conditioning", "diffusion_lit.conditioning.Labels",
-                                        "diffusion_lit.conditioning.Prompts"]),
-    (["--model.latent", "diffusion_lit.latent.Nope"], ["--model.latent", "diffusion_lit.latent.Latent"]),
+    (["--model.process", "diffusion_lit.model.objective.MeanFlow"], ["not a Process", PROCESSES]),
+    (["--model.objective", "diffusion_lit.model.objective.Nope"], ["--model.objective", "diffusion_lit.model.objective.MeanFlow"]),
+    (["--model.conditioning", "Nope"], ["--model.conditioning", "diffusion_lit.model.conditioning.Labels",
+                                        "diffusion_lit.model.conditioning.Prompts"]),
+    (["--model.latent", "diffusion_lit.model.latent.Nope"], ["--model.latent", "diffusion_lit.model.latent.Latent"]),
     # a factory of networks: only our networks (a module imported by nothing yet included), not every nn.Module
-    (["--model.net", "diffusion_lit.unet.Nope"], ["--model.net", "diffusion_lit.unet.UNet, ", "diffusion_lit.dit.DiT"]),
-    (["--data.source", "Nope"], ["--data.source Nope", "diffusion_lit.sources.ImageFolder"]),
-    (["--trainer.callbacks", "diffusion_lit.callbacks.Nope"], ["--trainer.callbacks", "diffusion_lit.callbacks.FID"]),
+    (["--model.net", "diffusion_lit.nets.unet.Nope"], ["--model.net", "diffusion_lit.nets.unet.UNet, ", "diffusion_lit.nets.dit.DiT"]),
+    (["--data.source", "Nope"], ["--data.source Nope", "diffusion_lit.data.sources.ImageFolder"]),
+    (["--trainer.callbacks", "diffusion_lit.training.callbacks.Nope"], ["--trainer.callbacks", "diffusion_lit.training.callbacks.FID"]),
 ], ids=["class", "short-name", "submodule", "other-kind", "objective", "conditioning", "latent", "net", "source",
         "callbacks"])
 def test_a_class_that_does_not_exist_lists_those_that_fit(args, phrases):
@@ -50,7 +50,7 @@ def test_ones_own_module_beside_a_config_elsewhere_says_how_to_make_it_importabl
     folder = tmp_path / "experiment"
     folder.mkdir()
     (folder / "beside_config_part.py").write_text(
-        "from diffusion_lit.process import Flow\n\n\nclass MyProcess(Flow):\n    pass\n")
+        "from diffusion_lit.model.process import Flow\n\n\nclass MyProcess(Flow):\n    pass\n")
     (folder / "run.yaml").write_text("model:\n  process:\n    class_path: beside_config_part.MyProcess\n")
     line = error_line(cli("fit", "--config", TINY, "--config", folder / "run.yaml", "--print_config", cwd=tmp_path))
     assert "--model.process beside_config_part.MyProcess" in line
@@ -71,15 +71,15 @@ def test_a_module_that_raises_on_import_gives_its_one_line(tmp_path, monkeypatch
 @pytest.mark.parametrize("where", ["command line", "config"])
 def test_an_argument_the_class_does_not_take_lists_those_it_takes(tmp_path, where):
     (tmp_path / "run.yaml").write_text(
-        "model:\n  process:\n    class_path: diffusion_lit.process.Flow\n    init_args: {nope: 3}\n")
-    args = (["--model.process", "diffusion_lit.process.Flow", "--model.process.init_args.nope", "3"]
+        "model:\n  process:\n    class_path: diffusion_lit.model.process.Flow\n    init_args: {nope: 3}\n")
+    args = (["--model.process", "diffusion_lit.model.process.Flow", "--model.process.init_args.nope", "3"]
             if where == "command line" else ["--config", tmp_path / "run.yaml"])
     line = error_line(cli("fit", "--config", TINY, *args, "--print_config"))
-    assert "--model.process diffusion_lit.process.Flow: it takes no argument 'nope'; its arguments are shift" in line
+    assert "--model.process diffusion_lit.model.process.Flow: it takes no argument 'nope'; its arguments are shift" in line
 
 
 def test_an_argument_of_another_part_lists_its_own():
     line = error_line(cli("fit", "--config", TINY, "--model.conditioning", "Labels", "--model.conditioning.nope", "3",
                           "--print_config"))
-    assert "--model.conditioning diffusion_lit.conditioning.Labels: it takes no argument 'nope'" in line
+    assert "--model.conditioning diffusion_lit.model.conditioning.Labels: it takes no argument 'nope'" in line
     assert "its arguments are p_uncond" in line

@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sampling import sample
-from diffusion_lit.sources import ImageFolder
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.sampling.samplers import sample
+from diffusion_lit.data.sources import ImageFolder
 
 from conftest import bars, tiny_unet, write_image_folder
 from test_callbacks import events, fit_with_callbacks
@@ -145,7 +145,7 @@ def test_the_guide_trains_beside_the_model_and_guides_its_samples():
 
 def test_a_latent_model_trains_and_decodes(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    from diffusion_lit.latent import Latent
+    from diffusion_lit.model.latent import Latent
 
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 16),
@@ -183,7 +183,7 @@ def test_lora_trains_the_adapters_of_stable_diffusion_in_bf16(tmp_path):
     pipeline of tests/test_stable_diffusion.py."""
     for package in ("diffusers", "peft", "transformers"):
         pytest.importorskip(package)
-    from diffusion_lit.stable_diffusion import StableDiffusionModule
+    from diffusion_lit.model.stable_diffusion import StableDiffusionModule
     from test_stable_diffusion import write_tiny_sd
 
     sd = write_tiny_sd(tmp_path / "pipeline")

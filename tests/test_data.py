@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.errors import UserError
-from diffusion_lit.sources import MNIST, ImageFolder
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.data.sources import MNIST, ImageFolder
 
 from conftest import write_image_folder
 
@@ -47,7 +47,7 @@ def test_split_and_shuffle_are_seeded(image_folder):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"source": "folder"}, "source must be one of diffusion_lit.sources"),
+        ({"source": "folder"}, "source must be one of diffusion_lit.data.sources"),
         ({"batch_size": 0}, "batch_size"),
         ({"channels": 2}, "channels must be 1 or 3"),
     ],

@@ -8,13 +8,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline, UNet2DModel
 
-from diffusion_lit.diffusers_io import from_diffusers, load_unet_weights, process_of, scheduler_for, to_diffusers, unet2d_config
-from diffusion_lit.errors import UserError
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.objective import Objective
-from diffusion_lit.process import VP, Flow
-from diffusion_lit.sampling import ddim_sample
-from diffusion_lit.unet import UNet
+from diffusion_lit.io.diffusers_io import from_diffusers, load_unet_weights, to_diffusers, unet2d_config
+from diffusion_lit.model.schedulers import process_of, scheduler_for
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.objective import Objective
+from diffusion_lit.model.process import VP, Flow
+from diffusion_lit.sampling.samplers import ddim_sample
+from diffusion_lit.nets.unet import UNet
 
 from conftest import tiny_unet, write_image_folder
 from test_cli import REPO, cli
@@ -145,7 +146,7 @@ def test_diffusers_ddpm_pipeline_draws_what_our_sampler_draws(tmp_path, images, 
 
 
 def test_export_refuses_what_diffusers_cannot_express(tmp_path, images):
-    dit = fit(tmp_path, images, "dit", "--model.net", "diffusion_lit.dit.DiT", "--model.net.init_args.patch_size", 2,
+    dit = fit(tmp_path, images, "dit", "--model.net", "diffusion_lit.nets.dit.DiT", "--model.net.init_args.patch_size", 2,
               "--model.net.init_args.hidden_size", 32, "--model.net.init_args.depth", 1, "--model.net.init_args.num_heads", 2)
     text = fit(tmp_path, images, "text", "--model.conditioning", "Prompts", "--model.conditioning.encoder",
                "ByteTextEncoder", "--model.conditioning.encoder.width", 16, "--model.conditioning.encoder.depth", 1,
@@ -174,7 +175,7 @@ def test_init_from_refuses_a_mismatch_a_missing_folder_and_a_folder_without_weig
         result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
                      "--data.source", "ImageFolder", "--data.source.root",
                      images, "--data.batch_size", 8, "--trainer.max_steps", 1, "--trainer.callbacks", "[]",
-                     "--trainer.callbacks+=diffusion_lit.diffusers_io.InitFrom", "--trainer.callbacks.path",
+                     "--trainer.callbacks+=diffusion_lit.training.init_from.InitFrom", "--trainer.callbacks.path",
                      tmp_path / folder, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
                      "--trainer.logger.init_args.name", folder, *net)
         lines = result.stderr.strip().splitlines()
@@ -197,6 +198,6 @@ def fit_from(tmp_path, images, name, *extra):
     return cli("fit", "--config", REPO / "configs/tiny_cpu.yaml",
                "--data.source", "ImageFolder", "--data.source.root", images,
                "--data.batch_size", 8, "--trainer.max_steps", 1, "--trainer.callbacks", "[]",
-               "--trainer.callbacks+=diffusion_lit.diffusers_io.InitFrom", "--trainer.callbacks.path",
+               "--trainer.callbacks+=diffusion_lit.training.init_from.InitFrom", "--trainer.callbacks.path",
                tmp_path / "pipe", "--trainer.logger.init_args.save_dir", tmp_path / "runs",
                "--trainer.logger.init_args.name", name, *extra)

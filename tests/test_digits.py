@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lit.evaluation import evaluate
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.digits import DigitJudge, frame_stats, held_out, judge_counts, shipped_digits
-from diffusion_lit.metrics import ImageFeatures, compute, extract, fid_and_kid
-from diffusion_lit.sources import ShippedDigits
+from diffusion_lit.commands.evaluate import evaluate
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.data.digits import DigitJudge, frame_stats, held_out, judge_counts, shipped_digits
+from diffusion_lit.training.metrics import ImageFeatures, compute, extract, fid_and_kid
+from diffusion_lit.data.sources import ShippedDigits
 
 from test_cli import REPO, cli
 

@@ -104,7 +104,7 @@ def test_command_parses(page, words, capsys, monkeypatch):
         return
     assert words[0] == "fit" or words[:2] == ["autoencoder", "fit"], f"{command}: no parse check for this command"
     # `fit --config configs/digits_autoencoder.yaml` parses because that config names its LightningModule
-    # (model.class_path: diffusion_lit.autoencoder.AutoencoderModule); a CLI that ignores model.class_path fails it
+    # (model.class_path: diffusion_lit.model.autoencoder.AutoencoderModule); a CLI that ignores model.class_path fails it
     # with "Group 'model' does not accept option 'block_out_channels'". The README documents that command.
     status = run_cli(without_ckpt_path(words) + ["--print_config"])
     out, err = capsys.readouterr()

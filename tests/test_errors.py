@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lit.evaluation import evaluate
-from diffusion_lit.loading import load_checkpoint
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.errors import UserError
-from diffusion_lit.images import check_output, save_images
-from diffusion_lit.metrics import ImageFeatures, extract
-from diffusion_lit.sources import ImageFolder
+from diffusion_lit.commands.evaluate import evaluate
+from diffusion_lit.io.loading import load_checkpoint
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.data.images import check_output, save_images
+from diffusion_lit.training.metrics import ImageFeatures, extract
+from diffusion_lit.data.sources import ImageFolder
 
 from conftest import write_image_folder
 from test_cli import REPO, cli, python_m

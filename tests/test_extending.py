@@ -3,8 +3,8 @@ every solver, resumes exactly and is refused by export with one line, without a 
 
 import torch
 
-from diffusion_lit.loading import load_checkpoint
-from diffusion_lit.sampling import sample
+from diffusion_lit.io.loading import load_checkpoint
+from diffusion_lit.sampling.samplers import sample
 
 from test_cli import REPO, cli
 from test_errors import assert_clean_failure

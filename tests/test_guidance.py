@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.errors import UserError
-from diffusion_lit.guidance import Evaluations, Guide, guided
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sampling import ddim_timesteps, sample
-from diffusion_lit.process import VP, Flow
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.guidance import Evaluations, Guide, guided
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.sampling.samplers import ddim_timesteps, sample
+from diffusion_lit.model.process import VP, Flow
 
 from conftest import assert_halves_its_loss, bars, tiny_unet, write_image_folder
 from test_cli import REPO, cli

@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lit import commands, images as images_module
-from diffusion_lit.autoencoder import AutoencoderModule
-from diffusion_lit.commands import parse_prompts
-from diffusion_lit.errors import UserError
-from diffusion_lit.folders import FolderImages, FolderIndex
-from diffusion_lit.text import ByteTextEncoder
+from diffusion_lit.commands import sample as commands
+from diffusion_lit.data import images as images_module
+from diffusion_lit.model.autoencoder import AutoencoderModule
+from diffusion_lit.commands.sample import parse_prompts
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.data.folders import FolderImages, FolderIndex
+from diffusion_lit.nets.text import ByteTextEncoder
 
 from conftest import write_image_folder
 from test_cli import cli

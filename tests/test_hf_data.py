@@ -4,8 +4,8 @@ import datasets
 import pytest
 
 from built_data import hf_layout
-from diffusion_lit.errors import UserError
-from diffusion_lit.hf_data import HFDataset
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.data.hf_data import HFDataset
 from test_cli import REPO, cli
 
 

@@ -9,8 +9,8 @@ import torch
 import torch_fidelity
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 
-from diffusion_lit.digits import shipped_digits
-from diffusion_lit.metrics import ImageFeatures, compute, extract, fid_and_kid
+from diffusion_lit.data.digits import shipped_digits
+from diffusion_lit.training.metrics import ImageFeatures, compute, extract, fid_and_kid
 
 
 def random_inception_weights(path, calibration: torch.Tensor) -> None:

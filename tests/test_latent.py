@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.autoencoder import AutoencoderModule, psnr
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.conditioning import Prompts
-from diffusion_lit.errors import UserError
-from diffusion_lit.latent import Latent
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sources import ImageFolder
-from diffusion_lit.text import ByteTextEncoder, CLIPText
+from diffusion_lit.model.autoencoder import AutoencoderModule, psnr
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.model.conditioning import Prompts
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.latent import Latent
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.data.sources import ImageFolder
+from diffusion_lit.nets.text import ByteTextEncoder, CLIPText
 
 from conftest import assert_halves_its_loss, bars, tiny_unet, write_image_folder
 from test_cli import cli

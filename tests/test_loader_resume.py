@@ -8,12 +8,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from built_data import BatchLog, hf_layout, read_log
 from conftest import tiny_unet, write_image_folder
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.hf_data import HFDataset
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.sources import ImageFolder
-from diffusion_lit.optimize import optimize
-from diffusion_lit.streaming import Streaming
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.data.hf_data import HFDataset
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.data.sources import ImageFolder
+from diffusion_lit.commands.optimize import optimize
+from diffusion_lit.data.streaming import Streaming
 
 N = 6  # 32 training images in batches of 8: the run stops two batches into its second epoch
 
@@ -83,7 +83,7 @@ def other_folder(tmp_path):
 @pytest.mark.parametrize("resumed_on,line", [
     ("root", "--data.source.root "),
     ("batch_size", "--data.batch_size 8 -> 4"),
-    ("streaming", "--data.source diffusion_lit.sources.ImageFolder -> diffusion_lit.streaming.Streaming"),
+    ("streaming", "--data.source diffusion_lit.data.sources.ImageFolder -> diffusion_lit.data.streaming.Streaming"),
 ])
 def test_a_resume_onto_other_data_says_its_epoch_starts_again(tmp_path, capsys, resumed_on, line):
     """The saved position belongs to the data and batch size it was saved with: resumed onto others it is not applied

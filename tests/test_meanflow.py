@@ -13,15 +13,15 @@ import yaml
 from torch import nn
 
 from conftest import tiny_unet, write_image_folder
-from diffusion_lit.conditioning import Labels
-from diffusion_lit.dit import DiT
-from diffusion_lit.errors import UserError
-from diffusion_lit.guidance import Evaluations, Guide
-from diffusion_lit.loading import load_checkpoint, start_from_checkpoint
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.objective import MeanFlow, Objective, u_and_derivative
-from diffusion_lit.process import Flow
-from diffusion_lit.sampling import network_evaluations, sample
+from diffusion_lit.model.conditioning import Labels
+from diffusion_lit.nets.dit import DiT
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.guidance import Evaluations, Guide
+from diffusion_lit.io.loading import load_checkpoint, start_from_checkpoint
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.objective import MeanFlow, Objective, u_and_derivative
+from diffusion_lit.model.process import Flow
+from diffusion_lit.sampling.samplers import network_evaluations, sample
 from test_callbacks import events
 from test_cli import REPO, cli
 
@@ -383,9 +383,9 @@ def test_meanflow_fits_resumes_bit_exactly_samples_and_refuses_other_samplers(tm
 def test_meanflow_loss_falls_and_the_callbacks_sample_it_in_one_step(tmp_path):
     sampling = {"sampler": "meanflow", "steps": 1}
     config = {"trainer": {"callbacks": [
-        {"class_path": "diffusion_lit.callbacks.SampleGrid",
+        {"class_path": "diffusion_lit.training.callbacks.SampleGrid",
          "init_args": {"every_n_steps": 30, "num_samples": 4, "sampling": sampling}},
-        {"class_path": "diffusion_lit.callbacks.FID",
+        {"class_path": "diffusion_lit.training.callbacks.FID",
          "init_args": {"every_n_steps": 60, "num_samples": 4, "num_real": 8, "feature_extractor": "digits",
                        "sampling": sampling, "cache_dir": str(tmp_path / "cache")}}]}}
     (tmp_path / "callbacks.yaml").write_text(yaml.safe_dump(config))
@@ -409,7 +409,7 @@ def test_meanflow_loss_falls_and_the_callbacks_sample_it_in_one_step(tmp_path):
 
     # A grid left on the default sampler is refused when fit starts, not at its first grid.
     (tmp_path / "ddim.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "diffusion_lit.callbacks.SampleGrid", "init_args": {"every_n_steps": 2, "num_samples": 4}}]}}))
+        {"class_path": "diffusion_lit.training.callbacks.SampleGrid", "init_args": {"every_n_steps": 2, "num_samples": 4}}]}}))
     assert_one_error_line(fit(tmp_path, "ddim", "--config", tmp_path / "ddim.yaml", "--trainer.max_steps", 2),
                           "sampler ddim cannot read")
     assert not (tmp_path / "runs" / "ddim" / "checkpoints").exists()

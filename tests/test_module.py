@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lit.errors import UserError
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.objective import Objective
-from diffusion_lit.process import VP, Flow
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.objective import Objective
+from diffusion_lit.model.process import VP, Flow
 
 from conftest import assert_halves_its_loss, bars, tiny_unet
 

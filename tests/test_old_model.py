@@ -4,10 +4,10 @@ typed, and never loaded into the wrong process (the process's buffers are not sa
 import pytest
 import torch
 
-from diffusion_lit.errors import UserError
-from diffusion_lit.old_model import recorded_process, upgrade_hparams, upgrade_state_dict
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.process import VP, Flow
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.old_model import recorded_process, upgrade_hparams, upgrade_state_dict
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.process import VP, Flow
 
 from conftest import tiny_unet
 from test_cli import REPO, cli
@@ -19,9 +19,9 @@ OLD = REPO / "tests" / "data" / "eps_ddpm_v1.ckpt"  # written by `fit` at commit
 def test_old_hyperparameters_become_parts():
     hparams = torch.load(OLD, weights_only=True)["hyper_parameters"]
     new = upgrade_hparams(hparams)
-    assert new["process"] == {"class_path": "diffusion_lit.process.VP",
+    assert new["process"] == {"class_path": "diffusion_lit.model.process.VP",
                               "init_args": {"schedule": "cosine", "timesteps": 100}}
-    assert new["conditioning"] == {"class_path": "diffusion_lit.conditioning.Labels", "init_args": {"p_uncond": 0.1}}
+    assert new["conditioning"] == {"class_path": "diffusion_lit.model.conditioning.Labels", "init_args": {"p_uncond": 0.1}}
     assert new["latent"] is None and new["objective"]["init_args"]["prediction"] is None
     assert not {"conditional", "schedule", "timesteps", "compile", "channels_last", "inference_mode"} & set(new)
     assert upgrade_hparams(new) is new  # the parts' layout is left as it is
@@ -65,8 +65,8 @@ def test_resuming_under_another_process_is_refused(tmp_path):
 @pytest.mark.parametrize("flag, value, new", [("--model.process", "flow", "--model.process Flow"),
                                               ("--model.text_encoder", "bytes", "--model.conditioning Prompts"),
                                               ("--model.autoencoder", "x.ckpt", "--model.latent Latent"),
-                                              ("--model.compile", "true", "diffusion_lit.speed.Accelerate"),
-                                              ("--model.init_from", "dir", "diffusion_lit.diffusers_io.InitFrom")])
+                                              ("--model.compile", "true", "diffusion_lit.training.speed.Accelerate"),
+                                              ("--model.init_from", "dir", "diffusion_lit.training.init_from.InitFrom")])
 def test_old_flags_are_refused_with_the_new_spelling(flag, value, new):
     result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", flag, value, "--print_config")
     assert_clean_failure(result, f"{flag} is an option of older diffusion_lit", new)
@@ -85,7 +85,7 @@ def test_flat_sampler_settings_of_the_callbacks_are_refused_with_the_grouped_spe
                "--print_config")
     assert_clean_failure(flag, "--trainer.callbacks.init_args.sampling.steps")
     config = tmp_path / "old.yaml"
-    config.write_text("trainer:\n  callbacks:\n    - class_path: diffusion_lit.callbacks.FID\n"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: diffusion_lit.training.callbacks.FID\n"
                       "      init_args: {steps: 3, guidance_scale: 2.0}\n")
     old = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--config", config, "--print_config")
     assert_clean_failure(old, "FID takes its sampler settings grouped now", "sampling: {steps: ..., guidance_scale: ...}")

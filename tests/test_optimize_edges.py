@@ -13,12 +13,12 @@ import torch
 
 from built_data import hf_layout
 from conftest import write_image_folder
-from diffusion_lit.checkpointing import Stopped
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.errors import UserError
-from diffusion_lit.optimize import optimize
-from diffusion_lit.sources import ImageFolder
-from diffusion_lit.streaming import Streaming
+from diffusion_lit.training.checkpointing import Stopped
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.commands.optimize import optimize
+from diffusion_lit.data.sources import ImageFolder
+from diffusion_lit.data.streaming import Streaming
 from test_cli import REPO, cli
 from test_signals import ended, start
 from test_run_folder import wait_for
@@ -77,7 +77,7 @@ def test_a_signal_while_the_index_is_written_keeps_nothing(tmp_path, monkeypatch
     def cut_short(*args, **kwargs):
         raise Stopped(signal.SIGTERM)
 
-    monkeypatch.setattr("diffusion_lit.optimize.write_atomic", cut_short)
+    monkeypatch.setattr("diffusion_lit.commands.optimize.write_atomic", cut_short)
     with pytest.raises(Stopped) as stopped:
         optimize(ImageFolder(str(write_image_folder(tmp_path / "images"))), str(tmp_path / "chunks"), num_workers=0)
     assert "data optimize kept nothing" in stopped.value.line
@@ -100,7 +100,7 @@ def test_a_place_that_cannot_be_written_or_has_no_room_is_one_line_before_any_wo
     assert result.stderr.startswith(f"error: --out {locked / 'c'}: cannot write in ") and "writable place" in result.stderr
     assert not list(locked.iterdir())
 
-    monkeypatch.setattr("diffusion_lit.optimize.free_bytes", lambda folder: 1000)
+    monkeypatch.setattr("diffusion_lit.commands.optimize.free_bytes", lambda folder: 1000)
     result = cli("data", "optimize", "--source", "ImageFolder", "--source.root", images, "--out", tmp_path / "c")
     assert result.returncode == 2 and "16 images need up to" in result.stderr and "1.0 kB free" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "locked"]
@@ -113,7 +113,7 @@ def test_a_full_disk_mid_write_is_one_line_and_keeps_nothing(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(litdata, "optimize", full)
-    monkeypatch.setattr("diffusion_lit.optimize.space_text", lambda folder, err: "the disk is full (0 bytes free)")
+    monkeypatch.setattr("diffusion_lit.commands.optimize.space_text", lambda folder, err: "the disk is full (0 bytes free)")
     result = cli("data", "optimize", "--source", "ImageFolder", "--source.root", write_image_folder(tmp_path / "i"),
                  "--out", tmp_path / "chunks")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
@@ -182,7 +182,7 @@ def test_a_damaged_image_met_mid_run_is_one_line_naming_it_after_saving_the_step
 
 
 def test_a_broken_row_of_a_parquet_file_is_found_before_training(tmp_path):
-    from diffusion_lit.hf_data import HFDataset
+    from diffusion_lit.data.hf_data import HFDataset
 
     source = HFDataset(str(broken_row(tmp_path, "parquet")))
     with pytest.raises(UserError, match=r"^1 of the 16 rows checked cannot be read: row 5 of .* cannot be read \("):

@@ -7,11 +7,11 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.objective import Objective
-from diffusion_lit.process import Flow
-from diffusion_lit.sources import ImageFolder
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.objective import Objective
+from diffusion_lit.model.process import Flow
+from diffusion_lit.data.sources import ImageFolder
 
 from conftest import tiny_unet, write_image_folder
 from test_guidance import tiny_guide

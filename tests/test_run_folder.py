@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from diffusion_lit import checkpointing
-from diffusion_lit.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from diffusion_lit.training import checkpointing
+from diffusion_lit.training.checkpointing import AtomicCheckpointIO, newest_checkpoint
 from diffusion_lit.cli import main
 
 from test_cli import REPO, cli

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from diffusion_lit.errors import UserError
-from diffusion_lit.sampling import ddim_sample, ddim_timesteps, ddpm_sample
-from diffusion_lit.process import VP
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.sampling.samplers import ddim_sample, ddim_timesteps, ddpm_sample
+from diffusion_lit.model.process import VP
 
 SCHEDULE = VP("linear", 1000)
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from diffusion_lit.errors import UserError
-from diffusion_lit.process import VP
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.process import VP
 
 
 def test_linear_betas_at_both_ends():

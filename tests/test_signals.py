@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from diffusion_lit import commands
-from diffusion_lit.checkpointing import Stopped
-from diffusion_lit.commands import kept_when_stopped
-from diffusion_lit.files import write_atomic
-from diffusion_lit.unet import UNet
+from diffusion_lit.commands import sample as commands
+from diffusion_lit.training.checkpointing import Stopped
+from diffusion_lit.commands.sample import kept_when_stopped
+from diffusion_lit.core.files import write_atomic
+from diffusion_lit.nets.unet import UNet
 
 from test_cli import REPO, cli
 from test_errors import fit_args, images  # noqa: F401 (fixture)

@@ -168,7 +168,7 @@ EVIL = {"class_path": "os.system", "init_args": {"command": "echo pwned"}}
 
 
 @pytest.mark.parametrize("source, phrase", [
-    ({"class_path": "diffusion_lit.sources.MNIST", "init_args": {"root": "data\nerror: all is well"}},
+    ({"class_path": "diffusion_lit.data.sources.MNIST", "init_args": {"root": "data\nerror: all is well"}},
      "not a plain path"),
     ({"class_path": EVIL}, "its source a class_path that is not an import path"),
 ], ids=["root-newline", "class-path-dict"])

@@ -13,18 +13,11 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from diffusion_lit.sampling import ddim_sample, network_evaluations, sample
-from diffusion_lit.process import Flow, VP
-from diffusion_lit.solvers import (
-    Grid,
-    ddim_grid_sample,
-    dpmpp_2m_sample,
-    edm_sigmas,
-    euler_sample,
-    heun_sample,
-    vp_grid,
-)
-from diffusion_lit.targets import split, target
+from diffusion_lit.sampling.samplers import ddim_sample, network_evaluations, sample
+from diffusion_lit.model.process import Flow, VP
+from diffusion_lit.model.grids import Grid, edm_sigmas, vp_grid
+from diffusion_lit.sampling.solvers import ddim_grid_sample, dpmpp_2m_sample, euler_sample, heun_sample
+from diffusion_lit.model.targets import split, target
 
 SCHEDULE = VP("linear", 1000)
 

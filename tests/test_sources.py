@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lit.evaluation import checkpoint_data, evaluate
-from diffusion_lit.data import DiffusionDataModule, from_config
-from diffusion_lit.errors import UserError
-from diffusion_lit.metrics import reference_cache_path
-from diffusion_lit.old_data import refuse_old_configs, upgrade, upgrade_words
-from diffusion_lit.sources import CIFAR10, MNIST, ImageFolder, ShippedDigits, Source, build
-from diffusion_lit.trust import check_data_hparams
+from diffusion_lit.commands.evaluate import checkpoint_data, evaluate
+from diffusion_lit.data.datamodule import DiffusionDataModule, from_config
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.training.metrics import reference_cache_path
+from diffusion_lit.data.old_data import refuse_old_configs, upgrade, upgrade_words
+from diffusion_lit.data.sources import CIFAR10, MNIST, ImageFolder, ShippedDigits, Source, build
+from diffusion_lit.core.trust import check_data_hparams
 
 from conftest import write_image_folder
 from test_cli import REPO, cli
@@ -39,7 +39,7 @@ def test_shipped_digits_shape_classes_captions_and_cache_key(tmp_path):
     data = DiffusionDataModule(source, batch_size=8, num_workers=0)
     data.setup()
     assert len(data.train_set) + len(data.val_set) == 10000 and data.train_set[0][0].shape == (1, 28, 28)
-    assert data.hparams.source == {"class_path": "diffusion_lit.sources.ShippedDigits", "init_args": {}}
+    assert data.hparams.source == {"class_path": "diffusion_lit.data.sources.ShippedDigits", "init_args": {}}
     # older versions keyed the digits' cache by the default root, data/: their caches still match
     assert reference_cache_path(tmp_path, "digits", data, 100) == old_cache_path(tmp_path, "digits", "digits", "data",
                                                                                  data, 100)
@@ -58,7 +58,7 @@ def test_mnist_without_its_files_is_the_shipped_digits_said_once(tmp_path):
 def test_the_default_source_is_mnist():
     data = DiffusionDataModule(batch_size=8)
     assert isinstance(data.source, MNIST) and data.source.root == "data"
-    assert data.hparams.source == {"class_path": "diffusion_lit.sources.MNIST",
+    assert data.hparams.source == {"class_path": "diffusion_lit.data.sources.MNIST",
                                    "init_args": {"root": "data", "download": True}}
 
 
@@ -84,7 +84,7 @@ def test_image_folder_shape_classes_captions_and_cache_key(tmp_path):
     data.setup()
     assert source.caption(5, 1) == "b 1" and len(data.example_prompts(3)) == 3
     assert {data.train_set[i][1] for i in range(8)} == {f"{c} {i}" for c in "ab" for i in range(4)}
-    assert data.hparams.source == {"class_path": "diffusion_lit.sources.ImageFolder",
+    assert data.hparams.source == {"class_path": "diffusion_lit.data.sources.ImageFolder",
                                    "init_args": {"root": str(root), "skip_unreadable": False}}
     assert reference_cache_path(tmp_path, "x", data, 5) == old_cache_path(tmp_path, "x", "folder", root, data, 5)
     Image.new("RGB", (20, 20)).save(root / "a" / "rgb.png")
@@ -96,7 +96,7 @@ def test_a_source_round_trips_through_its_config(tmp_path):
     for source in (ShippedDigits(), MNIST("somewhere", download=False), CIFAR10(), ImageFolder(str(root), True)):
         assert build(source.config()).config() == source.config()
     assert isinstance(build({"class_path": "ShippedDigits"}), ShippedDigits)  # a bare name is one of ours
-    for spec, message in [({"class_path": "collections.OrderedDict"}, "is not a diffusion_lit.sources.Source"),
+    for spec, message in [({"class_path": "collections.OrderedDict"}, "is not a diffusion_lit.data.sources.Source"),
                           ({"class_path": "MNIST", "init_args": {"folder": "x"}}, "unexpected keyword"),
                           ({"class_path": "nowhere.Thing"}, "cannot import it")]:
         with pytest.raises(UserError, match=message):
@@ -105,12 +105,12 @@ def test_a_source_round_trips_through_its_config(tmp_path):
 
 def test_old_data_settings_are_read_as_their_source():
     assert upgrade({"dataset": "folder", "root": "imgs", "download": True, "skip_unreadable": True, "seed": 3}) == {
-        "seed": 3, "source": {"class_path": "diffusion_lit.sources.ImageFolder",
+        "seed": 3, "source": {"class_path": "diffusion_lit.data.sources.ImageFolder",
                               "init_args": {"root": "imgs", "skip_unreadable": True}}}
     assert upgrade({"dataset": "digits", "root": "data", "download": True})["source"] == {
-        "class_path": "diffusion_lit.sources.ShippedDigits", "init_args": {}}
+        "class_path": "diffusion_lit.data.sources.ShippedDigits", "init_args": {}}
     assert upgrade({"root": "d", "batch_size": 4})["source"]["init_args"] == {"root": "d"}  # mnist, the old default
-    new = {"source": {"class_path": "diffusion_lit.sources.CIFAR10"}, "seed": 0}
+    new = {"source": {"class_path": "diffusion_lit.data.sources.CIFAR10"}, "seed": 0}
     assert upgrade(new) is new
     with pytest.raises(UserError, match="unknown dataset 'imagenet'.*ShippedDigits, MNIST, CIFAR10, ImageFolder"):
         upgrade({"dataset": "imagenet"})
@@ -136,17 +136,17 @@ def test_old_spellings_through_the_cli(tmp_path, image_folder):
     parsed = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.dataset", "folder", "--data.root",
                  image_folder, "--print_config")
     assert parsed.returncode == 0, parsed.stderr
-    assert "class_path: diffusion_lit.sources.ImageFolder" in parsed.stdout and f"root: {image_folder}" in parsed.stdout
+    assert "class_path: diffusion_lit.data.sources.ImageFolder" in parsed.stdout and f"root: {image_folder}" in parsed.stdout
     assert "note: --data.dataset folder" in parsed.stderr
     old = tmp_path / "old.yaml"
     old.write_text((REPO / "configs/mnist.yaml").read_text().replace(
-        "  source:\n    class_path: diffusion_lit.sources.MNIST\n    init_args: {root: data}\n",
+        "  source:\n    class_path: diffusion_lit.data.sources.MNIST\n    init_args: {root: data}\n",
         "  dataset: mnist\n  root: data\n"))
     refused = cli("fit", "--config", old, "--print_config")
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data.dataset, data.root are older spellings" in errors[0]
-    assert "data: {source: {class_path: diffusion_lit.sources.MNIST, init_args: {root: data}}}" in errors[0]
+    assert "data: {source: {class_path: diffusion_lit.data.sources.MNIST, init_args: {root: data}}}" in errors[0]
     with pytest.raises(UserError, match="data.dataset is an older spelling"):
         (tmp_path / "digits.yaml").write_text("data:\n  dataset: digits\n")
         refuse_old_configs([tmp_path / "digits.yaml"])
@@ -169,7 +169,7 @@ def crafted_data(good: Path, out: Path, **changes) -> Path:
 def test_an_old_checkpoints_data_settings_still_evaluate(checkpoints, images, tmp_path, capsys):
     good, _ = checkpoints
     hparams = torch.load(good, weights_only=True)["datamodule_hyper_parameters"]
-    assert hparams["source"]["class_path"] == "diffusion_lit.sources.ImageFolder"
+    assert hparams["source"]["class_path"] == "diffusion_lit.data.sources.ImageFolder"
     checkpoint = torch.load(good, weights_only=True)
     checkpoint["datamodule_hyper_parameters"] = {k: v for k, v in hparams.items() if k != "source"} | {
         "dataset": "folder", "root": str(images), "download": True, "skip_unreadable": False}  # as older versions
@@ -197,10 +197,10 @@ def test_a_crafted_source_is_refused_before_import(checkpoints, tmp_path):
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
     assert not marker.exists()
     for changes in ({"_class_path": "os.system"}, {"source": "os.system"},
-                    {"source": {"class_path": "diffusion_lit.sources.os.system"}}):
+                    {"source": {"class_path": "diffusion_lit.data.sources.os.system"}}):
         with pytest.raises(UserError, match="refused"):
             check_data_hparams({"source": None, **changes})
-    with pytest.raises(UserError, match="not a subclass of diffusion_lit.sources.Source"):
+    with pytest.raises(UserError, match="not a subclass of diffusion_lit.data.sources.Source"):
         check_data_hparams({"source": {"class_path": "collections.OrderedDict"}}, ["collections.OrderedDict"])
 
 

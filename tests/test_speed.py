@@ -9,12 +9,13 @@ import torch
 import yaml
 from torch import nn
 
-from diffusion_lit import speed
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.process import VP
-from diffusion_lit.sampling import ddim_sample
-from diffusion_lit.speed import Accelerate, autocast
-from diffusion_lit.unet import ResBlock, timestep_embedding
+from diffusion_lit.training import speed
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.process import VP
+from diffusion_lit.sampling.samplers import ddim_sample
+from diffusion_lit.core.precision import autocast
+from diffusion_lit.training.speed import Accelerate
+from diffusion_lit.nets.unet import ResBlock, timestep_embedding
 
 from conftest import tiny_unet, write_image_folder
 from test_cli import REPO, cli
@@ -125,21 +126,21 @@ def test_fast_paths_from_the_command_line(tmp_path):
     Small images and a small grid: where the CPU has no bf16 instructions, bf16 is emulated and tens of times slower.
     """
     images = write_image_folder(tmp_path / "images", n_per_class=8, size=8)
-    grid = {"class_path": "diffusion_lit.callbacks.SampleGrid",
+    grid = {"class_path": "diffusion_lit.training.callbacks.SampleGrid",
             "init_args": {"every_n_steps": 2, "num_samples": 4, "sampling": {"steps": 3}}}
     run = cli(
         "fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.source", "ImageFolder",
         "--data.source.root", images, "--data.batch_size", 8,
         "--trainer.max_steps", 2, "--trainer.logger.init_args.save_dir", tmp_path / "runs",
         "--trainer.precision", "bf16-mixed", "--trainer.callbacks", json.dumps([grid]),
-        "--trainer.callbacks+=diffusion_lit.speed.Accelerate",
+        "--trainer.callbacks+=diffusion_lit.training.speed.Accelerate",
         "--trainer.callbacks.channels_last", "true",
     )
     assert run.returncode == 0, run.stderr
     ckpt = tmp_path / "runs" / "tiny_cpu" / "checkpoints" / "last.ckpt"
     # The run's callbacks held Accelerate with channels_last (a run-time switch, not the model's: not in the checkpoint)
     callbacks = yaml.safe_load((tmp_path / "runs" / "tiny_cpu" / "config.yaml").read_text())["trainer"]["callbacks"]
-    assert {"class_path": "diffusion_lit.speed.Accelerate",
+    assert {"class_path": "diffusion_lit.training.speed.Accelerate",
             "init_args": {"channels_last": True, "compile": False}} in callbacks
     assert (tmp_path / "runs" / "tiny_cpu" / "samples.png").is_file()  # the grid, drawn in bf16 from channels-last weights
     assert "channels_last" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]

@@ -16,14 +16,14 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from diffusion_lit.data import DiffusionDataModule  # noqa: E402
-from diffusion_lit.diffusers_io import process_of  # noqa: E402
-from diffusion_lit.errors import UserError  # noqa: E402
-from diffusion_lit.images import to_uint8  # noqa: E402
-from diffusion_lit.sampling import sample  # noqa: E402
-from diffusion_lit.process import VP  # noqa: E402
-from diffusion_lit.sources import ImageFolder  # noqa: E402
-from diffusion_lit.stable_diffusion import PretrainedUNet, StableDiffusionModule  # noqa: E402
+from diffusion_lit.data.datamodule import DiffusionDataModule  # noqa: E402
+from diffusion_lit.model.schedulers import process_of  # noqa: E402
+from diffusion_lit.core.errors import UserError  # noqa: E402
+from diffusion_lit.data.images import to_uint8  # noqa: E402
+from diffusion_lit.sampling.samplers import sample  # noqa: E402
+from diffusion_lit.model.process import VP  # noqa: E402
+from diffusion_lit.data.sources import ImageFolder  # noqa: E402
+from diffusion_lit.model.stable_diffusion import PretrainedUNet, StableDiffusionModule  # noqa: E402
 
 from test_cli import REPO, cli  # noqa: E402
 from test_text import write_tiny_clip  # noqa: E402

@@ -11,12 +11,12 @@ from PIL import Image
 from lightning.pytorch import Callback, Trainer
 
 from conftest import tiny_unet, write_image_folder
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.errors import UserError
-from diffusion_lit.optimize import optimize
-from diffusion_lit.streaming import AHEAD_CHUNKS, Streaming
-from diffusion_lit.sources import ImageFolder
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.commands.optimize import optimize
+from diffusion_lit.data.streaming import AHEAD_CHUNKS, Streaming
+from diffusion_lit.data.sources import ImageFolder
 from test_cli import REPO, cli
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffusion_lit.process import Flow, VP
-from diffusion_lit.targets import min_snr_weight, split, target
+from diffusion_lit.model.process import Flow, VP
+from diffusion_lit.model.targets import min_snr_weight, split, target
 
 VP_COSINE = VP("cosine", 1000)
 FLOW = Flow()

@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from diffusion_lit.conditioning import Prompts
-from diffusion_lit.data import DiffusionDataModule
-from diffusion_lit.digits import PHRASINGS, WORDS, digit_caption
-from diffusion_lit.dit import DiT
-from diffusion_lit.errors import UserError
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.objective import MeanFlow
-from diffusion_lit.process import VP, Flow
-from diffusion_lit.sampling import guided, sample
-from diffusion_lit.sources import ImageFolder, ShippedDigits
-from diffusion_lit.text import ByteTextEncoder, CLIPText, byte_tokens
+from diffusion_lit.model.conditioning import Prompts
+from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.data.digits import PHRASINGS, WORDS, digit_caption
+from diffusion_lit.nets.dit import DiT
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.objective import MeanFlow
+from diffusion_lit.model.process import VP, Flow
+from diffusion_lit.sampling.samplers import guided, sample
+from diffusion_lit.data.sources import ImageFolder, ShippedDigits
+from diffusion_lit.nets.text import ByteTextEncoder, CLIPText, byte_tokens
 
 from conftest import assert_halves_its_loss, bars, tiny_unet, write_image_folder
 from test_cli import cli

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_lit.loading import load_checkpoint
-from diffusion_lit.errors import UserError
-from diffusion_lit.trust import check_hparams
+from diffusion_lit.io.loading import load_checkpoint
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.core.trust import check_hparams
 
 from test_cli import cli
 from test_errors import assert_clean_failure, checkpoints, fit_args, images  # noqa: F401 (fixtures)
@@ -44,7 +44,7 @@ def test_crafted_network_runs_nothing_through_any_command(checkpoints, images, t
     {"net": {"class_path": "diffusion_lit.cli.os.system"}},  # reaches os.system through one of our modules
     {"net": {"class_path": "collections.OrderedDict"}},  # a class, but no network
     {"optimizer": {"class_path": "os.system", "init_args": {"command": "touch MARKER"}}},
-    {"net": {"class_path": "diffusion_lit.unet.UNet", "init_args": {"block": {"class_path": "os.system"}}}},
+    {"net": {"class_path": "diffusion_lit.nets.unet.UNet", "init_args": {"block": {"class_path": "os.system"}}}},
     {"_instantiator": "os.system"},
     {"_class_path": "os.system"},
 ], ids=["popen", "string", "through-our-module", "non-module-class", "optimizer", "nested", "instantiator",
@@ -71,7 +71,7 @@ def test_a_users_own_class_loads_when_named(checkpoints, tmp_path):
 
 
 def test_the_allow_list_admits_our_networks_and_torch_optimizers():
-    for net in ("diffusion_lit.unet.UNet", "diffusion_lit.dit.DiT"):
+    for net in ("diffusion_lit.nets.unet.UNet", "diffusion_lit.nets.dit.DiT"):
         for optimizer in ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD"):
             check_hparams({"net": {"class_path": net}, "optimizer": {"class_path": optimizer},
                            "_instantiator": "lightning.pytorch.cli.instantiate_module"})

@@ -6,14 +6,14 @@ import builtins
 import pytest
 import torch
 
-from diffusion_lit.conditioning import Labels
-from diffusion_lit.errors import UserError
-from diffusion_lit.loading import load_checkpoint
-from diffusion_lit.module import DiffusionModule
-from diffusion_lit.objective import MeanFlow
-from diffusion_lit.process import Flow
-from diffusion_lit.settings import Sampling
-from diffusion_lit.text import CLIPText
+from diffusion_lit.model.conditioning import Labels
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.io.loading import load_checkpoint
+from diffusion_lit.model.module import DiffusionModule
+from diffusion_lit.model.objective import MeanFlow
+from diffusion_lit.model.process import Flow
+from diffusion_lit.sampling.settings import Sampling
+from diffusion_lit.nets.text import CLIPText
 
 from conftest import tiny_unet
 from test_cli import REPO, cli
@@ -31,7 +31,7 @@ def shipped(tmp_path, monkeypatch):
     folder, marker = tmp_path / "download", tmp_path / "ran"
     (folder / "shipped_pkg").mkdir(parents=True)
     run = f"open({str(marker)!r}, 'w').close()\n"
-    (folder / "shipped_net.py").write_text(run + "from diffusion_lit.unet import UNet\nclass Net(UNet):\n    pass\n")
+    (folder / "shipped_net.py").write_text(run + "from diffusion_lit.nets.unet import UNet\nclass Net(UNet):\n    pass\n")
     (folder / "shipped_pkg" / "__init__.py").write_text(run)
     (folder / "shipped_pkg" / "nets.py").write_text(run)
     monkeypatch.chdir(folder)
@@ -148,7 +148,7 @@ def pickled(folder):
 
 
 def autoencoder_folder(tmp_path):
-    from diffusion_lit.autoencoder import load_autoencoder
+    from diffusion_lit.model.autoencoder import load_autoencoder
 
     diffusers = pytest.importorskip("diffusers")
     diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 16),
@@ -159,7 +159,7 @@ def autoencoder_folder(tmp_path):
 
 def unet2d_folder(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    from diffusion_lit.diffusers_io import load_unet_weights, unet2d_config
+    from diffusion_lit.io.diffusers_io import load_unet_weights, unet2d_config
 
     net = tiny_unet(1, 8, 0)
     diffusers.UNet2DModel(**unet2d_config(net)).save_pretrained(tmp_path / "unet")
@@ -170,7 +170,7 @@ def sd_folder(part):
     def build(tmp_path):
         from test_stable_diffusion import write_tiny_sd  # skipped without diffusers, transformers or peft
 
-        from diffusion_lit.stable_diffusion import StableDiffusionModule
+        from diffusion_lit.model.stable_diffusion import StableDiffusionModule
 
         sd = write_tiny_sd(tmp_path)
         return sd / part, "pretrained" if part == "unet" else "autoencoder", lambda: StableDiffusionModule(str(sd))

@@ -7,9 +7,9 @@ import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from diffusion_lit.errors import UserError
-from diffusion_lit.speed import Accelerate
-from diffusion_lit.unet import UNet, timestep_embedding
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.training.speed import Accelerate
+from diffusion_lit.nets.unet import UNet, timestep_embedding
 
 from conftest import tiny_unet
 

@@ -18,10 +18,11 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
 
-from diffusion_lit import folders, speed
-from diffusion_lit.errors import UserError
-from diffusion_lit.folders import FolderIndex, walk
-from diffusion_lit.speed import CpuCost, cpu_has_bf16, warn_bf16
+from diffusion_lit.data import folders
+from diffusion_lit.training import speed
+from diffusion_lit.core.errors import UserError
+from diffusion_lit.data.folders import FolderIndex, walk
+from diffusion_lit.training.speed import CpuCost, cpu_has_bf16, warn_bf16
 from test_cli import cli
 from test_errors import fit_args, images  # noqa: F401
 from test_hard_edges import assert_one_error_line
@@ -126,7 +127,7 @@ def tiny_fit(tmp_path_factory, images):  # noqa: F811
     logger = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
     logger.addHandler(handler)
     logger.info("heard")  # the handler hears this logger's INFO lines, Lightning's among them
-    guide = [{"class_path": "diffusion_lit.callbacks.GuideCheckpoint", "init_args": {"share": 0.5}}]
+    guide = [{"class_path": "diffusion_lit.training.callbacks.GuideCheckpoint", "init_args": {"share": 0.5}}]
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(speed, "SLOW_RUN_SECONDS", 0.0)

@@ -1,0 +1,42 @@
+"""The one table of modules that moved when the package was split into subpackages (`diffusion_lit.unet` is now
+`diffusion_lit.nets.unet`, ...), shared by the checkpoint upgrade (old checkpoints name their parts by the old class
+paths, and load as they did) and the config reader (an old class path in a config or on the command line stops with
+one line giving the new one). No module is left at an old place."""
+
+MOVED = {  # old module under diffusion_lit -> its new place under diffusion_lit
+    "errors": "core.errors", "files": "core.files", "trust": "core.trust", "unet": "nets.unet", "dit": "nets.dit",
+    "text": "nets.text", "frozen": "nets.frozen", "data": "data.datamodule", "sources": "data.sources",
+    "folders": "data.folders", "hf_data": "data.hf_data", "streaming": "data.streaming", "loaders": "data.loaders",
+    "digits": "data.digits", "images": "data.images", "old_data": "data.old_data", "process": "model.process",
+    "schedule": "model.schedule", "targets": "model.targets", "objective": "model.objective",
+    "conditioning": "model.conditioning", "latent": "model.latent", "guidance": "model.guidance",
+    "module": "model.module", "stable_diffusion": "model.stable_diffusion", "autoencoder": "model.autoencoder",
+    "old_model": "model.old_model", "solvers": "sampling.solvers", "sampling": "sampling.samplers",
+    "settings": "sampling.settings", "loading": "io.loading", "diffusers_io": "io.diffusers_io",
+    "callbacks": "training.callbacks", "checkpointing": "training.checkpointing", "speed": "training.speed",
+    "metrics": "training.metrics", "commands": "commands.sample", "evaluation": "commands.evaluate",
+    "export": "commands.export", "optimize": "commands.optimize",
+}
+CLASSES = {  # classes that moved to another module than the rest of theirs
+    "diffusion_lit.diffusers_io.InitFrom": "diffusion_lit.training.init_from.InitFrom",
+}
+
+
+def moved(path: str) -> str | None:
+    """The new import path of an old one (`diffusion_lit.process.Flow` -> `diffusion_lit.model.process.Flow`); None
+    for a path that did not move. Old paths are three names long; new ones, four."""
+    parts = path.split(".") if isinstance(path, str) else []
+    if path in CLASSES:
+        return CLASSES[path]
+    if len(parts) == 3 and parts[0] == "diffusion_lit" and parts[1] in MOVED:
+        return f"diffusion_lit.{MOVED[parts[1]]}.{parts[2]}"
+    return None
+
+
+def upgrade_paths(value):
+    """Hyperparameters (nested dicts and lists) with every old class path in them replaced by its new one."""
+    if isinstance(value, dict):
+        return {k: upgrade_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [upgrade_paths(v) for v in value]
+    return moved(value) or value

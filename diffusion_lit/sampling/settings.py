@@ -1,0 +1,111 @@
+"""How images are drawn from a model: one set of sampler settings that `sample`, `evaluate`, `SampleGrid` and `FID`
+share (the commands take them as flat flags, `--steps 20`; the callbacks as `sampling: {steps: 20}`)."""
+
+from dataclasses import asdict, dataclass
+
+from diffusion_lit.core.errors import UserError, say
+from diffusion_lit.model.guidance import GuideCondition, Interval, check_interval, check_guide_condition
+from diffusion_lit.sampling.samplers import Sampler, check_sampler
+from diffusion_lit.sampling.solvers import SOLVERS
+from diffusion_lit.model.grids import Spacing
+
+MAX_GUIDANCE = 20.0  # past this the images saturate; usual scales lie between 1.5 and 8
+
+
+@dataclass
+class Sampling:
+    """The sampler and its guidance.
+
+    Args:
+        sampler: ``ddim``, ``ddpm`` (ancestral, all T steps of a VP model), or an ODE solver: ``euler``, ``heun``
+            (EDM's second order: two network evaluations per step) or ``dpmpp_2m`` (DPM-Solver++(2M)); ``meanflow``
+            for a MeanFlow model (and only there: 1 or 2 steps).
+        steps: DDIM steps, or the solver's levels (ddpm walks all T timesteps and takes none).
+        eta: DDIM eta: 0 deterministic, 1 as noisy as DDPM (the other samplers take none).
+        guidance_scale: guidance w in [0, 20]: D_weak + w (D - D_weak), where D_weak is the model at the null
+            condition (classifier-free guidance) or a guide (autoguidance); 1 is the model alone, 0 D_weak alone.
+        spacing: the steps' spacing: ``linspace``, ``trailing`` (DDIM) or ``karras`` (the ODE solvers).
+        guidance_interval: ``[LO, HI]``: guide only at noise levels sigma / alpha in (LO, HI].
+        guide_ckpt: autoguidance from this checkpoint's EMA denoiser (an earlier or smaller run of the same kind).
+        guide_condition: ``same`` (the guide sees each sample's label or prompt) or ``null`` (the null one).
+        stack_guidance: guide a MeanFlow model trained with guidance folded in (MeanFlow's guidance_scale) once more,
+            at guidance_scale: refused without it, since its one step is guided already.
+    """
+
+    sampler: Sampler = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    spacing: Spacing = "linspace"
+    guidance_interval: Interval | None = None
+    guide_ckpt: str | None = None
+    guide_condition: GuideCondition = "same"
+    stack_guidance: bool = False
+
+    def check(self, process) -> None:
+        """A UserError for settings that no sampler takes on this process, or that this sampler would ignore,
+        before any network call."""
+        if self.sampler in ("ddpm", "ddim", *SOLVERS):  # check_sampler names the samplers for another
+            self.check_steps_and_eta(process)
+        check_sampler(self.sampler, process, self.steps, self.eta, self.spacing)
+        check_interval(self.guidance_interval)
+        check_guide_condition(self.guide_condition)
+        if not 0.0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise UserError(
+                f"guidance_scale must lie in [0, {MAX_GUIDANCE:g}], got {self.guidance_scale:g}: 1 is the model alone, "
+                "above 1 pushes toward the condition (away from the guide) more strongly, 1.5 to 8 are usual and past "
+                f"{MAX_GUIDANCE:g} the images saturate; below 1 moves toward the weak side (the null condition, or the "
+                "guide) and 0 is the weak side alone, so a negative scale would push away from the condition")
+
+    def check_steps_and_eta(self, process) -> None:
+        """A UserError for a number of steps or an eta that the sampler would not use as asked."""
+        timesteps = getattr(process, "timesteps", None)
+        if self.sampler == "ddpm" and self.steps < 1:  # the others' own checks say their range
+            raise UserError(f"steps must be at least 1, got {self.steps}; sampler ddpm walks all the timesteps of the "
+                            "model whatever steps say: leave steps out")
+        if self.sampler == "ddpm" and process.discrete and self.steps not in (Sampling.steps, timesteps):
+            raise UserError(f"steps {self.steps}: sampler ddpm always walks all {timesteps} timesteps of the model, "
+                            "so steps mean nothing to it; leave steps out, or use sampler ddim with eta 1 "
+                            f"(DDPM-like noise in {self.steps} steps)")
+        if self.sampler == "ddpm" and self.eta not in (0.0, 1.0):
+            raise UserError(f"eta {self.eta:g}: sampler ddpm is as noisy as eta 1 by nature and takes no eta; use "
+                            f"sampler ddim with eta {self.eta:g}")
+        if self.sampler in SOLVERS and self.eta != 0.0:
+            raise UserError(f"eta {self.eta:g}: sampler {self.sampler} is a deterministic ODE solver and takes no eta "
+                            f"(only ddim does); leave eta out, or use sampler ddim with eta {self.eta:g}")
+
+    def check_model(self, module, guide: bool) -> None:
+        """A UserError for settings this model cannot use (`guide`: a guide checkpoint was given)."""
+        check_sampler(self.sampler, module.process, self.steps, self.eta, self.spacing, module.objective.prediction,
+                      self.guidance_interval)  # meanflow for MeanFlow models, and only for them
+        folded = module.objective  # guidance folded into training: the sampler's would guide a guided model again
+        if folded.guided and self.guidance_scale != 1.0 and not self.stack_guidance:
+            scale = folded.guidance_scale / (1 - folded.guidance_mix)  # the effective scale of its samples
+            raise UserError(f"guidance_scale {self.guidance_scale:g}: this MeanFlow model has guidance folded into it "
+                            f"at scale {scale:g} (its MeanFlow objective's guidance_scale), so it draws guided samples "
+                            "already; leave guidance_scale out, or give stack_guidance true to guide it once more "
+                            "(twice the network evaluations)")
+        if self.guide_condition != "null":
+            return
+        if not module.conditioning.conditional:
+            raise UserError("guide_condition null gives the guide the null label or empty prompt, and this model is "
+                            "unconditional (it has neither): leave guide_condition out")
+        if module.guide is None and not guide:
+            raise UserError("guide_condition null says what a guide is given, and there is no guide (guide_ckpt, or "
+                            "model.guide); without one the weak side is already the model at the null condition "
+                            "(classifier-free guidance): leave guide_condition out")
+
+    def for_model(self, module, guide: bool, who: str) -> "Sampling":
+        """These settings for `module`: a guidance scale for a model with nothing to guide against (unconditional,
+        no guide) is dropped, said once by `who`; a UserError for settings it cannot use (`check_model`)."""
+        self.check_model(module, guide)
+        if module.conditioning.conditional or module.guide is not None or guide or self.guidance_scale == 1.0:
+            return self
+        say(f"{who}: guidance_scale {self.guidance_scale} is ignored, since this model is unconditional "
+            "(model.conditioning is left out or the data has no labels) and has no guide (model.guide, or "
+            "guide_ckpt)")
+        return Sampling(**{**asdict(self), "guidance_scale": 1.0})
+
+    def kwargs(self) -> dict:
+        """What `sampling.sample` and `sampling.generate` take of them (the guide checkpoint is loaded apart)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("guide_ckpt", "stack_guidance")}

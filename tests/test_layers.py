@@ -1,0 +1,36 @@
+"""The package's folders are its layers (tests/import_graph.py gives the order): no circle of imports, no import from
+a folder above, and docs/layout.md names every module there is and none that is not."""
+
+import re
+from pathlib import Path
+
+from import_graph import PACKAGE, circles, climbs, graph, modules
+
+
+def test_no_circle_and_no_import_climbs_a_layer():
+    edges = graph()
+    assert circles(edges) == []
+    assert climbs(edges) == []
+
+
+def test_the_graph_sees_imports_inside_functions_and_from_packages(tmp_path):
+    """The checks above could pass by not seeing an import: a lazy import that climbs is found."""
+    package = tmp_path / "diffusion_lit"
+    for folder in ("core", "model"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "core" / "a.py").write_text("def f():\n    from diffusion_lit.model import b\n")
+    (package / "model" / "b.py").write_text("from diffusion_lit.core.a import f\n")
+    edges = graph(package)
+    assert edges["diffusion_lit.core.a"] == {"diffusion_lit.model.b"}
+    assert climbs(edges) == [("diffusion_lit.core.a", "diffusion_lit.model.b")]
+    assert circles(edges) == [["diffusion_lit.core.a", "diffusion_lit.model.b"]]
+
+
+def test_docs_layout_maps_every_module():
+    layout = (PACKAGE.parent / "docs" / "layout.md").read_text()
+    named = set(re.findall(r"diffusion_lit/[\w/]+\.py", layout))
+    there = {path.relative_to(PACKAGE.parent).as_posix() for path in modules().values()}
+    assert named == there, (f"missing from docs/layout.md: {sorted(there - named)}; "
+                            f"named there but gone: {sorted(named - there)}")

@@ -79,7 +79,9 @@ class QuietUsage:
         if not os.environ.get("DIFFUSION_LIT_DEBUG"):  # the debugger of a part wants jsonargparse's whole report
             # the type of each option (jsonargparse keeps it on the action, with no public name for it)
             typehints = {action.dest: getattr(action, "_typehint", None) for action in self._actions}
-            message = part_mistake(message, typehints) or message
+            # jsonargparse's report of a plain value spans lines (what each type of a union expected): one line
+            message = part_mistake(message, typehints) or " ".join(line.strip() for line in message.splitlines()
+                                                                    if line.strip())
         super().error(message, ex)
 
 
@@ -347,7 +349,10 @@ def main(args: list[str] | None = None) -> None:
         mistake = err if not isinstance(err, ValueError) else users_mistake(err)
         if os.environ.get("DIFFUSION_LIT_DEBUG") or mistake is None:
             raise
-        print(f"error: {mistake}", file=sys.stderr)
+        line = str(mistake)
+        if words[:1] == ["data"]:  # a source's own messages name its options as fit spells them
+            line = line.replace("--data.source", "--source")
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except Exception:
         if Checkpoint.lost_line is None or os.environ.get("DIFFUSION_LIT_DEBUG"):

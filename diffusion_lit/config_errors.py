@@ -19,7 +19,9 @@ from diffusion_lit.core.moved import moved
 # the forms it echoes a value: `class_path 'X'`, `{'class_path': 'X', ...}`, `class_path='X'`, `Given value: X`) and
 # an argument it refused; the rest we find out ourselves by importing that class path.
 OPTION = re.compile(r'Parser key "([\w.]+)"')
-GIVEN = re.compile(r"class_path(?:'?: | |=)'([\w.]+)'|(?:Given|Got) value: ([\w.]+)$", re.MULTILINE)
+GIVEN = re.compile(r"class_path(?:'?: | |=)'([\w.]+)'|(?:Given|Got) value: ([\w.]+)$|import path string: ([\w.]+)$",
+                   re.MULTILINE)
+PLAIN_MODULES = ("builtins", "pathlib", "typing", "datetime")  # plain values' types, not parts
 REFUSED = re.compile(r"Option '(\w+)' is not accepted")
 
 
@@ -31,10 +33,11 @@ def part_mistake(message: str, typehints: dict) -> str | None:
     if option is None or given is None:
         return None
     bases, factory_args = classes_in(typehints.get(option[1]))
-    if not bases:  # not a part option (nested class parsers report their plain values here too)
+    bases = tuple(b for b in bases if b.__module__ not in PLAIN_MODULES)
+    if not bases:  # not a part option: a number, a string, a path (jsonargparse's own line says what it expected)
         return None
     fit = fitting(bases, factory_args)
-    given = given[1] or given[2]
+    given = next(g for g in given.groups() if g)
     said = f"--{option[1]} {given}"
     if new := moved(given):  # the package's modules moved into subpackages
         return f"{said}: {given.rsplit('.', 1)[0]} moved: write {new}"

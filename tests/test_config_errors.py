@@ -83,3 +83,33 @@ def test_an_argument_of_another_part_lists_its_own():
                           "--print_config"))
     assert "--model.conditioning diffusion_lit.model.conditioning.Labels: it takes no argument 'nope'" in line
     assert "its arguments are p_uncond" in line
+
+
+def test_a_plain_value_of_the_wrong_type_is_one_line_saying_what_was_expected():
+    """Not a part: no class list, but jsonargparse's own words on one line."""
+    result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--data.batch_size", "abc")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "data.batch_size" in errors[0] and "Expected a <class 'int'>" in errors[0] and "class" not in errors[0][:40]
+    assert "no such class" not in errors[0]
+
+
+def test_an_old_class_path_stops_with_the_new_one_on_the_command_line_and_in_a_config(tmp_path):
+    """The modules moved into subpackages: an old class path is one line giving the new one, however it is given."""
+    result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--model.process", "diffusion_lit.process.Flow")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and errors == ["error: --model.process diffusion_lit.process.Flow: "
+                                                 "diffusion_lit.process moved: write diffusion_lit.model.process.Flow"]
+    config = tmp_path / "old.yaml"
+    config.write_text((REPO / "configs/tiny_cpu.yaml").read_text().replace("diffusion_lit.data.sources.ShippedDigits",
+                                                                            "diffusion_lit.sources.ShippedDigits"))
+    result = cli("fit", "--config", config)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert errors[0].endswith("diffusion_lit.sources moved: write diffusion_lit.data.sources.ShippedDigits")
+    model = tmp_path / "sd.yaml"
+    model.write_text("model:\n  class_path: diffusion_lit.autoencoder.AutoencoderModule\n")
+    result = cli("fit", "--config", model)
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "model.class_path diffusion_lit.autoencoder.AutoencoderModule moved: write "
+        "diffusion_lit.model.autoencoder.AutoencoderModule"), result.stderr

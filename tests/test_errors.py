@@ -157,7 +157,7 @@ def test_sample_checks_its_output_before_sampling(checkpoints, tmp_path):
     (tmp_path / "taken.png").mkdir()
     result = cli("sample", "--ckpt_path", good, "--out", tmp_path / "taken.png", "--num_samples", 100000)
     assert_clean_failure(result, "is an existing folder")
-    assert "sampling" not in result.stderr  # no progress bar: nothing was generated
+    assert "sampling" not in result.stderr  # no progress bar: nothing was written
     (tmp_path / "file").write_text("")
     for out, phrase in [(tmp_path / "file", "is an existing file"), (tmp_path / "file" / "x.png", "cannot write in"),
                         ("/proc/no/such/x.png", "cannot write in"), (tmp_path / "x.gif", "unknown extension")]:

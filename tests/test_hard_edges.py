@@ -60,7 +60,7 @@ def test_a_full_disk_while_sample_writes_keeps_the_images_in_the_temporary_folde
 def test_sample_refuses_at_once_when_the_images_cannot_fit_on_the_disk(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(images_module, "free_bytes", lambda folder: 10_000)
     result = cli("sample", "--ckpt_path", checkpoint, "--num_samples", 100, "--out", tmp_path / "x.npz")
-    assert_one_error_line(result, "100 images need up to", "nothing was generated")
+    assert_one_error_line(result, "100 images need up to", "nothing was written")
 
 
 def test_a_batch_too_large_for_memory_is_split_into_ones_that_fit(checkpoint, tmp_path, monkeypatch):

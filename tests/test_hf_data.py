@@ -66,7 +66,7 @@ def bad(tmp_path, kind):
     ("missing column", "has no column 'img' \\(it has image, label, text\\): name the image column"),
     ("not images", "column 'text' holds Value\\('string'\\), not images"),
     ("empty", "holds no rows in its 'train' split"),
-    ("empty save_to_disk", "holds no rows \\(a save_to_disk dataset of none\\): nothing to train on"),
+    ("empty save_to_disk", "holds no rows in its 'train' split \\(a save_to_disk dataset of none\\): nothing"),
     ("text labels", "column 'label' holds Value\\('string'\\), not class labels"),
     ("negative labels", "column 'label' holds negative labels \\(-1: no label\\) in 1 rows"),
     ("missing captions", "has no column 'prompt'"),
@@ -87,3 +87,11 @@ def test_bad_input_through_fit_is_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "column 'label' holds ClassLabel" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_a_dataset_dict_with_an_empty_split_reads_its_other_split(tmp_path):
+    table = datasets.load_from_disk(str(hf_layout(tmp_path, "save_to_disk")))
+    datasets.DatasetDict({"train": table, "test": table.select([])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(HFDataset(str(tmp_path / "dd")).images(None, 1)) == len(table)
+    with pytest.raises(UserError, match="holds no rows in its 'test' split"):
+        HFDataset(str(tmp_path / "dd"), split="test")

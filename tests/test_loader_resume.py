@@ -83,6 +83,7 @@ def other_folder(tmp_path):
 @pytest.mark.parametrize("resumed_on,line", [
     ("root", "--data.source.root "),
     ("batch_size", "--data.batch_size 8 -> 4"),
+    ("seed", "--data.seed 0 -> 1"),  # another split and shuffle of the same images
     ("streaming", "--data.source diffusion_lit.data.sources.ImageFolder -> diffusion_lit.data.streaming.Streaming"),
 ])
 def test_a_resume_onto_other_data_says_its_epoch_starts_again(tmp_path, capsys, resumed_on, line):
@@ -90,12 +91,12 @@ def test_a_resume_onto_other_data_says_its_epoch_starts_again(tmp_path, capsys, 
     to them (their batches would be neither the old run's nor a fresh epoch's), and one line says so."""
     made = source("folder", tmp_path)
     run(lambda: made, tmp_path / "stopped.log", tmp_path / "b", N, 0)
-    other = {"root": lambda: other_folder(tmp_path), "batch_size": lambda: made,
+    other = {"root": lambda: other_folder(tmp_path), "batch_size": lambda: made, "seed": lambda: made,
              "streaming": lambda: source("streaming", tmp_path / "s")}[resumed_on]()
     capsys.readouterr()
     batch = 4 if resumed_on == "batch_size" else 8
     seed_everything(0)
-    data = DiffusionDataModule(other, batch_size=batch, num_workers=0, val_fraction=0.2)
+    data = DiffusionDataModule(other, batch_size=batch, num_workers=0, val_fraction=0.2, seed=int(resumed_on == "seed"))
     model = ReadsStepsAhead(net=tiny_unet, image_size=data.image_size, channels=data.channels)
     trainer = Trainer(max_steps=N + 2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, enable_checkpointing=False,

@@ -100,7 +100,7 @@ def test_a_place_that_cannot_be_written_or_has_no_room_is_one_line_before_any_wo
     assert result.stderr.startswith(f"error: --out {locked / 'c'}: cannot write in ") and "writable place" in result.stderr
     assert not list(locked.iterdir())
 
-    monkeypatch.setattr("diffusion_lit.commands.optimize.free_bytes", lambda folder: 1000)
+    monkeypatch.setattr("diffusion_lit.data.images.free_bytes", lambda folder: 1000)
     result = cli("data", "optimize", "--source", "ImageFolder", "--source.root", images, "--out", tmp_path / "c")
     assert result.returncode == 2 and "16 images need up to" in result.stderr and "1.0 kB free" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "locked"]
@@ -185,5 +185,17 @@ def test_a_broken_row_of_a_parquet_file_is_found_before_training(tmp_path):
     from diffusion_lit.data.hf_data import HFDataset
 
     source = HFDataset(str(broken_row(tmp_path, "parquet")))
-    with pytest.raises(UserError, match=r"^1 of the 16 rows checked cannot be read: row 5 of .* cannot be read \("):
+    with pytest.raises(UserError, match=r"^1 of the 16 rows checked cannot be read: row 5 of \S+ \(\w+Error: "):
         DiffusionDataModule(source, batch_size=4, num_workers=0).setup("fit")
+
+
+def test_out_may_be_the_current_folder_and_a_folders_options_are_named_as_optimize_spells_them(tmp_path):
+    images = write_image_folder(tmp_path / "images")
+    here = tmp_path / "here"
+    here.mkdir()
+    result = cli("data", "optimize", "--source", "ImageFolder", "--source.root", images, "--out", ".", cwd=here)
+    assert result.returncode == 0 and (here / "index.json").is_file(), result.stderr
+    (images / "a" / "000.png").write_bytes(b"not a png")
+    result = cli("data", "optimize", "--source", "ImageFolder", "--source.root", images, "--out", tmp_path / "c")
+    assert result.returncode == 2 and "--source.skip_unreadable true" in result.stderr, result.stderr
+    assert "--data.source" not in result.stderr

@@ -82,6 +82,34 @@ def test_the_refusal_names_an_installed_module_or_none_at_all(tmp_path, monkeypa
         load_checkpoint(str(crafted(OLD, tmp_path / "runs" / "c.ckpt", net={**net, "class_path": "local_net.Net"})))
 
 
+def test_a_module_beside_the_checkpoint_but_not_importable_from_here_is_warned_of(shipped, tmp_path, monkeypatch):
+    """Run from another folder, the module that came with the checkpoint does not import; the advice must still not
+    invite running it (as "run from its folder" would)."""
+    folder, marker, ckpt = shipped
+    path = ckpt("shipped_net.Net")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sys
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
+    monkeypatch.delitem(sys.modules, "shipped_net", raising=False)  # as a new process has it
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(str(path))
+    line = str(refused.value)
+    assert f"A file {(folder / 'shipped_net.py').resolve()} lies beside the checkpoint" in line, line
+    assert "never trust a file that came with a checkpoint" in line and not marker.exists()
+
+
+def test_the_classes_a_config_trusts_that_are_allowed_anyway_say_nothing(capsys):
+    """A resume trusts the config's own class paths: diffusion_lit's classes among them are allowed anyway, and
+    importing them is not news (no line per class on every resume)."""
+    from diffusion_lit.core.trust import check_hparams
+
+    hparams = {"net": {"class_path": "diffusion_lit.nets.unet.UNet"}, "optimizer": {"class_path": "torch.optim.Adam"},
+               "process": {"class_path": "diffusion_lit.process.VP"}}  # an old place: allowed as the new one
+    check_hparams(hparams, ["diffusion_lit.nets.unet.UNet", "torch.optim.Adam", "diffusion_lit.process.VP"])
+    assert capsys.readouterr().err == ""
+
+
 def test_a_pickled_clip_folder_is_refused_with_what_to_do_not_torchs_advice(tmp_path):
     transformers = pytest.importorskip("transformers")
     write_tiny_clip(tmp_path / "clip")
@@ -110,9 +138,11 @@ def folded(guidance_scale: float = 2.0, guidance_mix: float = 0.0) -> DiffusionM
 
 def test_sampler_guidance_on_folded_guidance_is_refused_unless_stacked():
     settings = Sampling(sampler="meanflow", steps=1, guidance_scale=3.0)
-    with pytest.raises(UserError, match=r"guidance folded into it at scale 2 .* stack_guidance true"):
+    with pytest.raises(UserError, match=r"guidance folded into it \(trained with MeanFlow's guidance_scale 2, "
+                                        r"guidance_mix 0: its samples are guided as at scale 2\).*--stack_guidance true"):
         settings.for_model(folded(), False, "SampleGrid")  # the callbacks' way in
-    with pytest.raises(UserError, match="at scale 3 "):  # the effective scale omega / (1 - kappa)
+    with pytest.raises(UserError, match=r"guidance_scale 1.5, guidance_mix 0.5: its samples are guided as at scale 3\)"):
+        # the effective scale omega / (1 - kappa)
         settings.check_model(folded(1.5, 0.5), False)
     Sampling(sampler="meanflow", steps=1, guidance_scale=3.0, stack_guidance=True).check_model(folded(), False)
     Sampling(sampler="meanflow", steps=1).check_model(folded(), False)  # its own guidance alone
@@ -126,7 +156,8 @@ def test_sample_and_evaluate_refuse_to_stack_guidance_without_being_asked(tmp_pa
     ckpt = tmp_path / "runs" / "folded" / "checkpoints" / "last.ckpt"
     args = ["--ckpt_path", ckpt, "--sampler", "meanflow", "--steps", 1, "--guidance_scale", 3]
     out = tmp_path / "x.png"
-    phrases = ("guidance_scale 3: this MeanFlow model has guidance folded into it at scale 2", "stack_guidance true")
+    phrases = ("guidance_scale 3: this MeanFlow model has guidance folded into it", "guided as at scale 2",
+               "--stack_guidance true")
     assert_one_error_line(cli("sample", *args, "--labels", "all", "--num_samples", 4, "--out", out), *phrases)
     assert not out.exists()
     assert_one_error_line(cli("evaluate", *args, "--feature_extractor", "features.TinyFeatures"), *phrases)

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from diffusion_lit.training.checkpointing import Stopped
 from diffusion_lit.core.errors import UserError, reason, say
-from diffusion_lit.core.files import free_bytes, size_text, space_text, write_atomic
-from diffusion_lit.data.images import needed_bytes
+from diffusion_lit.core.files import space_text, write_atomic
+from diffusion_lit.data.images import check_space
+from diffusion_lit.data.loaders import Unreadable
 from diffusion_lit.data.sources import Source
 from diffusion_lit.data.streaming import FORMAT, Streaming, checksum, size_in_bytes
 from diffusion_lit.core.optional import need
@@ -39,8 +40,9 @@ class Item:
         try:
             image, label = self.images[index]
         except Exception as err:  # a damaged file or row, whatever the library that decodes it raises
+            why = err.why if isinstance(err, Unreadable) else reason(err)  # a source's own, or the decoder's
             with open(self.unreadable, "a") as f:  # one short append per image: whole lines from every worker
-                f.write(f"{index}\t{reason(err)[:300]}\n")
+                f.write(f"{index}\t{why[:300]}\n")
             if self.skip:
                 return None
             raise
@@ -60,10 +62,11 @@ def optimize(source: Source, out: str, captions: bool = False, num_workers: int 
         captions: store each image's caption too, for text models.
         num_workers: processes that encode the images (0: in this one).
         chunk_bytes: the size of a chunk file: bytes, or a size such as 64MB.
-        skip_unreadable: leave out images that cannot be read (counted and the first named) instead of stopping.
+        skip_unreadable: leave out images that cannot be read while writing (counted and the first named) instead
+            of stopping; a folder's images are checked when the source is made (``--source.skip_unreadable``).
     """
     ld = need("litdata", "data")
-    folder = Path(out)
+    folder = Path(out).resolve()  # `.` and `..` name their folder (the partial one is written beside it)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
     if num_workers < 0:
@@ -105,14 +108,18 @@ def optimize(source: Source, out: str, captions: bool = False, num_workers: int 
             folder.rmdir()
         partial.rename(folder)
     except Stopped as stop:
+        if not partial.exists() and (folder / "index.json").is_file():  # it came after the folder took its name
+            raise Stopped(stop.signum, f"stopped by {stop.name} once data optimize had written {folder}: it is "
+                                       "complete") from None
         raise Stopped(stop.signum, f"stopped by {stop.name}: data optimize kept nothing (the partial chunks were "
                                    f"removed): run it again") from None
     except (OSError, RuntimeError) as err:  # a full disk, litdata's report of a worker's failure
         if skipped := read_unreadable(unreadable):
             raise UserError(f"{described(skipped)}: fix or remove it, or pass --skip_unreadable true to leave "
                             "unreadable images out (nothing was written)") from None
-        raise UserError(f"could not write {folder} ({reason(err)}); {space_text(partial.parent, err) or 'see above'}"
-                        "; nothing was kept") from None
+        space = space_text(partial.parent, err)
+        raise UserError(f"could not write {folder} ({reason(err)}){' ' + space if space else ''}; nothing was "
+                        "kept") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         unreadable.unlink(missing_ok=True)
@@ -128,15 +135,13 @@ def make_room(folder: Path, partial: Path, count: int, source: Source) -> None:
     try:
         partial.mkdir(parents=True)
     except OSError as err:
-        raise UserError(f"--out {folder}: cannot write in {folder.parent.absolute()} ({reason(err)}): give a "
-                        "writable place") from None
-    shape = (source.channels, source.image_size, source.image_size)
-    need_bytes, free = needed_bytes(count, shape), free_bytes(partial)
-    if free is not None and free < need_bytes:
+        raise UserError(f"--out {folder}: cannot write in {folder.parent} ({reason(err)}): give a writable "
+                        "place") from None
+    try:
+        check_space(folder, count, (source.channels, source.image_size, source.image_size))
+    except UserError:
         partial.rmdir()
-        raise UserError(f"--out {folder}: {count} images need up to {size_text(need_bytes)} and "
-                        f"{folder.parent.absolute()} has {size_text(free)} free: make room or write elsewhere "
-                        "(nothing was written)")
+        raise
 
 
 def write_chunks(ld, item: Item, count: int, partial: Path, chunk_bytes: int, num_workers: int) -> None:

@@ -139,13 +139,14 @@ def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the
         if shown(name) != repr(name):  # not echoed: it names nothing
             raise UserError(f"{source} gives its {place} a class_path that is not an import path: refused (a crafted "
                             "or damaged checkpoint)")
-        if (moved(name) or name) not in allowed and name not in trusted:  # old checkpoints name the old places
+        if (moved(name) or name) in allowed:  # old checkpoints name the old places
+            continue
+        if name not in trusted:
             raise UserError(
                 f"{source} names {name!r} as its {place}, which is not one of diffusion_lit's networks, "
                 f"data sources or torch.optim's optimizers: refused before importing it. {trust_advice(name, source)}"
             )
-        if name in trusted:
-            check_subclass(name, base, source)
+        check_subclass(name, base, source)
 
 
 def origin(name: str) -> Path | None:
@@ -170,11 +171,16 @@ def trust_advice(name: str, source: str) -> str:
     """What to do about a class that a checkpoint names and the user has not trusted, with where it would be imported
     from: under `python -m` the current folder is on sys.path, so a module that came with the checkpoint imports,
     and its top-level code runs before any check of the class."""
-    file = origin(name)
+    file, top = origin(name), name.partition(".")[0]
+    beside = [p for p in (Path(source).parent / f"{top}.py", Path(source).parent / top) if p.exists()]
+    if beside and Path(source).is_file() and (file is None or near(file, source) is None):
+        return (f"A file {beside[0].resolve()} lies beside the checkpoint: importing the class from it would run that "
+                "file's code, so never trust a file that came with a checkpoint; only if you wrote it yourself, run "
+                f"from its folder and name the class on the command line: --trust_class {name}")
     if file is None:
-        return (f"No module {name.partition('.')[0]!r} is on the path here to import it from. If it is a class of "
-                "your own, make its module importable (install it, or run from its folder) and name it on the command "
-                f"line: --trust_class {name}")
+        return (f"No module {top!r} is on the path here to import it from. If it is a class of your own, make its "
+                f"module importable (install it, or run from its folder) and name it on the command line: "
+                f"--trust_class {name}")
     if (place := near(file, source)) is None:
         return (f"It would be imported from {file}; if it is a class of your own that you trust, name it on the "
                 f"command line: --trust_class {name}")

@@ -179,10 +179,13 @@ class DiffusionDataModule(LightningDataModule):
         return loader
 
     def data_key(self) -> dict:
-        """What a saved loader position belongs to: the source as configured, the training images' count, the batch
-        size."""
-        return {"source": plain(self.source.config()), "images": len(self.train_set),
-                "batch_size": self.hparams.batch_size}
+        """What a saved loader position belongs to: the source as configured (less its settings that leave the images
+        as they are), the training images' count, the batch size, and the seed and held-out share that split and
+        shuffle them."""
+        source = plain(self.source.config())
+        source["init_args"] = {k: v for k, v in source["init_args"].items() if k not in self.source.not_data}
+        return {"source": source, "images": len(self.train_set), "batch_size": self.hparams.batch_size,
+                "seed": self.hparams.seed, "val_fraction": self.hparams.val_fraction}
 
     def other_data(self, state: dict, loader: DataLoader) -> str:
         """Why a checkpoint's loader position belongs to other data than this run's ("" when it does not)."""
@@ -198,9 +201,9 @@ class DiffusionDataModule(LightningDataModule):
         old, new = saved["source"], key["source"]
         changed = [f"--data.source.{name} {old['init_args'].get(name)} -> {new['init_args'].get(name)}"
                    for name in {**old["init_args"], **new["init_args"]}
-                   if old["init_args"].get(name) != new["init_args"].get(name)]
-        if saved["batch_size"] != key["batch_size"]:
-            changed.append(f"--data.batch_size {saved['batch_size']} -> {key['batch_size']}")
+                   if old["init_args"].get(name) != new["init_args"].get(name) and name not in self.source.not_data]
+        changed += [f"--data.{name} {saved[name]} -> {key[name]}" for name in ("batch_size", "seed", "val_fraction")
+                    if name in saved and saved[name] != key[name]]
         if not changed and saved["images"] != key["images"]:
             changed.append(f"{saved['images']} training images -> {key['images']}")
         return ", ".join(changed)

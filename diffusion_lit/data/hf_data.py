@@ -21,12 +21,14 @@ def load(path: Path, split: str):
     """The `split` of the dataset at `path`, in whichever of the three layouts it is."""
     datasets = need("datasets", "data")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
+        if (path / "dataset_dict.json").is_file() and (path / split / "state.json").is_file():
+            path = path / split  # the split alone: datasets cannot load a dict with an empty split (IndexError)
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:  # datasets' own errors for a folder it cannot read take many forms
-            if empty_saved(path):  # datasets cannot load a dataset of no rows that it saved itself (IndexError)
-                raise UserError(f"{path} holds no rows (a save_to_disk dataset of none): nothing to train on; give "
-                                "a dataset with images") from None
+            if empty_saved(path, split):  # datasets cannot load a dataset of no rows that it saved itself (IndexError)
+                raise UserError(f"{path} holds no rows in its {split!r} split (a save_to_disk dataset of none): "
+                                "nothing to train on; give a dataset with images") from None
             raise UserError(f"{path} cannot be read as a save_to_disk dataset ({reason(err)}): write it again with "
                             "save_to_disk") from None
         if isinstance(loaded, datasets.DatasetDict):
@@ -47,11 +49,11 @@ def load(path: Path, split: str):
                         "save_to_disk folder, parquet files, or a folder of images (imagefolder)") from None
 
 
-def empty_saved(path: Path) -> bool:
-    """Whether a save_to_disk folder (of one dataset, or each split of a DatasetDict) lists no data files."""
-    states = [path / "state.json"] if (path / "state.json").is_file() else sorted(path.glob("*/state.json"))
+def empty_saved(path: Path, split: str) -> bool:
+    """Whether a save_to_disk folder (one dataset, or `split` of a DatasetDict) lists no data files."""
+    state = path / "state.json" if (path / "state.json").is_file() else path / split / "state.json"
     try:
-        return bool(states) and all(not json.loads(state.read_text()).get("_data_files") for state in states)
+        return not json.loads(state.read_text()).get("_data_files")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -129,7 +131,7 @@ class HFDataset(Source):
             try:
                 rows[i]
             except Unreadable as err:
-                bad.append(str(err).split(": fix")[0])
+                bad.append(f"{err.what} ({err.why})")
         if bad:
             more = ", ..." if len(bad) > 3 else ""
             raise UserError(f"{len(bad)} of the {len(picked)} rows checked cannot be read: {', '.join(bad[:3])}{more}"
@@ -168,7 +170,8 @@ class Rows(Dataset):
             row = self.table[i]
             image = to_8_bits(row[self.image_column]).convert(self.mode)
         except Exception as err:  # a damaged image: PIL's and datasets' errors take many forms
-            raise Unreadable(f"row {i} of {self.path} cannot be read ({reason(err)}): fix or remove it, or write the "
-                             "dataset again without it") from None
+            what, why = f"row {i} of {self.path}", reason(err)
+            raise Unreadable(f"{what} cannot be read ({why}): fix or remove it, or write the dataset again without it",
+                             what, why) from None
         label = int(row[self.label_column]) if self.label_column else 0
         return (self.transform(image) if self.transform else image), label

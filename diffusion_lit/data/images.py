@@ -65,7 +65,7 @@ def check_space(out: str | Path, count: int, shape: tuple[int, int, int]) -> Non
     need, free = needed_bytes(count, shape), free_bytes(folder)
     if free is not None and free < need:
         raise UserError(f"--out {out}: {count} images need up to {size_text(need)} and {folder} has "
-                        f"{size_text(free)} free: make room or write elsewhere (nothing was generated)")
+                        f"{size_text(free)} free: make room or write elsewhere (nothing was written)")
 
 
 def save_images(images: Tensor, out: str | Path, nrow: int | None = None) -> Path:

@@ -48,6 +48,10 @@ class Unreadable(UserError):
 
     saved = ""
 
+    def __init__(self, message: str, what: str = "", why: str = "") -> None:
+        super().__init__(message)
+        self.what, self.why = what, why  # the image named, and the decoder's one line
+
     def __str__(self) -> str:
         text = super().__str__()
         if "Original Traceback" in text:  # "...\ndiffusion_lit.data.loaders.Unreadable: <the line>"

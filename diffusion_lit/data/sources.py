@@ -54,6 +54,7 @@ class Source:
     flip = False  # random horizontal flips by default: for photos, not for digits
     root = "data"  # the cache's folder for a source that lives nowhere (the old default root: old caches match)
     elastic = False  # its loader resumes mid-epoch with another number of workers (else the epoch starts again)
+    not_data: tuple[str, ...] = ()  # its settings that leave its images as they are (a resume may change them)
 
     def prepare(self) -> None:
         """Fetches what is missing (once per machine, from `prepare_data`)."""
@@ -126,6 +127,7 @@ class Torchvision(Source):
 
     dataset: type | None = None  # set by MNIST and CIFAR10
     files = ""  # what must be in root, for the message when it is not
+    not_data = ("download",)
 
     def __init__(self, root: str = "data", download: bool = True) -> None:
         if self.dataset is None:

@@ -44,9 +44,9 @@ class Decode:
             with Image.open(io.BytesIO(item["image"])) as image:
                 image = image.convert(self.mode)
         except Exception as err:  # PIL's errors for damaged bytes take many forms
-            raise Unreadable(f"image {item.get('index')} of the chunks in {self.root} cannot be decoded "
-                             f"({reason(err)}): the chunk is damaged; copy it again, or write the folder again "
-                             "with `data optimize`") from None
+            what, why = f"image {item.get('index')} of the chunks in {self.root}", reason(err)
+            raise Unreadable(f"{what} cannot be decoded ({why}): the chunk is damaged; copy it again, or write the "
+                             "folder again with `data optimize`", what, why) from None
         label = item["caption"] if self.captions else int(item["label"])
         return (self.transform(image) if self.transform else image), label
 
@@ -64,6 +64,7 @@ class Streaming(Source):
     """
 
     name, elastic = "streaming", True  # litdata's loader resumes with another number of workers
+    not_data = ("max_cache_size", "cache_dir", "timeout")
 
     def __init__(self, root: str, max_cache_size: str | int | None = None, cache_dir: str | None = None,
                  timeout: float = 60.0) -> None:

@@ -82,9 +82,10 @@ class Sampling:
         if folded.guided and self.guidance_scale != 1.0 and not self.stack_guidance:
             scale = folded.guidance_scale / (1 - folded.guidance_mix)  # the effective scale of its samples
             raise UserError(f"guidance_scale {self.guidance_scale:g}: this MeanFlow model has guidance folded into it "
-                            f"at scale {scale:g} (its MeanFlow objective's guidance_scale), so it draws guided samples "
-                            "already; leave guidance_scale out, or give stack_guidance true to guide it once more "
-                            "(twice the network evaluations)")
+                            f"(trained with MeanFlow's guidance_scale {folded.guidance_scale:g}, guidance_mix "
+                            f"{folded.guidance_mix:g}: its samples are guided as at scale {scale:g}); leave "
+                            "guidance_scale out, or give stack_guidance true (--stack_guidance true) to guide it once "
+                            "more, at twice the network evaluations")
         if self.guide_condition != "null":
             return
         if not module.conditioning.conditional:

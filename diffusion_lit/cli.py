@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion_lit.model.autoencoder import AutoencoderModule
 from diffusion_lit.training.callbacks import ProgressBar
+from diffusion_lit.training.init_from import InitFrom  # noqa: F401  (a config may name it by its short name)
 from diffusion_lit.training.checkpointing import (
     LOST_PEER_EXIT_STATUS,
     SIGINT_EXIT_STATUS,

@@ -34,3 +34,17 @@ def test_docs_layout_maps_every_module():
     there = {path.relative_to(PACKAGE.parent).as_posix() for path in modules().values()}
     assert named == there, (f"missing from docs/layout.md: {sorted(there - named)}; "
                             f"named there but gone: {sorted(named - there)}")
+
+
+def test_each_sampler_is_one_object_of_one_shape_in_one_table():
+    """A sampler checks its own settings and draws; nothing else branches on a sampler's name."""
+    from typing import get_args
+
+    from diffusion_lit.sampling.samplers import SAMPLERS, Sampler, SamplerName
+
+    assert set(SAMPLERS) == set(get_args(SamplerName))
+    assert all(isinstance(s, Sampler) and s.name == name for name, s in SAMPLERS.items())
+    branching = [f"{path.relative_to(PACKAGE.parent)}:{i}" for path in modules().values()
+                 for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"sampler\s*(==|!=|in \()", line)]
+    assert branching == []

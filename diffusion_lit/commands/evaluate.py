@@ -26,7 +26,7 @@ from diffusion_lit.training.metrics import (
     save_features,
 )
 from diffusion_lit.data.old_data import describe
-from diffusion_lit.sampling.samplers import Sampler
+from diffusion_lit.sampling.samplers import SamplerName
 from diffusion_lit.sampling.settings import Sampling
 from diffusion_lit.model.grids import Spacing
 from diffusion_lit.core.precision import Precision
@@ -44,7 +44,7 @@ def evaluate(
     real: str | None = None,
     num_samples: int = 2000,
     guidance_scale: float = 1.0,
-    sampler: Sampler = "ddim",
+    sampler: SamplerName = "ddim",
     steps: int = 50,
     eta: float = 0.0,
     seed: int = 0,

@@ -16,7 +16,7 @@ from diffusion_lit.core.files import size_text, temporary_fallback
 from diffusion_lit.model.guidance import Evaluations, GuideCondition, Interval
 from diffusion_lit.data.images import check_output, check_space, needed_bytes, save_images, to_uint8
 from diffusion_lit.model.module import DiffusionModule
-from diffusion_lit.sampling.samplers import Sampler, generate
+from diffusion_lit.sampling.samplers import SamplerName, generate
 from diffusion_lit.sampling.settings import Sampling
 from diffusion_lit.model.grids import Spacing
 from diffusion_lit.core.precision import Precision
@@ -151,7 +151,7 @@ def sample(
     num_samples: int = 64,
     labels: str | None = None,
     guidance_scale: float = 1.0,
-    sampler: Sampler = "ddim",
+    sampler: SamplerName = "ddim",
     steps: int = 50,
     eta: float = 0.0,
     seed: int = 0,

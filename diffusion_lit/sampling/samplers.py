@@ -160,14 +160,158 @@ def meanflow_sample(model: Model, process: Process, x_T: Tensor, steps: int = 1,
     return (x, states) if return_intermediates else x
 
 
-Sampler = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "meanflow"]
+class Sampler:
+    """One sampler: what it checks of its settings (`check`, before any network call; `ignored`, settings a user gave
+    that it would not use), how it draws (`draw`), and how many network evaluations a sample takes."""
+
+    name = ""
+
+    def check(self, process: Process, steps: int, eta: float, spacing: str, prediction: str | None = None,
+              guidance_interval: Interval | None = None) -> None:
+        """A UserError for settings it cannot draw with, or (given the model's prediction) a model it cannot read."""
+        self.reads(prediction)
+        process.grid(steps, spacing)  # the ODE samplers' levels: checks steps and spacing
+
+    def reads(self, prediction: str | None) -> None:
+        """A UserError for a MeanFlow model, which only the meanflow sampler reads."""
+        if prediction == AVERAGE_VELOCITY:
+            raise UserError(f"this is a MeanFlow model (it predicts the average velocity u), which sampler {self.name} "
+                            "cannot read: sample it with sampler meanflow and 1 or 2 steps (--sampler meanflow --steps 1)")
+
+    def ignored(self, process: Process, steps: int, eta: float) -> None:
+        """A UserError for a number of steps or an eta the user gave that it would not use as asked."""
+        if eta != 0.0:
+            raise UserError(f"eta {eta:g}: sampler {self.name} is a deterministic ODE solver and takes no eta (only "
+                            f"ddim does); leave eta out, or use sampler ddim with eta {eta:g}")
+
+    def draw(self, model: Model, process: Process, x_T: Tensor, steps: int, eta: float, generator, clip_x0: bool,
+             return_intermediates: bool, prediction: Prediction, spacing: Spacing):
+        raise NotImplementedError
+
+    def evaluations(self, steps: int, timesteps: int) -> int:
+        """Network evaluations per sample, unguided."""
+        return steps
+
+
+class DDPM(Sampler):
+    """DDPM's ancestral sampler: all T timesteps of a VP process (`ddpm_sample`)."""
+
+    name = "ddpm"
+    default_steps = 50  # the settings' default steps, which mean nothing to it
+
+    def check(self, process, steps, eta, spacing, prediction=None, guidance_interval=None) -> None:
+        self.reads(prediction)
+        if not process.discrete:
+            raise UserError(f"sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a "
+                            f"{type(process).__name__} model: use ddim (with --eta 1 for DDPM-like noise), euler, heun "
+                            "or dpmpp_2m")
+        if spacing != "linspace":
+            raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); ddpm takes its own")
+
+    def ignored(self, process, steps, eta) -> None:
+        timesteps = getattr(process, "timesteps", None)
+        if steps < 1:
+            raise UserError(f"steps must be at least 1, got {steps}; sampler ddpm walks all the timesteps of the "
+                            "model whatever steps say: leave steps out")
+        if process.discrete and steps not in (self.default_steps, timesteps):
+            raise UserError(f"steps {steps}: sampler ddpm always walks all {timesteps} timesteps of the model, so "
+                            "steps mean nothing to it; leave steps out, or use sampler ddim with eta 1 (DDPM-like "
+                            f"noise in {steps} steps)")
+        if eta not in (0.0, 1.0):
+            raise UserError(f"eta {eta:g}: sampler ddpm is as noisy as eta 1 by nature and takes no eta; use sampler "
+                            f"ddim with eta {eta:g}")
+
+    def draw(self, model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction, spacing):
+        return ddpm_sample(model, process, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
+                           prediction=prediction)
+
+    def evaluations(self, steps, timesteps) -> int:
+        return timesteps
+
+
+class DDIM(Sampler):
+    """DDIM: a discrete process's timesteps (`ddim_sample`, `linspace` or `trailing`), any other's grid levels."""
+
+    name = "ddim"
+
+    def check(self, process, steps, eta, spacing, prediction=None, guidance_interval=None) -> None:
+        if not process.discrete:
+            super().check(process, steps, eta, spacing, prediction)
+        else:
+            self.reads(prediction)
+            if spacing not in ("linspace", "trailing"):
+                raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); ddim takes its "
+                                "own or 'trailing'")
+            check_ddim(process, steps, eta, spacing)
+        if not 0.0 <= eta <= 1.0:
+            raise UserError(f"eta must lie in [0, 1], got {eta}")
+
+    def ignored(self, process, steps, eta) -> None:
+        pass  # it takes every steps and eta it checks
+
+    def draw(self, model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction, spacing):
+        if not process.discrete:
+            return ddim_grid_sample(model, process.grid(steps, spacing), x_T, eta, generator, clip_x0,
+                                    return_intermediates, prediction)
+        return ddim_sample(model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction,
+                           spacing)
+
+
+class Solver(Sampler):
+    """An ODE solver of `solvers` (euler, heun, dpmpp_2m) over the process's grid of `steps` levels."""
+
+    def __init__(self, name: str, calls: Callable[[int], int] = lambda steps: steps) -> None:
+        self.name, self.calls = name, calls
+
+    def draw(self, model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction, spacing):
+        return SOLVERS[self.name](model, process.grid(steps, spacing), x_T, clip_x0, return_intermediates, prediction)
+
+    def evaluations(self, steps, timesteps) -> int:
+        return self.calls(steps)
+
+
+class MeanFlowSampler(Sampler):
+    """MeanFlow's few-step sampler (`meanflow_sample`), for MeanFlow models and no others."""
+
+    name = "meanflow"
+
+    def check(self, process, steps, eta, spacing, prediction=None, guidance_interval=None) -> None:
+        if prediction not in (None, AVERAGE_VELOCITY):
+            raise UserError(f"sampler meanflow samples MeanFlow models (model.objective MeanFlow on the flow process), "
+                            f"and this model predicts {prediction}: use ddim, euler, heun or dpmpp_2m")
+        if steps < 1:
+            raise UserError(f"steps must be at least 1, got {steps} (meanflow: 1 or 2 are usual)")
+        if eta != 0.0:
+            raise UserError(f"eta {eta:g}: sampler meanflow is deterministic and takes no eta; leave it out")
+        if spacing != "linspace":
+            raise UserError(f"spacing {spacing!r}: sampler meanflow walks equal intervals of t; leave spacing out")
+        if guidance_interval is not None:
+            raise UserError("sampler meanflow guides every step it takes: leave out guidance_interval")
+
+    def ignored(self, process, steps, eta) -> None:
+        pass  # `check` refuses what it would not use
+
+    def draw(self, model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction, spacing):
+        return meanflow_sample(model, process, x_T, steps, return_intermediates)
+
+
+SAMPLERS = {s.name: s for s in (DDPM(), DDIM(), Solver("euler"), Solver("heun", lambda steps: 2 * steps - 1),
+                                Solver("dpmpp_2m"), MeanFlowSampler())}
+SamplerName = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "meanflow"]
+
+
+def sampler_named(name: str) -> Sampler:
+    """The sampler of that name; a UserError naming them all for any other."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
 
 
 def sample(
     model: Model,
     process: Process,
     x_T: Tensor,
-    sampler: Sampler = "ddim",
+    sampler: SamplerName = "ddim",
     steps: int = 50,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
@@ -217,71 +361,16 @@ def sample(
     if counts is not None:
         counts.images += len(x_T)
     model = guided(model, labels, guidance_scale, null, guide, guidance_interval, process, counts, guide_condition)
-    check_sampler(sampler, process, steps, eta, spacing, prediction, guidance_interval)
-    if sampler == "meanflow":
-        return meanflow_sample(model, process, x_T, steps, return_intermediates)
-    if not process.discrete and sampler == "ddim":
-        grid = process.grid(steps, spacing)
-        return ddim_grid_sample(model, grid, x_T, eta, generator, clip_x0, return_intermediates, prediction)
-    if sampler == "ddpm":
-        return ddpm_sample(model, process, x_T, generator, clip_x0=clip_x0, return_intermediates=return_intermediates,
-                           prediction=prediction)
-    if sampler == "ddim":
-        return ddim_sample(model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction,
-                           spacing)
-    grid = process.grid(steps, spacing)
-    return SOLVERS[sampler](model, grid, x_T, clip_x0, return_intermediates, prediction)
-
-
-def check_sampler(sampler: str, process: Process, steps: int, eta: float, spacing: str,
-                  prediction: str | None = None, guidance_interval: Interval | None = None) -> None:
-    """A UserError for settings no sampler takes, before any network call; given the model's `prediction`, for a
-    sampler of another kind of model (meanflow samples MeanFlow models, and they nothing else)."""
-    if sampler not in ("ddpm", "ddim", *SOLVERS, "meanflow"):
-        raise UserError(f"unknown sampler {sampler!r}: use one of ddpm, ddim, {', '.join(SOLVERS)}, meanflow")
-    if prediction == AVERAGE_VELOCITY and sampler != "meanflow":
-        raise UserError(f"this is a MeanFlow model (it predicts the average velocity u), which sampler {sampler} "
-                        "cannot read: sample it with sampler meanflow and 1 or 2 steps (--sampler meanflow --steps 1)")
-    if sampler == "meanflow":
-        check_meanflow(steps, eta, spacing, prediction, guidance_interval)
-        return
-    if not process.discrete and sampler == "ddpm":
-        raise UserError(f"sampler ddpm walks the T timesteps of a VP (DDPM) model; this is a {type(process).__name__} "
-                        "model: use ddim (with --eta 1 for DDPM-like noise), euler, heun or dpmpp_2m")
-    if sampler in SOLVERS or not process.discrete:
-        process.grid(steps, spacing)  # checks steps and spacing
-    elif spacing != "linspace" and not (sampler == "ddim" and spacing == "trailing"):
-        raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); {sampler} takes its own"
-                        + (" or 'trailing'" if sampler == "ddim" else ""))
-    if sampler == "ddim" and process.discrete:
-        check_ddim(process, steps, eta, spacing)
-    elif sampler == "ddim" and not 0.0 <= eta <= 1.0:
-        raise UserError(f"eta must lie in [0, 1], got {eta}")
-
-
-def check_meanflow(steps: int, eta: float, spacing: str, prediction: str | None,
-                   guidance_interval: Interval | None) -> None:
-    """A UserError for settings the meanflow sampler does not take, or (given its prediction) a model it cannot
-    sample."""
-    if prediction not in (None, AVERAGE_VELOCITY):
-        raise UserError(f"sampler meanflow samples MeanFlow models (model.objective MeanFlow on the flow process), "
-                        f"and this model predicts {prediction}: use ddim, euler, heun or dpmpp_2m")
-    if steps < 1:
-        raise UserError(f"steps must be at least 1, got {steps} (meanflow: 1 or 2 are usual)")
-    if eta != 0.0:
-        raise UserError(f"eta {eta:g}: sampler meanflow is deterministic and takes no eta; leave it out")
-    if spacing != "linspace":
-        raise UserError(f"spacing {spacing!r}: sampler meanflow walks equal intervals of t; leave spacing out")
-    if guidance_interval is not None:
-        raise UserError("sampler meanflow guides every step it takes: leave out guidance_interval")
+    chosen = sampler_named(sampler)
+    chosen.check(process, steps, eta, spacing, prediction, guidance_interval)
+    return chosen.draw(model, process, x_T, steps, eta, generator, clip_x0, return_intermediates, prediction, spacing)
 
 
 def network_evaluations(sampler: str, steps: int, timesteps: int, guidance_scale: float = 1.0,
                         guided: bool = False) -> int:
-    """Network evaluations per sample planned for a sampler: one per step (meanflow too; Heun: two, but one onto the
-    last level; DDPM: all T steps), twice that under guidance on every level (`sample` counts the ones made:
-    `Evaluations`)."""
-    calls = {"ddpm": timesteps, "heun": 2 * steps - 1}.get(sampler, steps)
+    """Network evaluations per sample planned for a sampler (one per step; Heun: two, but one onto the last level;
+    DDPM: all T steps), twice that under guidance on every level (`sample` counts the ones made: `Evaluations`)."""
+    calls = sampler_named(sampler).evaluations(steps, timesteps)
     return calls * (2 if guided and guidance_scale not in (0.0, 1.0) else 1)
 
 

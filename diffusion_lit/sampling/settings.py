@@ -5,8 +5,7 @@ from dataclasses import asdict, dataclass
 
 from diffusion_lit.core.errors import UserError, say
 from diffusion_lit.model.guidance import GuideCondition, Interval, check_interval, check_guide_condition
-from diffusion_lit.sampling.samplers import Sampler, check_sampler
-from diffusion_lit.sampling.solvers import SOLVERS
+from diffusion_lit.sampling.samplers import SamplerName, sampler_named
 from diffusion_lit.model.grids import Spacing
 
 MAX_GUIDANCE = 20.0  # past this the images saturate; usual scales lie between 1.5 and 8
@@ -32,7 +31,7 @@ class Sampling:
             at guidance_scale: refused without it, since its one step is guided already.
     """
 
-    sampler: Sampler = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
@@ -45,9 +44,9 @@ class Sampling:
     def check(self, process) -> None:
         """A UserError for settings that no sampler takes on this process, or that this sampler would ignore,
         before any network call."""
-        if self.sampler in ("ddpm", "ddim", *SOLVERS):  # check_sampler names the samplers for another
-            self.check_steps_and_eta(process)
-        check_sampler(self.sampler, process, self.steps, self.eta, self.spacing)
+        sampler = sampler_named(self.sampler)
+        sampler.ignored(process, self.steps, self.eta)
+        sampler.check(process, self.steps, self.eta, self.spacing)
         check_interval(self.guidance_interval)
         check_guide_condition(self.guide_condition)
         if not 0.0 <= self.guidance_scale <= MAX_GUIDANCE:
@@ -57,27 +56,10 @@ class Sampling:
                 f"{MAX_GUIDANCE:g} the images saturate; below 1 moves toward the weak side (the null condition, or the "
                 "guide) and 0 is the weak side alone, so a negative scale would push away from the condition")
 
-    def check_steps_and_eta(self, process) -> None:
-        """A UserError for a number of steps or an eta that the sampler would not use as asked."""
-        timesteps = getattr(process, "timesteps", None)
-        if self.sampler == "ddpm" and self.steps < 1:  # the others' own checks say their range
-            raise UserError(f"steps must be at least 1, got {self.steps}; sampler ddpm walks all the timesteps of the "
-                            "model whatever steps say: leave steps out")
-        if self.sampler == "ddpm" and process.discrete and self.steps not in (Sampling.steps, timesteps):
-            raise UserError(f"steps {self.steps}: sampler ddpm always walks all {timesteps} timesteps of the model, "
-                            "so steps mean nothing to it; leave steps out, or use sampler ddim with eta 1 "
-                            f"(DDPM-like noise in {self.steps} steps)")
-        if self.sampler == "ddpm" and self.eta not in (0.0, 1.0):
-            raise UserError(f"eta {self.eta:g}: sampler ddpm is as noisy as eta 1 by nature and takes no eta; use "
-                            f"sampler ddim with eta {self.eta:g}")
-        if self.sampler in SOLVERS and self.eta != 0.0:
-            raise UserError(f"eta {self.eta:g}: sampler {self.sampler} is a deterministic ODE solver and takes no eta "
-                            f"(only ddim does); leave eta out, or use sampler ddim with eta {self.eta:g}")
-
     def check_model(self, module, guide: bool) -> None:
         """A UserError for settings this model cannot use (`guide`: a guide checkpoint was given)."""
-        check_sampler(self.sampler, module.process, self.steps, self.eta, self.spacing, module.objective.prediction,
-                      self.guidance_interval)  # meanflow for MeanFlow models, and only for them
+        sampler_named(self.sampler).check(module.process, self.steps, self.eta, self.spacing,
+                                          module.objective.prediction, self.guidance_interval)  # meanflow: MeanFlow only
         folded = module.objective  # guidance folded into training: the sampler's would guide a guided model again
         if folded.guided and self.guidance_scale != 1.0 and not self.stack_guidance:
             scale = folded.guidance_scale / (1 - folded.guidance_mix)  # the effective scale of its samples

@@ -48,3 +48,24 @@ def test_each_sampler_is_one_object_of_one_shape_in_one_table():
                  for i, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"sampler\s*(==|!=|in \()", line)]
     assert branching == []
+
+
+def test_the_table_of_moved_names_points_at_modules_that_exist_and_leaves_new_paths_alone():
+    import importlib
+
+    from diffusion_lit.core.moved import CLASSES, MOVED, moved, upgrade_paths
+
+    for old, new in MOVED.items():
+        importlib.import_module(f"diffusion_lit.{new}")
+        assert not (PACKAGE / f"{old}.py").exists()  # no module left at the old place
+    for old, new in CLASSES.items():
+        module, name = new.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), name), new
+    assert moved("diffusion_lit.process.Flow") == "diffusion_lit.model.process.Flow"
+    assert moved("diffusion_lit.diffusers_io.InitFrom") == "diffusion_lit.training.init_from.InitFrom"
+    assert moved("diffusion_lit.model.process.Flow") is None and moved("diffusion_lit.UNet") is None
+    hparams = {"net": {"class_path": "diffusion_lit.unet.UNet"}, "guide": [{"class_path": "diffusion_lit.guidance.Guide"}]}
+    assert upgrade_paths(hparams) == {"net": {"class_path": "diffusion_lit.nets.unet.UNet"},
+                                      "guide": [{"class_path": "diffusion_lit.model.guidance.Guide"}]}
+    new = {"net": {"class_path": "diffusion_lit.nets.unet.UNet"}}
+    assert upgrade_paths(new) is new

@@ -34,9 +34,15 @@ def moved(path: str) -> str | None:
 
 
 def upgrade_paths(value):
-    """Hyperparameters (nested dicts and lists) with every old class path in them replaced by its new one."""
+    """Hyperparameters (nested dicts and lists) with every old class path in them replaced by its new one; the same
+    object when none is old."""
+    new = _upgraded(value)
+    return value if new == value else new
+
+
+def _upgraded(value):
     if isinstance(value, dict):
-        return {k: upgrade_paths(v) for k, v in value.items()}
+        return {k: _upgraded(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [upgrade_paths(v) for v in value]
+        return [_upgraded(v) for v in value]
     return moved(value) or value

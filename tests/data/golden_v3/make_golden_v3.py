@@ -13,7 +13,6 @@ The samples file has golden_v2's shape (tests/test_golden.py draws both): {"comm
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 sys.path.insert(0, str(HERE.parent / "golden_v2"))
-from make_golden_v2 import SHORT_FIT, TINY_NET, write_image_folder  # noqa: E402  (the same images and short fit)
+from make_golden_v2 import SHORT_FIT, TINY_NET, diffusion_lit, write_image_folder  # noqa: E402  (the same fit)
 
 COMMIT = os.environ.get("GOLDEN_COMMIT", "")
 GUIDE = {"class_path": "diffusion_lit.guidance.Guide",
@@ -32,17 +31,6 @@ GUIDE = {"class_path": "diffusion_lit.guidance.Guide",
                        "net": {"class_path": "diffusion_lit.unet.UNet",
                                "init_args": {"base_channels": 4, "channel_mult": [1], "num_res_blocks": 1,
                                              "attention_resolutions": [], "dropout": 0.0, "norm_groups": 4}}}}
-
-
-def diffusion_lit(*args, cwd: Path = REPO) -> str:
-    """`python -m diffusion_lit *args` with 2 threads; its stdout; fails loudly."""
-    words = [str(a) for a in args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "-m", "diffusion_lit", *words], cwd=cwd, env=env, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"python -m diffusion_lit {' '.join(words)} failed:\n{result.stderr}")
-    return result.stdout
 
 
 def fit_tiny(tmp: Path, name: str, images: Path, *extra) -> Path:

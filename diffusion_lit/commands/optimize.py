@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -170,6 +171,8 @@ def write_chunks(ld, item: Item, count: int, partial: Path, chunk_bytes: int, nu
     except BaseException:
         for bar in list(getattr(tqdm, "_instances", ())):  # litdata's bar, closed now rather than after our line
             bar.close()
+        for left in Path(tempfile.gettempdir()).glob(f"litdata-node-*-items-{main}-*.pkl"):  # its list of the items
+            left.unlink(missing_ok=True)
         raise
     finally:
         for child in multiprocessing.active_children():  # a worker left running by a stop or a failure

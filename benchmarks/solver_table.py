@@ -27,8 +27,8 @@ SOLVERS = ["ddim", "ddim@1", "euler", "heun", "dpmpp_2m", "heun:karras", "dpmpp_
 
 def steps_for(sampler: str, budget: int, guided: bool) -> int:
     """The most levels (steps) whose network evaluations fit in the budget."""
-    calls = budget // 2 if guided else budget
-    return max(1, (calls + 1) // 2 if sampler == "heun" else calls)
+    fits = [n for n in range(1, budget + 1) if network_evaluations(sampler, n, 1000, 2.0, guided) <= budget]
+    return max(fits, default=1)  # each sampler says what its steps cost
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion_lit.model.autoencoder import AutoencoderModule
 from diffusion_lit.training.callbacks import ProgressBar
-from diffusion_lit.training.init_from import InitFrom  # noqa: F401  (a config may name it by its short name)
+from diffusion_lit.nets.dit import DiT  # noqa: F401  (configs name these two by their short names too)
+from diffusion_lit.training.init_from import InitFrom  # noqa: F401
 from diffusion_lit.training.checkpointing import (
     LOST_PEER_EXIT_STATUS,
     SIGINT_EXIT_STATUS,
@@ -261,6 +262,33 @@ def read_configs(files: list[Path]) -> list[tuple[str, dict]]:
     return configs
 
 
+def refuse_moved_paths(words: list[str], configs: list[tuple[str, dict]]) -> None:
+    """One line naming every class path from before the package's subpackages, in the config files (nested ones and
+    an old run's own config.yaml included) and on the command line, each with its new path (`core.moved`)."""
+
+    def strings(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    found = {}
+    for where, values in [*((path, strings(config)) for path, config in configs), ("the command line", words)]:
+        for value in values:
+            for word in value.split("="):  # --trainer.callbacks+=diffusion_lit.callbacks.SampleGrid
+                if (new := moved(word)) and word not in found:
+                    found[word] = (new, where)
+    if found:
+        places = sorted({where for _, where in found.values()})
+        raise UserError(f"class paths from before diffusion_lit's subpackages in {' and '.join(places)}: "
+                        + ", ".join(f"{old} -> {new}" for old, (new, _) in found.items())
+                        + ": write the new ones")
+
+
 def named_module(words: list[str]) -> tuple[str, type, bool] | None:
     """(config, the LightningModule class it trains, whether it names it under model.class_path) from the last
     --config file whose model says: a class_path (LightningCLI's subclass mode, for that class), or, in a flat model
@@ -276,8 +304,6 @@ def named_module(words: list[str]) -> tuple[str, type, bool] | None:
             continue
         if "class_path" in model:
             name = model["class_path"]
-            if new := moved(name):
-                raise UserError(f"{path}: model.class_path {name} moved: write {new}")
             if name not in MODULE_CLASSES:
                 raise UserError(f"{path}: model.class_path {name!r} is not one of diffusion_lit's modules "
                                 f"({', '.join(MODULE_CLASSES)})")
@@ -310,6 +336,7 @@ def main(args: list[str] | None = None) -> None:
         words = upgrade_words(words)  # --data.dataset, --data.root, ...: read for one more release
         refuse_old_configs(config_files(words))
         configs = read_configs(config_files(words))
+        refuse_moved_paths(words, configs)
         refuse_flat_sampler_settings(words, configs)
         model_class, subclass_mode, args = DiffusionModule, False, list(words)
         named = named_module(words)

@@ -95,21 +95,27 @@ def test_a_plain_value_of_the_wrong_type_is_one_line_saying_what_was_expected():
 
 
 def test_an_old_class_path_stops_with_the_new_one_on_the_command_line_and_in_a_config(tmp_path):
-    """The modules moved into subpackages: an old class path is one line giving the new one, however it is given."""
-    result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--model.process", "diffusion_lit.process.Flow")
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and errors == ["error: --model.process diffusion_lit.process.Flow: "
-                                                 "diffusion_lit.process moved: write diffusion_lit.model.process.Flow"]
+    """The modules moved into subpackages: every old class path, on the command line or anywhere in a config (nested
+    ones too, as an old run's config.yaml holds them), is named in one line with its new one."""
     config = tmp_path / "old.yaml"
-    config.write_text((REPO / "configs/tiny_cpu.yaml").read_text().replace("diffusion_lit.data.sources.ShippedDigits",
-                                                                            "diffusion_lit.sources.ShippedDigits"))
-    result = cli("fit", "--config", config)
+    config.write_text((REPO / "configs/digits_text_cpu.yaml").read_text()
+                      .replace("diffusion_lit.data.sources.ShippedDigits", "diffusion_lit.sources.ShippedDigits")
+                      .replace("diffusion_lit.nets.text.ByteTextEncoder", "diffusion_lit.text.ByteTextEncoder"))
+    result = cli("fit", "--config", config, "--model.process", "diffusion_lit.process.Flow")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1, result.stderr
-    assert errors[0].endswith("diffusion_lit.sources moved: write diffusion_lit.data.sources.ShippedDigits")
-    model = tmp_path / "sd.yaml"
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith(f"error: class paths from before diffusion_lit's subpackages in {config} and the "
+                                "command line: ")
+    for old, new in (("diffusion_lit.sources.ShippedDigits", "diffusion_lit.data.sources.ShippedDigits"),
+                     ("diffusion_lit.text.ByteTextEncoder", "diffusion_lit.nets.text.ByteTextEncoder"),
+                     ("diffusion_lit.process.Flow", "diffusion_lit.model.process.Flow")):
+        assert f"{old} -> {new}" in errors[0]
+    model = tmp_path / "ae.yaml"
     model.write_text("model:\n  class_path: diffusion_lit.autoencoder.AutoencoderModule\n")
     result = cli("fit", "--config", model)
     assert result.returncode == 2 and result.stderr.strip().endswith(
-        "model.class_path diffusion_lit.autoencoder.AutoencoderModule moved: write "
-        "diffusion_lit.model.autoencoder.AutoencoderModule"), result.stderr
+        "diffusion_lit.autoencoder.AutoencoderModule -> diffusion_lit.model.autoencoder.AutoencoderModule: write the "
+        "new ones"), result.stderr
+    from diffusion_lit.core.moved import moved
+
+    assert moved("diffusion_lit.data.ShippedDigits") is None  # `data` was a module and is a package: nothing moved

@@ -69,3 +69,14 @@ def test_the_table_of_moved_names_points_at_modules_that_exist_and_leaves_new_pa
                                       "guide": [{"class_path": "diffusion_lit.model.guidance.Guide"}]}
     new = {"net": {"class_path": "diffusion_lit.nets.unet.UNet"}}
     assert upgrade_paths(new) is new
+
+
+def test_the_trust_rule_names_classes_that_exist_and_every_shipped_source():
+    """The rule knows the parts by name (importing them would put it above them): the names must stay true."""
+    from diffusion_lit.core.trust import MODULES, PLACES, SOURCES, import_named
+    from diffusion_lit.data.sources import SOURCES as SOURCE_CLASSES
+
+    assert SOURCES == {f"{cls.__module__}.{cls.__qualname__}" for cls in SOURCE_CLASSES}
+    for name in {n for allowed, base in PLACES.values() for n in (*allowed, base)} | MODULES:
+        if not name.startswith("torch.optim."):
+            assert isinstance(import_named(name, name), type), name

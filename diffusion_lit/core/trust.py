@@ -19,15 +19,14 @@ import torch
 from diffusion_lit.core.errors import UserError, reason, say
 from diffusion_lit.core.moved import moved
 
-NETWORKS = {"diffusion_lit.nets.unet.UNet", "diffusion_lit.UNet", "diffusion_lit.nets.dit.DiT", "diffusion_lit.DiT"}
+NETWORKS = {"diffusion_lit.nets.unet.UNet", "diffusion_lit.UNet", "diffusion_lit.nets.dit.DiT"}
 OPTIMIZERS = {
     f"torch.optim.{name}"
     for name, obj in vars(torch.optim).items()
     if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
 }
 # The rule knows diffusion_lit's parts by name: importing them here would put it above the parts it rules on.
-SOURCES = {f"diffusion_lit.data.{name}" for name in (
-    "sources.ShippedDigits", "sources.MNIST", "sources.CIFAR10", "sources.ImageFolder")}  # data.source
+SOURCES = {f"diffusion_lit.data.sources.{name}" for name in ("ShippedDigits", "MNIST", "CIFAR10", "ImageFolder")}
 PLACES = {  # key -> (the class paths allowed there, the base class a trusted one must subclass)
     "net": (NETWORKS, "torch.nn.Module"), "optimizer": (OPTIMIZERS, "torch.optim.Optimizer"),
     "guide": ({"diffusion_lit.model.guidance.Guide"}, "torch.nn.Module"),

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm  # Lightning's own progress-bar library
 
 from diffusion_lit.data import hf_data, streaming  # noqa: F401  (their sources, by name in a config)
 from diffusion_lit.core.errors import UserError, say
+from diffusion_lit.core.moved import upgrade_paths
 from diffusion_lit.data.loaders import leave_signals_to_main, plain
 from diffusion_lit.data.old_data import upgrade
 from diffusion_lit.data.sources import MNIST, Source, build
@@ -224,7 +225,7 @@ class DiffusionDataModule(LightningDataModule):
                                  "data": self.data_key(), **epoch}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.loader_state = state_dict.get("train_loader")
+        self.loader_state = upgrade_paths(state_dict.get("train_loader"))  # a source saved by its old class path
 
 
 def from_config(config: dict) -> DiffusionDataModule:

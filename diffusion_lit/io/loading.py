@@ -63,7 +63,7 @@ def build_module(path: Path, upgraded: dict, autoencoder: str | None = None) -> 
     try:
         cls = module_class(upgraded["hyper_parameters"])
         if autoencoder:
-            moved(upgraded["hyper_parameters"], absolute(autoencoder))
+            point_at_autoencoder(upgraded["hyper_parameters"], absolute(autoencoder))
         # What `load_from_checkpoint` does once it has read the file: built from the (upgraded) hyperparameters,
         # the hooks and the state dict loaded.
         _pl_migrate_checkpoint(upgraded, path)  # what load_from_checkpoint does for older Lightning versions' files
@@ -80,7 +80,7 @@ def build_module(path: Path, upgraded: dict, autoencoder: str | None = None) -> 
     return module.to(default_device()).eval()
 
 
-def moved(hparams: dict, path: str) -> None:
+def point_at_autoencoder(hparams: dict, path: str) -> None:
     """Points a checkpoint's hyperparameters at the new place of its autoencoder (a Stable Diffusion fine-tune: of
     its pretrained folder), in place."""
     if "pretrained" in hparams:

@@ -1,5 +1,6 @@
-"""DDPM ancestral sampling, DDIM and MeanFlow's few-step sampler: plain functions over (model, process, starting
-noise); `sample` for every sampler, with labels and guidance.
+"""The samplers, each one object of one shape in one table (`SAMPLERS`: it checks its own settings and draws), over
+the loops written out as plain functions of (model, process, starting noise): DDPM's ancestral sampling, DDIM and
+MeanFlow's few-step sampler here, the ODE solvers in `solvers`; `sample` for every sampler, with labels and guidance.
 
 `model(x_t, t)` predicts eps (or v or x0, named by `prediction`); timesteps are 0-based, t = T-1 the noisiest. All
 randomness comes from `generator`.
@@ -20,6 +21,7 @@ from diffusion_lit.model.grids import Spacing, evenly_spaced, trailing
 from diffusion_lit.model.targets import AVERAGE_VELOCITY, Prediction, split
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's prediction
+DEFAULT_STEPS = 50  # the steps sampling takes when none are given
 Variance = Literal["posterior", "beta"]
 
 
@@ -197,7 +199,6 @@ class DDPM(Sampler):
     """DDPM's ancestral sampler: all T timesteps of a VP process (`ddpm_sample`)."""
 
     name = "ddpm"
-    default_steps = 50  # the settings' default steps, which mean nothing to it
 
     def check(self, process, steps, eta, spacing, prediction=None, guidance_interval=None) -> None:
         self.reads(prediction)
@@ -213,7 +214,7 @@ class DDPM(Sampler):
         if steps < 1:
             raise UserError(f"steps must be at least 1, got {steps}; sampler ddpm walks all the timesteps of the "
                             "model whatever steps say: leave steps out")
-        if process.discrete and steps not in (self.default_steps, timesteps):
+        if process.discrete and steps not in (DEFAULT_STEPS, timesteps):  # the default means nothing to it
             raise UserError(f"steps {steps}: sampler ddpm always walks all {timesteps} timesteps of the model, so "
                             "steps mean nothing to it; leave steps out, or use sampler ddim with eta 1 (DDPM-like "
                             f"noise in {steps} steps)")
@@ -242,8 +243,8 @@ class DDIM(Sampler):
             if spacing not in ("linspace", "trailing"):
                 raise UserError(f"spacing {spacing!r} is for the ODE solvers ({', '.join(SOLVERS)}); ddim takes its "
                                 "own or 'trailing'")
-            check_ddim(process, steps, eta, spacing)
-        if not 0.0 <= eta <= 1.0:
+            check_ddim(process, steps, eta, spacing)  # eta too
+        if not process.discrete and not 0.0 <= eta <= 1.0:
             raise UserError(f"eta must lie in [0, 1], got {eta}")
 
     def ignored(self, process, steps, eta) -> None:
@@ -312,7 +313,7 @@ def sample(
     process: Process,
     x_T: Tensor,
     sampler: SamplerName = "ddim",
-    steps: int = 50,
+    steps: int = DEFAULT_STEPS,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     clip_x0: bool = True,

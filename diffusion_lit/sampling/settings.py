@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 from diffusion_lit.core.errors import UserError, say
 from diffusion_lit.model.guidance import GuideCondition, Interval, check_interval, check_guide_condition
-from diffusion_lit.sampling.samplers import SamplerName, sampler_named
+from diffusion_lit.sampling.samplers import DEFAULT_STEPS, SamplerName, sampler_named
 from diffusion_lit.model.grids import Spacing
 
 MAX_GUIDANCE = 20.0  # past this the images saturate; usual scales lie between 1.5 and 8
@@ -32,7 +32,7 @@ class Sampling:
     """
 
     sampler: SamplerName = "ddim"
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     eta: float = 0.0
     guidance_scale: float = 1.0
     spacing: Spacing = "linspace"
@@ -90,5 +90,5 @@ class Sampling:
         return Sampling(**{**asdict(self), "guidance_scale": 1.0})
 
     def kwargs(self) -> dict:
-        """What `sampling.sample` and `sampling.generate` take of them (the guide checkpoint is loaded apart)."""
+        """What `samplers.sample` and `samplers.generate` take of them (the guide checkpoint is loaded apart)."""
         return {k: v for k, v in asdict(self).items() if k not in ("guide_ckpt", "stack_guidance")}

@@ -109,7 +109,7 @@ def ddim_grid_sample(model: Model, grid: Grid, x_T: Tensor, eta: float = 0.0, ge
     """DDIM (Song et al. 2021, Eq. 12) on any grid, in its alpha and sigma: x' = alpha' x0 + sqrt(sigma'² - s²) eps
     + s z with s = eta sigma' sqrt(1 - (alpha sigma' / (alpha' sigma))²), which on VP is Eq. 16's sigma. eta 0 is
     Euler's step; eta 1 draws x' from the posterior q(x' | x_t, x0), as DDPM does. It is how a flow model samples
-    with noise (`ddim` in `sample`); VP models use `sampling.ddim_sample` on their integer timesteps."""
+    with noise (`ddim` in `sample`); VP models use `samplers.ddim_sample` on their integer timesteps."""
     alpha, sigma = grid.alpha.tolist(), grid.sigma.tolist()
     x = x_T
     states = [x_T]

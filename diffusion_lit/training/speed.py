@@ -1,5 +1,6 @@
 """Fast paths, each a switch that leaves the results the same (within rounding): torch.compile and channels-last
-memory (run-time acts, the `Accelerate` callback: not part of the model or its checkpoints) and bf16 autocast. Also
+memory (run-time acts, the `Accelerate` callback: not part of the model or its checkpoints); bf16 autocast is
+`core.precision`'s. Also
 what a run costs on a CPU, said in one line: bf16 where the CPU has no bf16 instructions, a run of hours (`CpuCost`)."""
 
 import math

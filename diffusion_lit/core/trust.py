@@ -128,7 +128,8 @@ def check_hparams(hparams: dict, trusted: Iterable[str] = (), source: str = "the
     """Raises UserError unless every class the hyperparameters name is allowed at its place (see the module doc)."""
     trusted = set(trusted)
     builder = hparams.get("_class_path")
-    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or (moved(builder) or builder) not in (None, *MODULES):
+    builder = moved(builder) or builder  # an old checkpoint names the module's old place
+    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or builder not in (None, *MODULES):
         builder = shown(hparams.get("_instantiator") or hparams.get("_class_path"))
         raise UserError(f"{source} asks to be built by {builder}, which diffusion_lit does not use: refused (a crafted "
                         "or foreign checkpoint)")
@@ -208,7 +209,8 @@ def check_data_hparams(hparams: dict, trusted: Iterable[str] = (), source: str =
     """Raises UserError unless a checkpoint's data hyperparameters are a DiffusionDataModule's whose `source` is one
     of diffusion_lit's sources or a trusted subclass of `Source`."""
     builder = hparams.get("_class_path")
-    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or (moved(builder) or builder) not in (None, *DATAMODULES):
+    builder = moved(builder) or builder
+    if hparams.get("_instantiator", INSTANTIATOR) != INSTANTIATOR or builder not in (None, *DATAMODULES):
         builder = shown(hparams.get("_instantiator") or builder)
         raise UserError(f"{source} asks for its data to be built by {builder}, which diffusion_lit does not use: "
                         "refused (a crafted or foreign checkpoint)")
@@ -228,8 +230,9 @@ def check_subclass(name: str, base: str, source: str) -> None:
     """Imports a class the user trusts and checks that it is a `base` subclass (a class, not any callable); says
     first which file the import runs, since a checkpoint may have come with one beside it."""
     if (file := origin(name)) is not None:
-        place = f", a file {near(file, source)}" if near(file, source) else ""
-        say(f"{source} names {name!r}, which you trust: importing it from {file}{place}")
+        place = near(file, source)
+        where = f"{file}, a file {place}" if place else str(file)
+        say(f"{source} names {name!r}, which you trust: importing it from {where}")
     obj = import_named(name, f"--trust_class {name}")
     if not (isinstance(obj, type) and issubclass(obj, import_named(base, base))):
         raise UserError(f"{source} names {name!r}, which is not a subclass of {base}: refused")

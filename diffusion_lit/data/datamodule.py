@@ -157,17 +157,17 @@ class DiffusionDataModule(LightningDataModule):
         if self.trainer is not None:  # this module's copy of the position is the one restored (`state_dict`)
             self.trainer.fit_loop._combined_loader_states_to_load = []
         workers, saved_workers = self.hparams.num_workers, state and state["workers"]
+        other_workers = (f"the checkpoint was saved with --data.num_workers {saved_workers} and this run has {workers}: "
+                         "{what} (resume with " f"{saved_workers} to go on exactly)")
         if state is not None and (why := self.other_data(state, loader)):
             say(f"the checkpoint's loader position belongs to other data ({why}): its epoch starts again from its "
                 "first batch (resume on the data and batch size it was saved with to go on exactly)")
         elif state is not None and saved_workers != workers and not self.source.elastic:
-            say(f"the checkpoint was saved with --data.num_workers {saved_workers} and this run has {workers}: "
-                f"its epoch starts again from its first batch (resume with {saved_workers} to go on exactly)")
+            say(other_workers.format(what="its epoch starts again from its first batch"))
         elif state is not None:  # a resumed run goes on where the checkpoint's epoch stopped
             if saved_workers != workers:  # litdata deals the rest of the epoch to the new workers
-                say(f"the checkpoint was saved with --data.num_workers {saved_workers} and this run has {workers}: "
-                    "the stream goes on from its position, but a stream's order depends on its workers, so its "
-                    f"batches differ from an uninterrupted run's (resume with {saved_workers} to go on exactly)")
+                say(other_workers.format(what="the stream goes on from its position, but a stream's order depends on "
+                                              "its workers, so its batches differ from an uninterrupted run's"))
             if "epoch" in state:  # before the position: the skipped indices are that epoch's
                 loader.sampler.resume(state["epoch"])
             loader.load_state_dict(state["position"])

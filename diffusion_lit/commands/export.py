@@ -64,7 +64,7 @@ images = (x / 2 + 0.5).clamp(0, 1)
 
 
 def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None = None,
-           autoencoder: str | None = None) -> None:
+           autoencoder: str | None = None, ema_length: float | None = None) -> None:
     """Write a checkpoint of `fit` as diffusers reads it: a `DDPMPipeline` folder (`unet/` as a `UNet2DModel`,
     `scheduler/` with the same betas and prediction type, or `FlowMatchEulerDiscreteScheduler` for a flow model);
     for a Stable Diffusion fine-tune, its LoRA adapters as `pytorch_lora_weights.safetensors`
@@ -76,12 +76,13 @@ def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None =
         ema: export the EMA weights (the trained ones with --ema false, or when the model keeps no EMA).
         trust_class: your own network classes the checkpoint may name (see `sample`).
         autoencoder: for a Stable Diffusion fine-tune whose pretrained folder moved: its new place (see `sample`).
+        ema_length: export the EMA of this relative width, rebuilt from the run's snapshots (see `sample`).
     """
     need("diffusers")
     folder = Path(out)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
-    module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
+    module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder, ema_length)
     writer = getattr(module, "diffusers_writer", None) or partial(ddpm_writer, module)  # a model's own, or DDPM's
     write, what = writer(checkpoint, Path(ckpt_path), folder, ema)
     write_folder(folder, write, Path(ckpt_path))

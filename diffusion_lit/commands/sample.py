@@ -168,6 +168,7 @@ def sample(
     guidance_interval: Interval | None = None,
     guide_condition: GuideCondition = "same",
     autoencoder: str | None = None,
+    ema_length: float | None = None,
     stack_guidance: bool = False,
 ) -> None:
     """Generate images from a checkpoint.
@@ -217,7 +218,7 @@ def sample(
     """
     check_output(out)  # before the work, not after it
     trusted = parse_trusted(trust_class)
-    module, _ = load_checkpoint(ckpt_path, trusted, autoencoder)
+    module, _ = load_checkpoint(ckpt_path, trusted, autoencoder, ema_length)
     settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt, guide_condition,
                         stack_guidance)
     settings.check(module.process)

@@ -40,6 +40,7 @@ PLACES = {  # key -> (the class paths allowed there, the base class a trusted on
     "encoder": ({"diffusion_lit.nets.text.ByteTextEncoder", "diffusion_lit.nets.text.CLIPText"}, "torch.nn.Module"),
     "latent": ({"diffusion_lit.model.latent.Pixels", "diffusion_lit.model.latent.Latent"},
                "diffusion_lit.model.latent.Pixels"),
+    "ema_decay": ({"diffusion_lit.model.ema.PowerEMA"}, "diffusion_lit.model.ema.PowerEMA"),
 }
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI writes into every checkpoint
 MODULES = {"diffusion_lit.model.module.DiffusionModule", "diffusion_lit.model.autoencoder.AutoencoderModule",

@@ -14,6 +14,7 @@ from diffusion_lit.model.latent import ChannelMismatch, absolute, works_on_laten
 from diffusion_lit.model.module import DiffusionModule
 from diffusion_lit.model.stable_diffusion import StableDiffusionModule
 from diffusion_lit.model.old_model import upgrade_hparams
+from diffusion_lit.model.snapshots import Rebuilt
 from diffusion_lit.sampling.settings import Sampling
 from diffusion_lit.core.trust import check_hparams, read_checkpoint
 
@@ -22,16 +23,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | None = None
-                    ) -> tuple[DiffusionModule, dict]:
+def load_checkpoint(ckpt_path: str, trusted: list[str] = (), autoencoder: str | None = None,
+                    ema_length: float | None = None) -> tuple[DiffusionModule, dict]:
     """The module (on the GPU when there is one, in eval mode) and the raw checkpoint dict of a `fit` run.
 
     The classes the checkpoint names are checked against `diffusion_lit.core.trust` before any is imported. A latent
     model's `autoencoder` given here replaces the path it records (an autoencoder that moved); its weights must be
-    the ones it was trained with.
+    the ones it was trained with. With `ema_length`, the EMA weights are the average of that relative width, rebuilt
+    from the run's snapshots (`diffusion_lit.model.snapshots`).
     """
     checkpoint, upgraded = read_run(ckpt_path, trusted)
-    return build_module(Path(ckpt_path), upgraded, autoencoder), checkpoint
+    module = build_module(Path(ckpt_path), upgraded, autoencoder)
+    if ema_length is not None:
+        say(Rebuilt(module, checkpoint, ckpt_path).apply(ema_length))
+    return module, checkpoint
 
 
 def read_run(ckpt_path: str, trusted: list[str] = ()) -> tuple[dict, dict]:

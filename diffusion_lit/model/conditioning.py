@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.core.errors import UserError
 from diffusion_lit.nets.frozen import Frozen
-from diffusion_lit.model.guidance import averaged
+from diffusion_lit.model.ema import PowerEMA, averaged
 from diffusion_lit.nets.unet import null_labels
 
 
@@ -30,7 +30,7 @@ class Unconditional(nn.Module):
     captions = False  # the data must serve captions
     conditional = False  # classifier-free guidance has a null condition to guide away from
 
-    def bind(self, num_classes: int, ema_decay: float | None, ema_warmup: bool | float) -> None:
+    def bind(self, num_classes: int, ema_decay: float | PowerEMA | None, ema_warmup: bool | float) -> None:
         """Sets the part up for the module's data and EMA settings."""
 
     def net_kwargs(self) -> dict:
@@ -96,7 +96,7 @@ class Labels(Unconditional):
         self.p_uncond = p_uncond
         self.num_classes = 0  # set by bind, from the data
 
-    def bind(self, num_classes: int, ema_decay: float | None, ema_warmup: bool | float) -> None:
+    def bind(self, num_classes: int, ema_decay: float | PowerEMA | None, ema_warmup: bool | float) -> None:
         if num_classes < 1:
             raise UserError("class conditioning (Labels) needs labelled data: MNIST, CIFAR-10, or a folder with one "
                             "sub-folder per class")
@@ -148,7 +148,7 @@ class Prompts(Unconditional):
         self.ema: nn.Module | None = None
         self.text_cache: dict[str, Tensor] | None = {} if cache else None
 
-    def bind(self, num_classes: int, ema_decay: float | None, ema_warmup: bool | float) -> None:
+    def bind(self, num_classes: int, ema_decay: float | PowerEMA | None, ema_warmup: bool | float) -> None:
         if self.encoder is not None and ema_decay is not None:
             self.ema = averaged(self.encoder, ema_decay, ema_warmup)
 

@@ -16,48 +16,13 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lit.core.errors import UserError
+from diffusion_lit.model.ema import PowerEMA, averaged
 from diffusion_lit.nets.unet import UNet, null_labels
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> the network's prediction
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes) -> out = net(x_t, t, y)
-
-
-@dataclass
-class EMAUpdate:
-    """AveragedModel's update with the warm-up ramp (a class, not a closure: a model built in Python pickles)."""
-
-    decay: float
-    ramp: float | None
-
-    def __call__(self, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
-        n = int(num_averaged)
-        d = min(self.decay, (1 + n) / (self.ramp + n)) if self.ramp is not None else self.decay
-        for ema, param in zip(ema_params, params):
-            if ema.data_ptr() != param.data_ptr():  # a frozen weight the copy shares (LoRA) needs no averaging
-                ema.lerp_(param, 1 - d)
-
-
-def averaged(module: nn.Module, decay: float, warmup: bool | float) -> AveragedModel:
-    """The EMA copy of a trained module (no gradients): ema <- decay ema + (1 - decay) param after each optimizer
-    step. Warming up, decay = min(decay, (1 + n) / (k + n)) after n updates, k = 10 (`warmup` true) or the number
-    `warmup`: an average over about the last n / (k - 1) steps, whose length grows with the run (EDM2's relative EMA
-    width) until `decay` caps it; a smaller k averages longer."""
-    if not 0.0 <= decay <= 1.0:
-        raise UserError(f"ema_decay must lie in [0, 1], got {decay}")
-    ramp = 10.0 if warmup is True else float(warmup) if warmup is not False else None
-    if ramp is not None and ramp <= 1:
-        raise UserError(f"ema_warmup must be true, false or a number above 1 (the k of (1 + n) / (k + n)), got {warmup}")
-
-    update = EMAUpdate(decay, ramp)
-    averaged_model = AveragedModel(module, multi_avg_fn=update, use_buffers=False).requires_grad_(False)
-    for name, p in module.named_parameters():  # a frozen weight (LoRA's base) is shared, not copied
-        if not p.requires_grad:
-            owner, _, leaf = name.rpartition(".")
-            setattr(averaged_model.module.get_submodule(owner), leaf, p)
-    return averaged_model
 
 
 class Guide(nn.Module):
@@ -66,12 +31,13 @@ class Guide(nn.Module):
 
     Args:
         net: builds the guide's network, as `model.net` does (a class path and its arguments); make it smaller.
-        ema_decay: its EMA's decay once warmed up (shorter than the main model's: EDM2's guides average less).
+        ema_decay: its EMA's decay once warmed up (shorter than the main model's: EDM2's guides average less), or
+            a `PowerEMA` (`diffusion_lit.model.ema`), whose snapshots then hold the guide's averages too.
         ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates (a number k: (1 + n) / (k + n)).
     """
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, net: NetFactory = UNet,
-                 ema_decay: float = 0.99, ema_warmup: bool | float = True, **text) -> None:
+                 ema_decay: float | PowerEMA = 0.99, ema_warmup: bool | float = True, **text) -> None:
         super().__init__()
         self.net = net(in_channels, image_size, num_classes, **text)
         self.ema = averaged(self.net, ema_decay, ema_warmup)

@@ -12,10 +12,12 @@ from torch import Tensor, nn
 
 from diffusion_lit.model.conditioning import Unconditional
 from diffusion_lit.core.errors import LoadsClearly, UserError, build_optimizer, reason
-from diffusion_lit.model.guidance import Guide, NetFactory, averaged
+from diffusion_lit.model.ema import PowerEMA, averaged
+from diffusion_lit.model.guidance import Guide, NetFactory
 from diffusion_lit.model.latent import Pixels, absolute_paths
 from diffusion_lit.model.objective import Objective
 from diffusion_lit.model.process import VP, Process
+from diffusion_lit.model.snapshots import Snapshots, power_modules
 from diffusion_lit.core.precision import autocast
 from diffusion_lit.nets.unet import UNet
 from diffusion_lit.model.old_model import recorded_process, upgrade_state_dict
@@ -40,9 +42,10 @@ class DiffusionModule(LoadsClearly, LightningModule):
         latent: ``Latent`` (an autoencoder's latent space); left out: pixels (`diffusion_lit.model.latent`).
         guide: autoguidance's weak model trained beside this one (`diffusion_lit.model.guidance.Guide`: a smaller network
             and a shorter EMA); sampling with guidance_scale w then gives D_guide + w (D - D_guide).
-        ema_decay: the EMA's decay once warmed up (0.9999 in DDPM); null: no EMA copy (sampling, validation and
-            export use the trained weights).
-        ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates, an average over about the
+        ema_decay: the EMA's decay once warmed up (0.9999 in DDPM); or a `PowerEMA` (EDM2's power-function
+            averages, `diffusion_lit.model.ema`), whose length `sample`, `evaluate` and `export` choose after training
+            (``--ema_length``); null: no EMA copy (sampling, validation and export use the trained weights).
+        ema_warmup: (a constant decay) ramp the decay as (1 + n) / (10 + n) over the first updates, an average over about the
             last 11% of the steps until ema_decay caps it; a number k ramps it as (1 + n) / (k + n): a smaller k
             averages longer (k = 5: about the last 25%).
         optimizer: the optimizer class and its arguments (learning rate, weight decay, ...).
@@ -60,14 +63,12 @@ class DiffusionModule(LoadsClearly, LightningModule):
         conditioning: Unconditional | None = None,
         latent: Pixels | None = None,
         guide: GuideFactory | None = None,
-        ema_decay: float | None = 0.9999,
+        ema_decay: float | PowerEMA | None = 0.9999,
         ema_warmup: bool | float = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
-            raise UserError(f"ema_decay must lie in [0, 1], got {ema_decay}")
         if warmup_steps < 0:
             raise UserError(f"warmup_steps must not be negative, got {warmup_steps}")
         with warnings.catch_warnings():  # parts built in Python (not from a config) are modules: said, not an error
@@ -187,6 +188,11 @@ class DiffusionModule(LoadsClearly, LightningModule):
         self.conditioning.update_ema()
         if self.guide is not None:
             self.guide.ema.update_parameters(self.guide.net)
+
+    def configure_callbacks(self) -> list:
+        """The snapshots of power-function averages, when the model keeps any (the denoiser's settings first)."""
+        kept = power_modules(self)
+        return [Snapshots(kept.get("ema", next(iter(kept.values()))).settings)] if kept else []
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The denoiser's trained parameters (LoRA: the adapters), the conditioning's (a text encoder trained with

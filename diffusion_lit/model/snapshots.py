@@ -1,0 +1,228 @@
+"""Snapshots of a model's power-function averages (`diffusion_lit.model.ema`), written while it trains, and the
+average of any width rebuilt from them after training (EDM2's post-hoc EMA, arXiv 2312.02696, section 3.2).
+
+A snapshot after t steps of the average of exponent gamma is a known mix of the weights of steps 1..t
+(`power_profile`). The average of another exponent at step t_r is approximated by the mix of snapshots whose profile
+is nearest to its profile in least squares; the same coefficients then mix the snapshots' weights.
+"""
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor, nn
+
+from diffusion_lit.core.errors import UserError, reason, say
+from diffusion_lit.core.files import write_atomic
+from diffusion_lit.model.ema import PowerAveraged, PowerEMA, check_sigma_rel, gamma_of, power_profile
+
+FORMAT = "diffusion_lit EMA snapshot 1"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+# A width is rebuilt when its profile's relative L2 error, plus the snapshots' rounding times the sum of the
+# coefficients' sizes (what mixing many rounded snapshots with large coefficients adds), stays within this.
+MAX_ERROR = 0.05
+CHUNK = 1 << 16  # steps per block of the least-squares sums (memory: CHUNK x snapshots float64)
+
+
+def power_modules(module: nn.Module) -> dict[str, PowerAveraged]:
+    """The power-function averages a model keeps, by their place in it: ``ema`` (the denoiser),
+    ``conditioning.ema`` (a text encoder trained with it), ``guide.ema``."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, PowerAveraged)}
+
+
+def snapshot_name(step: int) -> str:
+    return f"step{step:08d}.pt"
+
+
+def snapshot_steps(folder: Path) -> list[int]:
+    """The steps of the snapshots in a folder, in order."""
+    steps = []
+    for path in folder.glob("step*.pt"):
+        if path.stem[4:].isdigit():
+            steps.append(int(path.stem[4:]))
+    return sorted(steps)
+
+
+def to_prune(steps: list[int], keep: int) -> list[int]:
+    """The steps to remove so that at most `keep` remain: repeatedly the inner one whose neighbours lie closest
+    together (the first of equals), so the rest stay spread over the run; the first and the last stay."""
+    steps, removed = list(steps), []
+    while len(steps) > keep:
+        j = min(range(1, len(steps) - 1), key=lambda k: steps[k + 1] - steps[k - 1])
+        removed.append(steps.pop(j))
+    return removed
+
+
+class Snapshots(Callback):
+    """Saves a model's power-function averages every `PowerEMA.snapshot_every` optimizer steps and when training
+    ends, into the `ema` folder beside the checkpoints (written atomically, by global rank 0: the averages are the
+    same on every rank), and keeps at most `PowerEMA.keep`. The module adds it to the run (`configure_callbacks`).
+
+    A resumed run writes into the folder it started, and removes the snapshots past the step it resumes from (an
+    abandoned continuation's, which no longer describe this run). The run's identity and folder are saved in each
+    checkpoint (``ema_snapshots``), so that a snapshot folder of another run is refused.
+    """
+
+    def __init__(self, ema: PowerEMA) -> None:
+        self.every, self.keep, self.dtype = ema.snapshot_every, ema.keep, DTYPES[ema.snapshot_dtype]
+        self.run: str | None = None
+        self.folder: str | None = None
+        self.written = -1
+
+    def state_dict(self) -> dict:
+        return {"run": self.run, "folder": self.folder}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.run, self.folder = state_dict.get("run"), state_dict.get("folder")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.run is None:
+            self.run = uuid.uuid4().hex
+            beside = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+            self.folder = str(Path(beside or trainer.default_root_dir, "ema").absolute())
+        self.written = trainer.global_step
+        folder = Path(self.folder)
+        if trainer.is_global_zero and folder.is_dir():
+            later = [s for s in snapshot_steps(folder) if s > trainer.global_step]
+            for step in later:
+                (folder / snapshot_name(step)).unlink(missing_ok=True)
+            if later:
+                say(f"EMA snapshots: removed {len(later)} of {folder} past step {trainer.global_step}, the step this "
+                    "run resumes from (written by a continuation that was abandoned)")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0 and trainer.global_step > self.written:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > self.written:
+            self.write(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["ema_snapshots"] = {"run": self.run, "folder": self.folder}
+
+    def write(self, trainer, pl_module) -> None:
+        step, self.written = trainer.global_step, trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        averages = {name: [{k: v.to("cpu", self.dtype) for k, v in m.trained_state(i).items()}
+                           for i in range(len(m.gammas))] for name, m in power_modules(pl_module).items()}
+        snapshot = {"format": FORMAT, "run": self.run, "step": step, "averages": averages,
+                    "sigma_rels": {name: list(m.sigma_rels) for name, m in power_modules(pl_module).items()}}
+        folder = Path(self.folder)
+        write_atomic(folder / snapshot_name(step), lambda f: torch.save(snapshot, f), "the EMA snapshot",
+                     "free some space, or save fewer snapshots (PowerEMA's keep, snapshot_every)")
+        for old in to_prune(snapshot_steps(folder), self.keep):
+            (folder / snapshot_name(old)).unlink(missing_ok=True)
+
+
+def coefficients(columns: list[tuple[int, float]], t: int, gamma: float) -> tuple[np.ndarray, float]:
+    """The mix x of snapshot profiles (step, gamma) nearest in least squares to the profile of exponent `gamma` at
+    step t, and its relative L2 error."""
+    gram, target = np.zeros((len(columns), len(columns))), np.zeros(len(columns))
+    norm = 0.0
+    for start in range(1, t + 1, CHUNK):
+        steps = np.arange(start, min(start + CHUNK, t + 1))
+        profiles = np.stack([power_profile(steps, s, g) for s, g in columns], axis=1)
+        wanted = power_profile(steps, t, gamma)
+        gram += profiles.T @ profiles
+        target += profiles.T @ wanted
+        norm += wanted @ wanted
+    x = np.linalg.lstsq(gram, target, rcond=None)[0]
+    residual = max(norm - 2 * x @ target + x @ gram @ x, 0.0)
+    return x, float(np.sqrt(residual / norm))
+
+
+class Rebuilt:
+    """Where the snapshots of a checkpoint's run are, what they hold, and the averages of other widths they give."""
+
+    def __init__(self, module: nn.Module, checkpoint: dict, ckpt_path: str | Path) -> None:
+        self.ckpt_path, self.modules = Path(ckpt_path), power_modules(module)
+        info = checkpoint.get("ema_snapshots")
+        if "ema" not in self.modules or not isinstance(info, dict):
+            raise UserError(f"--ema_length: {self.ckpt_path} was trained with a constant EMA decay and has no EMA "
+                            "snapshots to rebuild another length from; train with model.ema_decay PowerEMA "
+                            "(docs/ema.md) to choose the length after training")
+        self.run, self.folder = info.get("run"), self.find_folder(info.get("folder"))
+        last = int(checkpoint.get("global_step", 0))
+        self.paths = {s: self.folder / snapshot_name(s) for s in snapshot_steps(self.folder) if s <= last}
+        if len(self.paths) < 1:
+            raise UserError(f"--ema_length: {self.folder} holds no EMA snapshot up to step {last} of "
+                            f"{self.ckpt_path}; the run saves them every PowerEMA.snapshot_every steps")
+        self.headers = {s: self.read(p) for s, p in self.paths.items()}
+        self.step = max(self.paths)  # the rebuilt average is the one at the last snapshot
+
+    def find_folder(self, recorded) -> Path:
+        """The recorded folder, or an `ema` folder beside the checkpoint (a run that moved)."""
+        places = [Path(recorded)] if isinstance(recorded, str) else []
+        places.append(self.ckpt_path.parent / "ema")
+        for place in places:
+            if place.is_dir() and snapshot_steps(place):
+                return place
+        raise UserError(f"--ema_length: the EMA snapshots of {self.ckpt_path} are not in "
+                        f"{' nor '.join(str(p) for p in places)}; put the run's `ema` folder beside the checkpoint")
+
+    def read(self, path: Path) -> dict:
+        try:
+            snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise UserError(f"the EMA snapshot {path} cannot be read ({reason(err)}): a damaged file; remove it and "
+                            "the rest are used") from None
+        if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT:
+            raise UserError(f"{path} is not an EMA snapshot of diffusion_lit; keep only the run's snapshots in "
+                            f"{path.parent}")
+        if snapshot.get("run") != self.run:
+            raise UserError(f"the EMA snapshot {path} belongs to another run than {self.ckpt_path}: give the "
+                            "checkpoint of the run that wrote that folder, or put this run's `ema` folder beside it")
+        return snapshot
+
+    def columns(self, name: str) -> list[tuple[int, int, float]]:
+        """(step, index of the width, gamma) of every snapshot average of one part."""
+        return [(s, i, gamma_of(w)) for s, h in sorted(self.headers.items())
+                for i, w in enumerate(h["sigma_rels"].get(name, ()))]
+
+    def error(self, sigma_rel: float, name: str = "ema") -> tuple[np.ndarray, float]:
+        """The coefficients of a width and its error: the profile's, plus rounding amplified by the coefficients."""
+        columns = self.columns(name)
+        x, err = coefficients([(s, g) for s, _, g in columns], self.step, gamma_of(sigma_rel))
+        dtype = next(iter(self.headers[self.step]["averages"][name][0].values())).dtype
+        return x, err + ROUNDOFF.get(dtype, 0.0) * float(np.abs(x).sum())
+
+    def reach(self) -> tuple[float, float] | None:
+        """The narrowest and widest widths rebuilt within MAX_ERROR (on a grid), None when there are none."""
+        grid = np.geomspace(0.005, 0.285, 80)
+        good = [float(s) for s in grid if self.error(float(s))[1] <= MAX_ERROR]
+        return (min(good), max(good)) if good else None
+
+    def apply(self, sigma_rel: float) -> str:
+        """Puts the averages of width sigma_rel (the denoiser's, and a text encoder's trained with it) where the model
+        samples from; what was done, in words. A UserError for a width outside what the snapshots allow."""
+        check_sigma_rel(sigma_rel, "--ema_length")
+        x, err = self.error(sigma_rel)
+        if err > MAX_ERROR:
+            span = self.reach()
+            allowed = f"from {span[0]:.3f} to {span[1]:.3f}" if span else "none"
+            tracked = ", ".join(f"{w:g}" for w in self.modules["ema"].sigma_rels)
+            raise UserError(f"--ema_length {sigma_rel}: the {len(self.paths)} EMA snapshots of this run (widths "
+                            f"{tracked}, up to step {self.step}) rebuild it only roughly (error {err:.2f}); the "
+                            f"widths they rebuild within {MAX_ERROR} run {allowed}")
+        for name in ("ema", "conditioning.ema"):
+            if name in self.modules:
+                coeffs = x if name == "ema" else self.error(sigma_rel, name)[0]
+                self.load_mix(name, coeffs)
+        return (f"EMA length {sigma_rel:g} rebuilt from {len(self.paths)} snapshots at step {self.step} (profile "
+                f"error {err:.4f})")
+
+    def load_mix(self, name: str, coeffs: np.ndarray) -> None:
+        mixed: dict[str, Tensor] = {}
+        for (step, i, _), c in zip(self.columns(name), coeffs):
+            for key, value in self.headers[step]["averages"][name][i].items():
+                term = value.to(torch.float64) * float(c)
+                mixed[key] = mixed[key] + term if key in mixed else term
+        own = dict(self.modules[name].module.named_parameters())
+        with torch.no_grad():
+            for key, value in mixed.items():
+                own[key].copy_(value.to(own[key].dtype))

@@ -37,6 +37,7 @@ from diffusion_lit.training.checkpointing import (
 )
 from diffusion_lit.commands.sample import sample
 from diffusion_lit.commands.evaluate import evaluate
+from diffusion_lit.commands.ema import ema
 from diffusion_lit.data.datamodule import DiffusionDataModule
 from diffusion_lit.config_errors import part_mistake
 from diffusion_lit.core.moved import moved
@@ -219,6 +220,9 @@ def check_checkpoint(path: Path, trusted: list[str]) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise UserError(f"{path} is not a training checkpoint of diffusion_lit (no state_dict or global_step)")
     check_hparams(checkpoint.get("hyper_parameters") or {}, trusted, str(path))
+    if isinstance(rebuilt := checkpoint.get("ema_rebuilt"), dict):
+        raise UserError(f"{path} holds an EMA rebuilt after training (by `ema`), which training would go on averaging "
+                        f"as if it were the run's own: resume from the run's checkpoint ({rebuilt.get('from')})")
     return checkpoint
 
 
@@ -235,7 +239,7 @@ def check_steps_left(path: Path, max_steps: int) -> None:
 
 
 # Beside LightningCLI's fit, validate, ...; `data optimize` writes a source as litdata chunks.
-COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export, "data": {"optimize": optimize}}
+COMMANDS = {"sample": sample, "evaluate": evaluate, "export": export, "ema": ema, "data": {"optimize": optimize}}
 MODULE_CLASSES = {"diffusion_lit.model.module.DiffusionModule": DiffusionModule,
                   "diffusion_lit.model.autoencoder.AutoencoderModule": AutoencoderModule,
                   "diffusion_lit.model.stable_diffusion.StableDiffusionModule": StableDiffusionModule}

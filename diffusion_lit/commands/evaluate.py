@@ -12,7 +12,8 @@ from torch import Tensor
 from diffusion_lit.training.checkpointing import Stopped
 from diffusion_lit.data.datamodule import DiffusionDataModule, from_config
 from diffusion_lit.data.digits import frame_stats, judge_counts, judge_shares
-from diffusion_lit.core.errors import UserError, reason
+from diffusion_lit.core.errors import UserError, reason, say
+from diffusion_lit.model.snapshots import Rebuilt
 from diffusion_lit.model.guidance import Evaluations, GuideCondition, Interval
 from diffusion_lit.data.images import load_images
 from diffusion_lit.training.metrics import (
@@ -36,6 +37,7 @@ from diffusion_lit.io.loading import check_not_itself, default_device, load_chec
 
 
 from diffusion_lit.commands.sample import generate_images, keep_samples, kept_when_stopped, parse_labels
+from diffusion_lit.commands.ema import check_plot, sweep_table, write_plot
 
 
 def evaluate(
@@ -43,7 +45,7 @@ def evaluate(
     samples: str | None = None,
     real: str | None = None,
     num_samples: int = 2000,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | list[float] = 1.0,
     sampler: SamplerName = "ddim",
     steps: int = 50,
     eta: float = 0.0,
@@ -62,6 +64,8 @@ def evaluate(
     guide_condition: GuideCondition = "same",
     autoencoder: str | None = None,
     stack_guidance: bool = False,
+    ema_length: float | list[float] | None = None,
+    plot: str | None = None,
 ) -> None:
     """Print FID and KID as one JSON line, for a checkpoint's samples or for given images; with the digit judge as
     the feature network (``--feature_extractor digits``) also the share of samples it classifies with confidence above
@@ -73,7 +77,8 @@ def evaluate(
         samples: score these images instead: a `.npz` file (uint8 NHWC under `arr_0`) or a folder of images.
         real: the reference images: a folder of images or a `.npz` file.
         num_samples: images to generate from the checkpoint (a conditional one: balanced over the classes).
-        guidance_scale: guidance w (classifier-free for a conditional checkpoint, autoguidance with a guide).
+        guidance_scale: guidance w (classifier-free for a conditional checkpoint, autoguidance with a guide); a list
+            scores each (with a list of --ema_length: each pair), a JSON line per setting and a table.
         sampler: ``ddim``, ``ddpm``, ``euler``, ``heun``, ``dpmpp_2m``, or ``meanflow`` (MeanFlow models only).
         steps: DDIM steps, or the solver's levels.
         eta: DDIM eta.
@@ -93,6 +98,9 @@ def evaluate(
         guide_condition: ``same`` or ``null``: what the guide is given on a class or text model (see `sample`).
         autoencoder: for a latent model whose autoencoder moved: its new place (see `sample`).
         stack_guidance: guidance_scale for a MeanFlow model with guidance folded in (see `sample`).
+        ema_length: the EMA of this relative width, rebuilt from the run's snapshots (see `sample`); a list, such as
+            ``[0.03, 0.05, 0.08, 0.12]``, sweeps the widths (each rebuilt once, then drawn at every guidance_scale).
+        plot: a PNG file of the scores against the EMA length, one line per guidance scale (a sweep).
     """
     if (ckpt_path is None) == (samples is None):
         raise UserError("give exactly one of --ckpt_path (to generate images) and --samples (images to score)")
@@ -101,14 +109,26 @@ def evaluate(
     # Everything that can fail is checked before the images are generated.
     real_images = load_images(real) if real is not None else None
     fake_images = load_images(samples) if samples is not None else None
+    widths = ema_length if isinstance(ema_length, list) else [ema_length]
+    scales = guidance_scale if isinstance(guidance_scale, list) else [guidance_scale]
+    if ckpt_path is None and (ema_length is not None or len(scales) > 1 or plot):
+        raise UserError("--ema_length, several --guidance_scale values and --plot are for a checkpoint's samples "
+                        "(--ckpt_path)")
+    if plot is not None:
+        check_plot(plot, widths)
     if ckpt_path is not None:
         module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
-        settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt,
-                            guide_condition, stack_guidance)
-        settings.check(module.process)
+        rebuilt = Rebuilt(module, checkpoint, ckpt_path) if ema_length is not None else None
+        for width in widths if rebuilt else ():
+            rebuilt.check(width)
+        grid = [Sampling(sampler, steps, eta, scale, spacing, guidance_interval, guide_ckpt, guide_condition,
+                         stack_guidance) for scale in scales]
+        for settings in grid:
+            settings.check(module.process)
         guide = load_guide(guide_ckpt, module, parse_trusted(trust_class))
-        settings.check_model(module, guide is not None)
-        check_not_itself(guide, module, settings)
+        for settings in grid:
+            settings.check_model(module, guide is not None)
+            check_not_itself(guide, module, settings)
         set_flow_shift(module, flow_shift)
         data = checkpoint_data(checkpoint, parse_trusted(trust_class)) if real is None else None
         hp = module.hparams
@@ -132,23 +152,35 @@ def evaluate(
             "without network access, give --weights_path FILE"
         ) from None
 
-    y = None
+    y, rows = None, []
     try:
-        if ckpt_path is not None:
-            classes = module.conditioning.num_classes
-            y = parse_labels("all", num_samples, classes) if classes else None
-            warn_bf16(precision, module.device, "--precision")
-            counts, start = Evaluations(), time.perf_counter()
-            fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
-                                          guide=guide, counts=counts, **settings.kwargs())
-            model_calls, guide_calls = counts.per_image()
-            sampling = {"model_evaluations": model_calls, "guide_evaluations": guide_calls,
-                        "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}
-        if real is not None:
+        if ckpt_path is None:
             real_features = extract(features, real_images, batch_size)
-        else:
-            real_features = checkpoint_reference(features, data, num_real, batch_size, cache_dir)
-        scores = score(features, fake_images, real_features, y, batch_size)
+            print(json.dumps(score(features, fake_images, real_features, batch_size=batch_size)))
+            return
+        real_features = None  # after the first images are drawn: a signal while reading them keeps those
+        classes = module.conditioning.num_classes
+        y = parse_labels("all", num_samples, classes) if classes else None
+        warn_bf16(precision, module.device, "--precision")
+        for width in widths:
+            if width is not None:
+                say(rebuilt.apply(width))
+            for settings in grid:
+                counts, start = Evaluations(), time.perf_counter()
+                fake_images = None
+                fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
+                                              guide=guide, counts=counts, **settings.kwargs())
+                model_calls, guide_calls = counts.per_image()
+                if real_features is None:
+                    real_features = (extract(features, real_images, batch_size) if real is not None else
+                                     checkpoint_reference(features, data, num_real, batch_size, cache_dir))
+                row = {**({"ema_length": width} if width is not None else {}),
+                       **({"guidance_scale": settings.guidance_scale} if len(grid) > 1 or len(widths) > 1 else {}),
+                       **score(features, fake_images, real_features, y, batch_size),
+                       "model_evaluations": model_calls, "guide_evaluations": guide_calls,
+                       "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     except Stopped as stop:  # SIGTERM or Ctrl-C: no score; the samples drawn are kept for `--samples`
         if ckpt_path is None:
             stop.line = f"stopped by {stop.name} while scoring {samples}: no score was computed"
@@ -157,7 +189,10 @@ def evaluate(
         kept = Path(tempfile.gettempdir(), "samples.npz")  # where keep_samples writes
         raise kept_when_stopped(stop, drawn, num_samples, lambda: keep_samples(drawn), kept, "samples",
                                 "; no score was computed (evaluate --samples FILE scores them)") from None
-    print(json.dumps(scores | (sampling if ckpt_path else {})))
+    if len(rows) > 1:
+        print(sweep_table(rows))
+    if plot is not None:
+        say(f"wrote {write_plot(rows, plot)}")
 
 
 def score(features: ImageFeatures, fake_images: Tensor, real_features: Tensor, labels: Tensor | None = None,

@@ -218,6 +218,9 @@ def sample(
     """
     check_output(out)  # before the work, not after it
     trusted = parse_trusted(trust_class)
+    if ema_length is not None and not ema:
+        raise UserError("--ema_length chooses the EMA's length and --ema false samples with the trained weights: give "
+                        "one of them")
     module, _ = load_checkpoint(ckpt_path, trusted, autoencoder, ema_length)
     settings = Sampling(sampler, steps, eta, guidance_scale, spacing, guidance_interval, guide_ckpt, guide_condition,
                         stack_guidance)

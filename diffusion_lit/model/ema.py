@@ -50,8 +50,9 @@ def check_sigma_rel(sigma_rel: float, option: str) -> None:
 def power_profile(steps: np.ndarray, t: int, gamma: float) -> np.ndarray:
     """The weight the power-function average after t updates gives the weights of each of `steps` (1-based; zero
     after t), in float64: the weights over 1..t sum to one."""
-    i = np.minimum(steps.astype(np.float64), t)
-    return (i / t) ** (gamma + 1) - (np.maximum(i - 1, 0) / t) ** (gamma + 1)
+    i = steps.astype(np.float64)
+    weights = (np.minimum(i, t) / t) ** (gamma + 1) - (np.minimum(i - 1, t) / t) ** (gamma + 1)
+    return np.where(i <= t, weights, 0.0)
 
 
 class PowerEMA:

@@ -200,6 +200,15 @@ class Rebuilt:
     def apply(self, sigma_rel: float) -> str:
         """Puts the averages of width sigma_rel (the denoiser's, and a text encoder's trained with it) where the model
         samples from; what was done, in words. A UserError for a width outside what the snapshots allow."""
+        x, err = self.check(sigma_rel)
+        for name in ("ema", "conditioning.ema"):
+            if name in self.modules:
+                self.load_mix(name, x if name == "ema" else self.error(sigma_rel, name)[0])
+        return (f"EMA length {sigma_rel:g} rebuilt from {len(self.paths)} snapshots at step {self.step} (error "
+                f"{err:.4f})")
+
+    def check(self, sigma_rel: float) -> tuple[np.ndarray, float]:
+        """The denoiser's coefficients of width sigma_rel and their error; a UserError when the snapshots do not allow it."""
         check_sigma_rel(sigma_rel, "--ema_length")
         x, err = self.error(sigma_rel)
         if err > MAX_ERROR:
@@ -209,12 +218,7 @@ class Rebuilt:
             raise UserError(f"--ema_length {sigma_rel}: the {len(self.paths)} EMA snapshots of this run (widths "
                             f"{tracked}, up to step {self.step}) rebuild it only roughly (error {err:.2f}); the "
                             f"widths they rebuild within {MAX_ERROR} run {allowed}")
-        for name in ("ema", "conditioning.ema"):
-            if name in self.modules:
-                coeffs = x if name == "ema" else self.error(sigma_rel, name)[0]
-                self.load_mix(name, coeffs)
-        return (f"EMA length {sigma_rel:g} rebuilt from {len(self.paths)} snapshots at step {self.step} (profile "
-                f"error {err:.4f})")
+        return x, err
 
     def load_mix(self, name: str, coeffs: np.ndarray) -> None:
         mixed: dict[str, Tensor] = {}

@@ -79,9 +79,11 @@ def rebuild_time(args) -> None:
         snapshots.run, snapshots.folder = "bench", folder
         for i in range(1, args.snapshots + 1):
             module.ema.update_parameters(module.net)
-            snapshots.write(SimpleNamespace(global_step=1000 * i, is_global_zero=True), module)
+            module.ema.n_averaged.fill_(args.steps_apart * i)  # as if steps_apart updates had passed
+            snapshots.write(SimpleNamespace(global_step=args.steps_apart * i, is_global_zero=True), module)
         size = sum(p.stat().st_size for p in Path(folder).glob("*.pt"))
-        checkpoint = {"ema_snapshots": snapshots.state_dict(), "global_step": 1000 * args.snapshots}
+        last = args.steps_apart * args.snapshots
+        checkpoint = {"ema_snapshots": {"run": "bench", "folder": folder}, "global_step": last}
         start = time.perf_counter()
         said = Rebuilt(module, checkpoint, Path(folder) / "last.ckpt").apply(0.08)
         seconds = time.perf_counter() - start
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of each EMA")
     parser.add_argument("--snapshots", type=int, default=20)
+    parser.add_argument("--steps_apart", type=int, default=40000, help="optimizer steps between snapshots")
     parser.add_argument("--rebuild_only", action="store_true")
     args = parser.parse_args()
     mnist = "mnist" in Path(args.config).name

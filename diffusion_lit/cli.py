@@ -135,6 +135,10 @@ class DiffusionCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         checkpoint = check_checkpoint(Path(ckpt_path), self.trusted(self.config[subcommand]))
+        if subcommand == "fit" and isinstance(rebuilt := checkpoint.get("ema_rebuilt"), dict):
+            raise UserError(f"{ckpt_path} holds an EMA rebuilt after training (by `ema`), which training would go on "
+                            f"averaging as if it were the run's own: resume from the run's checkpoint "
+                            f"({rebuilt.get('from')})")
         model = self.config[subcommand].get("model")
         latent = model.get("latent") if model is not None and not self.subclass_mode_model else None
         hparams = checkpoint.get("hyper_parameters") or {}
@@ -220,9 +224,6 @@ def check_checkpoint(path: Path, trusted: list[str]) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise UserError(f"{path} is not a training checkpoint of diffusion_lit (no state_dict or global_step)")
     check_hparams(checkpoint.get("hyper_parameters") or {}, trusted, str(path))
-    if isinstance(rebuilt := checkpoint.get("ema_rebuilt"), dict):
-        raise UserError(f"{path} holds an EMA rebuilt after training (by `ema`), which training would go on averaging "
-                        f"as if it were the run's own: resume from the run's checkpoint ({rebuilt.get('from')})")
     return checkpoint
 
 

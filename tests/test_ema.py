@@ -80,7 +80,7 @@ def walk(tmp_path, sigma_rels=(0.05, 0.10), dtype="float32", steps=200, every=10
         alongside.update_parameters(module.net)
         if step % every == 0:
             snapshots.write(SimpleNamespace(global_step=step, is_global_zero=True), module)
-    checkpoint = {"ema_snapshots": snapshots.state_dict(), "global_step": steps}
+    checkpoint = {"ema_snapshots": {"run": snapshots.run, "folder": snapshots.folder}, "global_step": steps}
     return module, alongside, checkpoint
 
 
@@ -117,7 +117,7 @@ def test_widths_the_snapshots_cannot_give_and_other_runs_are_refused(tmp_path):
         rebuilt.apply(0.01)
     with pytest.raises(UserError, match="must lie between 0 and 0.2887"):
         rebuilt.apply(0.3)
-    with pytest.raises(UserError, match="belongs to another run"):
+    with pytest.raises(UserError, match="belongs? to another run"):
         Rebuilt(module, {**checkpoint, "ema_snapshots": {**checkpoint["ema_snapshots"], "run": "run-b"}}, "x.ckpt")
     constant = DiffusionModule(net=tiny_unet, image_size=8, channels=1, ema_decay=0.99)
     with pytest.raises(UserError, match="constant EMA decay and has no EMA snapshots"):
@@ -216,7 +216,7 @@ def test_sample_evaluate_and_ema_draw_a_chosen_length(power_run, tmp_path):
     assert sweep.returncode == 0, sweep.stderr
     rows = [line for line in sweep.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 3 and '"ema_length": 0.15' in rows[2]
-    assert "| EMA length | guidance | FID | KID |" in sweep.stdout
+    assert "| EMA length | guidance | FID | KID |" in sweep.stderr
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -224,3 +224,13 @@ def test_a_constant_ema_checkpoint_is_refused_in_one_line(tmp_path):
     result = cli("sample", "--ckpt_path", GOLDEN / "vp_guide.ckpt", "--ema_length", 0.1, "--out", tmp_path / "x.png")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --ema_length: ")
+
+
+def test_a_new_run_does_not_mix_its_snapshots_with_another_runs(tmp_path):
+    root = write_image_folder(tmp_path / "images", n_per_class=20)
+    run(root, tmp_path / "a", 2)
+    for ckpt in (tmp_path / "a").glob("*.ckpt"):
+        ckpt.unlink()
+    with pytest.raises(UserError, match="holds EMA snapshots of another run"):
+        run(root, tmp_path / "a", 2)
+    assert snapshot_steps(tmp_path / "a" / "ema") == [2]  # the other run's, untouched

@@ -9,15 +9,16 @@ import torch
 from diffusion_lit.core.errors import UserError
 from diffusion_lit.core.files import write_atomic
 from diffusion_lit.core.optional import need
-from diffusion_lit.core.trust import parse_trusted, read_checkpoint
+from diffusion_lit.core.trust import parse_trusted
 from diffusion_lit.io.loading import load_checkpoint
-from diffusion_lit.model.snapshots import power_modules
+from diffusion_lit.model.snapshots import REBUILT, power_modules
 
 COLUMNS = {"fid": "FID", "kid_mean": "KID", "confident_share": "confident", "requested_share": "as asked",
            "frame_mean": "frame mean", "grey_frame_share": "grey frames"}
 
 
-def ema(ckpt_path: str, ema_length: float, out: str, trust_class: str | None = None) -> None:
+def ema(ckpt_path: str, ema_length: float, out: str, trust_class: str | None = None,
+        autoencoder: str | None = None) -> None:
     """Write a copy of a checkpoint whose EMA weights (the denoiser's, and a text encoder's trained with it) are the
     average of relative width `ema_length`, rebuilt from the run's snapshots: it samples, evaluates and exports as any
     checkpoint, without the snapshots.
@@ -27,14 +28,14 @@ def ema(ckpt_path: str, ema_length: float, out: str, trust_class: str | None = N
         ema_length: the relative width (EDM2's sigma_rel) of the average to write.
         out: the checkpoint file to write.
         trust_class: your own network or optimizer classes that the checkpoint may name (see `sample`).
+        autoencoder: for a latent model whose autoencoder moved: its new place (see `sample`).
     """
     target = Path(out)
     if target.resolve() == Path(ckpt_path).resolve():
         raise UserError(f"--out {out} is the checkpoint itself; write the rebuilt one to another file")
-    module, _ = load_checkpoint(ckpt_path, parse_trusted(trust_class), ema_length=ema_length)
-    checkpoint = read_checkpoint(ckpt_path)
+    module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder, ema_length)
     state = module.state_dict()
-    for name in ("ema", "conditioning.ema"):
+    for name in REBUILT:
         if name in power_modules(module):
             prefix = f"{name}.module."
             checkpoint["state_dict"].update({k: v.cpu() for k, v in state.items() if k.startswith(prefix)})

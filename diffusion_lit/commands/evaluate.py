@@ -119,8 +119,8 @@ def evaluate(
     if ckpt_path is not None:
         module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder)
         rebuilt = Rebuilt(module, checkpoint, ckpt_path) if ema_length is not None else None
-        for width in widths if rebuilt else ():
-            rebuilt.check(width)
+        if rebuilt is not None:
+            rebuilt.check(widths)
         grid = [Sampling(sampler, steps, eta, scale, spacing, guidance_interval, guide_ckpt, guide_condition,
                          stack_guidance) for scale in scales]
         for settings in grid:
@@ -171,14 +171,15 @@ def evaluate(
                 fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
                                               guide=guide, counts=counts, **settings.kwargs())
                 model_calls, guide_calls = counts.per_image()
+                ms_per_image = round(1000 * (time.perf_counter() - start) / num_samples, 2)
                 if real_features is None:
                     real_features = (extract(features, real_images, batch_size) if real is not None else
                                      checkpoint_reference(features, data, num_real, batch_size, cache_dir))
                 row = {**({"ema_length": width} if width is not None else {}),
-                       **({"guidance_scale": settings.guidance_scale} if len(grid) > 1 or len(widths) > 1 else {}),
+                       **({"guidance_scale": settings.guidance_scale} if len(grid) > 1 or rebuilt else {}),
                        **score(features, fake_images, real_features, y, batch_size),
                        "model_evaluations": model_calls, "guide_evaluations": guide_calls,
-                       "ms_per_image": round(1000 * (time.perf_counter() - start) / num_samples, 2)}
+                       "ms_per_image": ms_per_image}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     except Stopped as stop:  # SIGTERM or Ctrl-C: no score; the samples drawn are kept for `--samples`
@@ -190,7 +191,7 @@ def evaluate(
         raise kept_when_stopped(stop, drawn, num_samples, lambda: keep_samples(drawn), kept, "samples",
                                 "; no score was computed (evaluate --samples FILE scores them)") from None
     if len(rows) > 1:
-        print(sweep_table(rows))
+        say(sweep_table(rows))
     if plot is not None:
         say(f"wrote {write_plot(rows, plot)}")
 

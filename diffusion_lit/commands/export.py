@@ -82,6 +82,9 @@ def export(ckpt_path: str, out: str, ema: bool = True, trust_class: str | None =
     folder = Path(out)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} already exists and is not an empty folder: give a new one")
+    if ema_length is not None and not ema:
+        raise UserError("--ema_length chooses the EMA's length and --ema false exports the trained weights: give "
+                        "one of them")
     module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder, ema_length)
     writer = getattr(module, "diffusers_writer", None) or partial(ddpm_writer, module)  # a model's own, or DDPM's
     write, what = writer(checkpoint, Path(ckpt_path), folder, ema)

@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from diffusion_lit.core.errors import UserError
 
 SnapshotDtype = Literal["float16", "bfloat16", "float32"]
-WIDEST = math.sqrt(1 / 12)  # sigma_rel of gamma = 0, the plain mean of every step: no power average is wider
+WIDEST = math.sqrt(1 / 12)  # sigma_rel of gamma = 0, the plain mean of every step; gamma < 0 would weigh the start
 
 
 def sigma_rel_of(gamma: float) -> float:

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from diffusion_lit.model.conditioning import Unconditional
 from diffusion_lit.core.errors import LoadsClearly, UserError, build_optimizer, reason
-from diffusion_lit.model.ema import PowerEMA, averaged
+from diffusion_lit.model.ema import PowerAveraged, PowerEMA, averaged
 from diffusion_lit.model.guidance import Guide, NetFactory
 from diffusion_lit.model.latent import Pixels, absolute_paths
 from diffusion_lit.model.objective import Objective
 from diffusion_lit.model.process import VP, Process
-from diffusion_lit.model.snapshots import Snapshots, power_modules
+from diffusion_lit.model.snapshots import Snapshots
 from diffusion_lit.core.precision import autocast
 from diffusion_lit.nets.unet import UNet
 from diffusion_lit.model.old_model import recorded_process, upgrade_state_dict
@@ -190,9 +190,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
             self.guide.ema.update_parameters(self.guide.net)
 
     def configure_callbacks(self) -> list:
-        """The snapshots of power-function averages, when the model keeps any (the denoiser's settings first)."""
-        kept = power_modules(self)
-        return [Snapshots(kept.get("ema", next(iter(kept.values()))).settings)] if kept else []
+        """The snapshots of the power-function averages, when the model's EMA is a PowerEMA."""
+        return [Snapshots(self.ema.settings)] if isinstance(self.ema, PowerAveraged) else []
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The denoiser's trained parameters (LoRA: the adapters), the conditioning's (a text encoder trained with

@@ -24,7 +24,8 @@ ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32:
 # A width is rebuilt when its profile's relative L2 error, plus the snapshots' rounding times the sum of the
 # coefficients' sizes (what mixing many rounded snapshots with large coefficients adds), stays within this.
 MAX_ERROR = 0.05
-CHUNK = 1 << 16  # steps per block of the least-squares sums (memory: CHUNK x snapshots float64)
+CHUNK = 1 << 14  # steps per block of the least-squares sums (memory: CHUNK x (snapshots + widths) float64)
+REBUILT = ("ema", "conditioning.ema")  # the averages snapshots hold and `--ema_length` rebuilds
 
 
 def power_modules(module: nn.Module) -> dict[str, PowerAveraged]:
@@ -57,13 +58,15 @@ def to_prune(steps: list[int], keep: int) -> list[int]:
 
 
 class Snapshots(Callback):
-    """Saves a model's power-function averages every `PowerEMA.snapshot_every` optimizer steps and when training
-    ends, into the `ema` folder beside the checkpoints (written atomically, by global rank 0: the averages are the
-    same on every rank), and keeps at most `PowerEMA.keep`. The module adds it to the run (`configure_callbacks`).
+    """Saves a model's power-function averages (the denoiser's and a text encoder's trained with it: what `Rebuilt`
+    rebuilds) every `PowerEMA.snapshot_every` optimizer steps and when training ends, into the `ema` folder beside
+    the checkpoints (written atomically, by global rank 0: the averages are the same on every rank), and keeps at most
+    `PowerEMA.keep`. The module adds it to the run (`configure_callbacks`).
 
-    A resumed run writes into the folder it started, and removes the snapshots past the step it resumes from (an
-    abandoned continuation's, which no longer describe this run). The run's identity and folder are saved in each
-    checkpoint (``ema_snapshots``), so that a snapshot folder of another run is refused.
+    A resumed run writes into the folder it started (or, when that is gone, the `ema` folder beside its checkpoints),
+    and removes the snapshots past the step it resumes from (an abandoned continuation's, which no longer describe
+    this run). The run's identity and folder are saved in each checkpoint (``ema_snapshots``), so that a snapshot
+    folder of another run is refused.
     """
 
     def __init__(self, ema: PowerEMA) -> None:
@@ -72,18 +75,27 @@ class Snapshots(Callback):
         self.folder: str | None = None
         self.written = -1
 
-    def state_dict(self) -> dict:
-        return {"run": self.run, "folder": self.folder}
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        recorded = checkpoint.get("ema_snapshots") or {}
+        self.run, self.folder = recorded.get("run"), recorded.get("folder")
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.run, self.folder = state_dict.get("run"), state_dict.get("folder")
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["ema_snapshots"] = {"run": self.run, "folder": self.folder}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.run is None:
-            self.run = uuid.uuid4().hex
-            beside = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
-            self.folder = str(Path(beside or trainer.default_root_dir, "ema").absolute())
+        beside = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+        here = Path(beside or trainer.default_root_dir, "ema").absolute()
         self.written = trainer.global_step
+        if self.run is None:  # a new run (or one resumed from a checkpoint that records no snapshots)
+            self.run = trainer.strategy.broadcast(uuid.uuid4().hex)
+            self.folder = str(here)
+            if trainer.is_global_zero and snapshot_steps(here):
+                raise UserError(f"{here} holds EMA snapshots of another run, which this one would mix with its own: "
+                                "move that folder away (or remove it), then start again")
+        elif not Path(self.folder).is_dir() and Path(self.folder) != here:
+            say(f"EMA snapshots: the run's folder {self.folder} is gone; this run goes on writing them to {here} "
+                "(put the earlier ones there to rebuild from all of them)")
+            self.folder = str(here)
         folder = Path(self.folder)
         if trainer.is_global_zero and folder.is_dir():
             later = [s for s in snapshot_steps(folder) if s > trainer.global_step]
@@ -101,17 +113,16 @@ class Snapshots(Callback):
         if trainer.global_step > self.written:
             self.write(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["ema_snapshots"] = {"run": self.run, "folder": self.folder}
-
     def write(self, trainer, pl_module) -> None:
         step, self.written = trainer.global_step, trainer.global_step
         if not trainer.is_global_zero:
             return
-        averages = {name: [{k: v.to("cpu", self.dtype) for k, v in m.trained_state(i).items()}
-                           for i in range(len(m.gammas))] for name, m in power_modules(pl_module).items()}
-        snapshot = {"format": FORMAT, "run": self.run, "step": step, "averages": averages,
-                    "sigma_rels": {name: list(m.sigma_rels) for name, m in power_modules(pl_module).items()}}
+        parts = {name: m for name, m in power_modules(pl_module).items() if name in REBUILT}
+        snapshot = {"format": FORMAT, "run": self.run, "step": step,
+                    "updates": {name: int(m.n_averaged) for name, m in parts.items()},
+                    "sigma_rels": {name: list(m.sigma_rels) for name, m in parts.items()},
+                    "averages": {name: [{k: v.to("cpu", self.dtype) for k, v in m.trained_state(i).items()}
+                                        for i in range(len(m.gammas))] for name, m in parts.items()}}
         folder = Path(self.folder)
         write_atomic(folder / snapshot_name(step), lambda f: torch.save(snapshot, f), "the EMA snapshot",
                      "free some space, or save fewer snapshots (PowerEMA's keep, snapshot_every)")
@@ -119,21 +130,22 @@ class Snapshots(Callback):
             (folder / snapshot_name(old)).unlink(missing_ok=True)
 
 
-def coefficients(columns: list[tuple[int, float]], t: int, gamma: float) -> tuple[np.ndarray, float]:
-    """The mix x of snapshot profiles (step, gamma) nearest in least squares to the profile of exponent `gamma` at
-    step t, and its relative L2 error."""
-    gram, target = np.zeros((len(columns), len(columns))), np.zeros(len(columns))
-    norm = 0.0
+def coefficients(columns: list[tuple[int, float]], t: int, gammas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """For each exponent in `gammas`: the mix of snapshot profiles (step, gamma) nearest in least squares to its
+    profile at step t (a column of the returned [snapshots, targets] array), and its relative L2 error; one pass over
+    the steps for all of them."""
+    gram, target = np.zeros((len(columns), len(columns))), np.zeros((len(columns), len(gammas)))
+    norm = np.zeros(len(gammas))
     for start in range(1, t + 1, CHUNK):
         steps = np.arange(start, min(start + CHUNK, t + 1))
         profiles = np.stack([power_profile(steps, s, g) for s, g in columns], axis=1)
-        wanted = power_profile(steps, t, gamma)
+        wanted = np.stack([power_profile(steps, t, g) for g in gammas], axis=1)
         gram += profiles.T @ profiles
         target += profiles.T @ wanted
-        norm += wanted @ wanted
+        norm += (wanted * wanted).sum(axis=0)
     x = np.linalg.lstsq(gram, target, rcond=None)[0]
-    residual = max(norm - 2 * x @ target + x @ gram @ x, 0.0)
-    return x, float(np.sqrt(residual / norm))
+    residual = norm - 2 * (x * target).sum(axis=0) + (x * (gram @ x)).sum(axis=0)
+    return x, np.sqrt(np.maximum(residual, 0.0) / norm)
 
 
 class Rebuilt:
@@ -142,30 +154,45 @@ class Rebuilt:
     def __init__(self, module: nn.Module, checkpoint: dict, ckpt_path: str | Path) -> None:
         self.ckpt_path, self.modules = Path(ckpt_path), power_modules(module)
         info = checkpoint.get("ema_snapshots")
-        if "ema" not in self.modules or not isinstance(info, dict):
+        if getattr(module, "ema", None) is None:
+            raise UserError(f"--ema_length: {self.ckpt_path} was trained without an EMA (ema_decay null); sample "
+                            "its trained weights without --ema_length")
+        if "ema" not in self.modules:
             raise UserError(f"--ema_length: {self.ckpt_path} was trained with a constant EMA decay and has no EMA "
                             "snapshots to rebuild another length from; train with model.ema_decay PowerEMA "
                             "(docs/ema.md) to choose the length after training")
-        self.run, self.folder = info.get("run"), self.find_folder(info.get("folder"))
+        if not isinstance(info, dict):
+            raise UserError(f"--ema_length: {self.ckpt_path} does not record its run's EMA snapshots (written before "
+                            "its run took a step); give a later checkpoint of the run")
+        self.run = info.get("run")
+        self.folder = self.find_folder(info.get("folder"))
         last = int(checkpoint.get("global_step", 0))
         self.paths = {s: self.folder / snapshot_name(s) for s in snapshot_steps(self.folder) if s <= last}
-        if len(self.paths) < 1:
+        if not self.paths:
             raise UserError(f"--ema_length: {self.folder} holds no EMA snapshot up to step {last} of "
                             f"{self.ckpt_path}; the run saves them every PowerEMA.snapshot_every steps")
         self.headers = {s: self.read(p) for s, p in self.paths.items()}
-        self.step = max(self.paths)  # the rebuilt average is the one at the last snapshot
+        newest = self.headers[max(self.paths)]
+        self.step = newest["updates"]["ema"]  # the rebuilt average is the one of the newest snapshot
+        self.dtype = next(iter(newest["averages"]["ema"][0].values())).dtype
+        self.solved: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
 
     def find_folder(self, recorded) -> Path:
-        """The recorded folder, or an `ema` folder beside the checkpoint (a run that moved)."""
+        """The recorded folder, or an `ema` folder beside the checkpoint (a run that moved): the first that holds
+        this run's snapshots."""
         places = [Path(recorded)] if isinstance(recorded, str) else []
         places.append(self.ckpt_path.parent / "ema")
-        for place in places:
-            if place.is_dir() and snapshot_steps(place):
+        found = [place for place in places if place.is_dir() and snapshot_steps(place)]
+        for place in found:
+            if self.read(place / snapshot_name(snapshot_steps(place)[-1]), check_run=False).get("run") == self.run:
                 return place
+        if found:
+            raise UserError(f"the EMA snapshots in {found[0]} belong to another run than {self.ckpt_path}: give the "
+                            "checkpoint of the run that wrote them, or put this run's `ema` folder beside it")
         raise UserError(f"--ema_length: the EMA snapshots of {self.ckpt_path} are not in "
                         f"{' nor '.join(str(p) for p in places)}; put the run's `ema` folder beside the checkpoint")
 
-    def read(self, path: Path) -> dict:
+    def read(self, path: Path, check_run: bool = True) -> dict:
         try:
             snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
@@ -174,55 +201,58 @@ class Rebuilt:
         if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT:
             raise UserError(f"{path} is not an EMA snapshot of diffusion_lit; keep only the run's snapshots in "
                             f"{path.parent}")
-        if snapshot.get("run") != self.run:
+        if check_run and snapshot.get("run") != self.run:
             raise UserError(f"the EMA snapshot {path} belongs to another run than {self.ckpt_path}: give the "
                             "checkpoint of the run that wrote that folder, or put this run's `ema` folder beside it")
         return snapshot
 
-    def columns(self, name: str) -> list[tuple[int, int, float]]:
-        """(step, index of the width, gamma) of every snapshot average of one part."""
-        return [(s, i, gamma_of(w)) for s, h in sorted(self.headers.items())
+    def columns(self, name: str) -> list[tuple[int, int, int, float]]:
+        """(step, the part's updates by then, index of the width, gamma) of every snapshot average of one part."""
+        return [(s, h["updates"][name], i, gamma_of(w)) for s, h in sorted(self.headers.items())
                 for i, w in enumerate(h["sigma_rels"].get(name, ()))]
 
-    def error(self, sigma_rel: float, name: str = "ema") -> tuple[np.ndarray, float]:
-        """The coefficients of a width and its error: the profile's, plus rounding amplified by the coefficients."""
-        columns = self.columns(name)
-        x, err = coefficients([(s, g) for s, _, g in columns], self.step, gamma_of(sigma_rel))
-        dtype = next(iter(self.headers[self.step]["averages"][name][0].values())).dtype
-        return x, err + ROUNDOFF.get(dtype, 0.0) * float(np.abs(x).sum())
+    def solve(self, widths: list[float], name: str = "ema") -> list[tuple[np.ndarray, float]]:
+        """The coefficients of each width and its error: the profile's, plus the snapshots' rounding amplified by
+        the coefficients (what mixing many rounded snapshots with large coefficients adds). Remembered."""
+        new = [w for w in dict.fromkeys(widths) if (name, w) not in self.solved]
+        if new:
+            x, err = coefficients([(u, g) for _, u, _, g in self.columns(name)], self.step, [gamma_of(w) for w in new])
+            for k, w in enumerate(new):
+                self.solved[name, w] = x[:, k], float(err[k]) + ROUNDOFF.get(self.dtype, 0.0) * np.abs(x[:, k]).sum()
+        return [self.solved[name, w] for w in widths]
 
     def reach(self) -> tuple[float, float] | None:
         """The narrowest and widest widths rebuilt within MAX_ERROR (on a grid), None when there are none."""
-        grid = np.geomspace(0.005, 0.285, 80)
-        good = [float(s) for s in grid if self.error(float(s))[1] <= MAX_ERROR]
+        grid = [float(s) for s in np.geomspace(0.005, 0.285, 80)]
+        good = [s for s, (_, err) in zip(grid, self.solve(grid)) if err <= MAX_ERROR]
         return (min(good), max(good)) if good else None
+
+    def check(self, widths: list[float]) -> None:
+        """A UserError for the first width the snapshots do not allow."""
+        for sigma_rel in widths:
+            check_sigma_rel(sigma_rel, "--ema_length")
+        for sigma_rel, (_, err) in zip(widths, self.solve(widths)):
+            if err > MAX_ERROR:
+                span = self.reach()
+                allowed = f"from {span[0]:.3f} to {span[1]:.3f}" if span else "none"
+                tracked = ", ".join(f"{w:g}" for w in self.modules["ema"].sigma_rels)
+                raise UserError(f"--ema_length {sigma_rel}: the {len(self.paths)} EMA snapshots of this run (widths "
+                                f"{tracked}, up to step {self.step}) rebuild it only roughly (error {err:.2f}); "
+                                f"the widths they rebuild within {MAX_ERROR} run {allowed}")
 
     def apply(self, sigma_rel: float) -> str:
         """Puts the averages of width sigma_rel (the denoiser's, and a text encoder's trained with it) where the model
         samples from; what was done, in words. A UserError for a width outside what the snapshots allow."""
-        x, err = self.check(sigma_rel)
-        for name in ("ema", "conditioning.ema"):
+        self.check([sigma_rel])
+        for name in REBUILT:
             if name in self.modules:
-                self.load_mix(name, x if name == "ema" else self.error(sigma_rel, name)[0])
+                self.load_mix(name, self.solve([sigma_rel], name)[0][0])
         return (f"EMA length {sigma_rel:g} rebuilt from {len(self.paths)} snapshots at step {self.step} (error "
-                f"{err:.4f})")
-
-    def check(self, sigma_rel: float) -> tuple[np.ndarray, float]:
-        """The denoiser's coefficients of width sigma_rel and their error; a UserError when the snapshots do not allow it."""
-        check_sigma_rel(sigma_rel, "--ema_length")
-        x, err = self.error(sigma_rel)
-        if err > MAX_ERROR:
-            span = self.reach()
-            allowed = f"from {span[0]:.3f} to {span[1]:.3f}" if span else "none"
-            tracked = ", ".join(f"{w:g}" for w in self.modules["ema"].sigma_rels)
-            raise UserError(f"--ema_length {sigma_rel}: the {len(self.paths)} EMA snapshots of this run (widths "
-                            f"{tracked}, up to step {self.step}) rebuild it only roughly (error {err:.2f}); the "
-                            f"widths they rebuild within {MAX_ERROR} run {allowed}")
-        return x, err
+                f"{self.solve([sigma_rel])[0][1]:.4f})")
 
     def load_mix(self, name: str, coeffs: np.ndarray) -> None:
         mixed: dict[str, Tensor] = {}
-        for (step, i, _), c in zip(self.columns(name), coeffs):
+        for (step, _, i, _), c in zip(self.columns(name), coeffs):
             for key, value in self.headers[step]["averages"][name][i].items():
                 term = value.to(torch.float64) * float(c)
                 mixed[key] = mixed[key] + term if key in mixed else term

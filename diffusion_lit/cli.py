@@ -200,7 +200,8 @@ class DiffusionCLI(LightningCLI):
             check_steps_left(Path(self.config_init.fit.ckpt_path), self.trainer.max_steps)
 
     def set_aside(self, ckpt_dir: Path) -> None:
-        """Renames the earlier run's folder (or its checkpoint folder, when that lies elsewhere) to NAME.1, NAME.2, ..."""
+        """Renames the earlier run's folder (or its checkpoint folder, when that lies elsewhere) to NAME.1, NAME.2,
+        ..."""
         log_dir = Path(self.trainer.log_dir)
         old = log_dir if log_dir in ckpt_dir.parents else ckpt_dir
         number = 1
@@ -321,7 +322,8 @@ def named_module(words: list[str]) -> tuple[str, type, bool] | None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point; a user's mistake ends with one message and exit status 2 (DIFFUSION_LIT_DEBUG=1 shows the traceback)."""
+    """Entry point; a user's mistake ends with one message and exit status 2 (DIFFUSION_LIT_DEBUG=1 shows the
+    traceback)."""
     words = sys.argv[1:] if args is None else args
     # The train loader restarts an epoch where the checkpoint left it (its state travels with the data module).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

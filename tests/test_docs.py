@@ -19,7 +19,7 @@ BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.DOTALL | re.MULTILINE)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 PREFIX = ["python", "-m", "diffusion_lit"]
 # Plain functions behind jsonargparse (`data optimize` among `data`'s): --help prints their options
-HELP_COMMANDS = {"sample", "evaluate", "export", "data"}
+HELP_COMMANDS = {"sample", "evaluate", "export", "ema", "data"}
 
 
 def relative_links(page: Path) -> list[str]:

@@ -16,7 +16,10 @@ from diffusion_lit.data.datamodule import DiffusionDataModule
 from diffusion_lit.data.sources import ImageFolder
 from diffusion_lit.model.ema import PowerAveraged, PowerEMA, gamma_of, power_profile, sigma_rel_of
 from diffusion_lit.model.module import DiffusionModule
-from diffusion_lit.model.snapshots import Rebuilt, Snapshots, snapshot_steps, to_prune
+from diffusion_lit.model.conditioning import Prompts
+from diffusion_lit.model.guidance import Guide
+from diffusion_lit.model.snapshots import Rebuilt, Snapshots, power_modules, snapshot_steps, to_prune
+from diffusion_lit.nets.text import ByteTextEncoder
 
 from conftest import tiny_unet, write_image_folder
 from test_cli import REPO, cli
@@ -113,7 +116,8 @@ def test_half_precision_snapshots_rebuild_within_their_rounding(tmp_path):
 def test_widths_the_snapshots_cannot_give_and_other_runs_are_refused(tmp_path):
     module, _, checkpoint = walk(tmp_path, steps=40, every=10)
     rebuilt = Rebuilt(module, checkpoint, tmp_path / "last.ckpt")
-    with pytest.raises(UserError, match=r"--ema_length 0.01: .* rebuild it only roughly .* run from 0\.04\d to 0\.1\d+"):
+    roughly = r"--ema_length 0.01: .* rebuild it only roughly .* run from 0\.04\d to 0\.1\d+"
+    with pytest.raises(UserError, match=roughly):
         rebuilt.apply(0.01)
     with pytest.raises(UserError, match="must lie between 0 and 0.2887"):
         rebuilt.apply(0.3)
@@ -158,7 +162,8 @@ def test_a_resumed_run_has_the_averages_and_snapshots_of_an_uninterrupted_one(tm
         if key.startswith("ema."):
             assert torch.equal(a[key], b[key]), key
     mine, theirs = snapshots_of(tmp_path / "a" / "ema"), snapshots_of(tmp_path / "b" / "ema")
-    assert list(mine) == list(theirs) == [2, 4, 6, 9]  # every 2 steps and at the end, pruned to 4 (8: its neighbours lie closest)
+    # every 2 steps and at the end, pruned to 4 (8 went: its neighbours lie closest together)
+    assert list(mine) == list(theirs) == [2, 4, 6, 9]
     for step in mine:
         assert mine[step]["step"] == step
         for x, y in zip(mine[step]["averages"]["ema"], theirs[step]["averages"]["ema"]):
@@ -234,3 +239,31 @@ def test_a_new_run_does_not_mix_its_snapshots_with_another_runs(tmp_path):
     with pytest.raises(UserError, match="holds EMA snapshots of another run"):
         run(root, tmp_path / "a", 2)
     assert snapshot_steps(tmp_path / "a" / "ema") == [2]  # the other run's, untouched
+
+
+def test_the_text_encoder_and_the_guide_average_alike(tmp_path):
+    """A text encoder trained with the model takes the model's PowerEMA, and --ema_length rebuilds it too; a guide
+    may keep a PowerEMA of its own (its first width guides; its averages are not snapshotted)."""
+    ema = PowerEMA([0.05, 0.10], snapshot_every=5, snapshot_dtype="float32")
+    module = DiffusionModule(net=tiny_unet, image_size=8, channels=1, ema_decay=ema,
+                             conditioning=Prompts(ByteTextEncoder(width=32, max_length=16)),
+                             guide=partial(Guide, net=partial(tiny_unet, base_channels=8, channel_mult=(1,),
+                                                              norm_groups=4), ema_decay=PowerEMA([0.02])))
+    assert set(power_modules(module)) == {"ema", "conditioning.ema", "guide.ema"}
+    snapshots = Snapshots(ema)
+    snapshots.run, snapshots.folder = "run-t", str(tmp_path / "ema")
+    for step in range(1, 11):
+        with torch.no_grad():
+            for p in [*module.net.parameters(), *module.conditioning.encoder.parameters()]:
+                p.add_(0.01 * torch.randn_like(p))
+        module.ema.update_parameters(module.net)
+        module.conditioning.update_ema()
+        module.guide.ema.update_parameters(module.guide.net)
+        if step % 5 == 0:
+            snapshots.write(SimpleNamespace(global_step=step, is_global_zero=True), module)
+    saved = torch.load(tmp_path / "ema" / "step00000010.pt", weights_only=True)
+    assert set(saved["averages"]) == {"ema", "conditioning.ema"} and saved["updates"]["conditioning.ema"] == 10
+    wide = flat(module.conditioning.ema.averages()[1])
+    Rebuilt(module, {"ema_snapshots": {"run": "run-t", "folder": snapshots.folder}, "global_step": 10},
+            tmp_path / "last.ckpt").apply(0.10)
+    torch.testing.assert_close(flat(module.conditioning.ema.module), wide, rtol=0, atol=1e-5)

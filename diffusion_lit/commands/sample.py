@@ -231,7 +231,8 @@ def sample(
     set_flow_shift(module, flow_shift)
     text = parse_prompts(prompt, prompts, num_samples, module.conditioning.captions)
     if module.conditioning.captions and labels is not None:
-        raise UserError("this model reads prompts, not labels: give --prompt TEXT or --prompts FILE instead of --labels")
+        raise UserError("this model reads prompts, not labels: give --prompt TEXT or --prompts FILE instead of "
+                        "--labels")
     y = text if text is not None else parse_labels(labels, num_samples, module.conditioning.num_classes)
     count = num_samples if y is None else len(y)
     check_space(out, count, (module.hparams.channels, module.hparams.image_size, module.hparams.image_size))

@@ -79,7 +79,8 @@ class PowerEMA:
         if snapshot_every < 1:
             raise UserError(f"PowerEMA's snapshot_every must be at least 1 step, got {snapshot_every}")
         if keep < 2:
-            raise UserError(f"PowerEMA's keep must be at least 2 snapshots (a width is rebuilt from several), got {keep}")
+            raise UserError(f"PowerEMA's keep must be at least 2 snapshots (a width is rebuilt from several), got "
+                            f"{keep}")
         if snapshot_dtype not in ("float16", "bfloat16", "float32"):
             raise UserError(f"PowerEMA's snapshot_dtype must be float16, bfloat16 or float32, got {snapshot_dtype!r}")
         self.sigma_rels, self.snapshot_every, self.keep = sigma_rels, snapshot_every, keep
@@ -165,7 +166,8 @@ def averaged(module: nn.Module, decay: "float | PowerEMA", warmup: bool | float)
         raise UserError(f"ema_decay must lie in [0, 1], got {decay}")
     ramp = 10.0 if warmup is True else float(warmup) if warmup is not False else None
     if ramp is not None and ramp <= 1:
-        raise UserError(f"ema_warmup must be true, false or a number above 1 (the k of (1 + n) / (k + n)), got {warmup}")
+        raise UserError(f"ema_warmup must be true, false or a number above 1 (the k of (1 + n) / (k + n)), got "
+                        f"{warmup}")
     averaged_model = AveragedModel(module, multi_avg_fn=EMAUpdate(decay, ramp), use_buffers=False).requires_grad_(False)
     share_frozen(module, averaged_model.module)
     return averaged_model

@@ -45,8 +45,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
         ema_decay: the EMA's decay once warmed up (0.9999 in DDPM); or a `PowerEMA` (EDM2's power-function
             averages, `diffusion_lit.model.ema`), whose length `sample`, `evaluate` and `export` choose after training
             (``--ema_length``); null: no EMA copy (sampling, validation and export use the trained weights).
-        ema_warmup: (a constant decay) ramp the decay as (1 + n) / (10 + n) over the first updates, an average over about the
-            last 11% of the steps until ema_decay caps it; a number k ramps it as (1 + n) / (k + n): a smaller k
+        ema_warmup: (a constant decay) ramp the decay as (1 + n) / (10 + n) over the first updates, an average over
+            about the last 11% of the steps until ema_decay caps it; a number k ramps it as (1 + n) / (k + n): a smaller k
             averages longer (k = 5: about the last 25%).
         optimizer: the optimizer class and its arguments (learning rate, weight decay, ...).
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.

@@ -148,6 +148,12 @@ def coefficients(columns: list[tuple[int, float]], t: int, gammas: list[float]) 
     return x, np.sqrt(np.maximum(residual, 0.0) / norm)
 
 
+def updates(snapshot: dict, name: str) -> int:
+    """How many updates a part's averages had taken when the snapshot was written (its step, in snapshots that do
+    not say)."""
+    return int(snapshot.get("updates", {}).get(name, snapshot["step"]))
+
+
 class Rebuilt:
     """Where the snapshots of a checkpoint's run are, what they hold, and the averages of other widths they give."""
 
@@ -173,7 +179,7 @@ class Rebuilt:
                             f"{self.ckpt_path}; the run saves them every PowerEMA.snapshot_every steps")
         self.headers = {s: self.read(p) for s, p in self.paths.items()}
         newest = self.headers[max(self.paths)]
-        self.step = newest["updates"]["ema"]  # the rebuilt average is the one of the newest snapshot
+        self.step = updates(newest, "ema")  # the rebuilt average is the one of the newest snapshot
         self.dtype = next(iter(newest["averages"]["ema"][0].values())).dtype
         self.solved: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
 
@@ -208,7 +214,7 @@ class Rebuilt:
 
     def columns(self, name: str) -> list[tuple[int, int, int, float]]:
         """(step, the part's updates by then, index of the width, gamma) of every snapshot average of one part."""
-        return [(s, h["updates"][name], i, gamma_of(w)) for s, h in sorted(self.headers.items())
+        return [(s, updates(h, name), i, gamma_of(w)) for s, h in sorted(self.headers.items())
                 for i, w in enumerate(h["sigma_rels"].get(name, ()))]
 
     def solve(self, widths: list[float], name: str = "ema") -> list[tuple[np.ndarray, float]]:

@@ -67,8 +67,8 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def write_plot(rows: list[dict], plot: str) -> Path:
-    """FID (and, scored by the digit judge, the confident share) against the EMA length, one line per guidance
-    scale, as a PNG file."""
+    """FID (and, scored by the digit judge, the confident share and the grey frames) against the EMA length, one
+    line per guidance scale, as a PNG file."""
     matplotlib = need("matplotlib", "plot")
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

@@ -32,7 +32,7 @@ class Guide(nn.Module):
     Args:
         net: builds the guide's network, as `model.net` does (a class path and its arguments); make it smaller.
         ema_decay: its EMA's decay once warmed up (shorter than the main model's: EDM2's guides average less), or
-            a `PowerEMA` (`diffusion_lit.model.ema`), whose snapshots then hold the guide's averages too.
+            a `PowerEMA` (`diffusion_lit.model.ema`: the guide then guides with its first width's average).
         ema_warmup: ramp the decay as (1 + n) / (10 + n) over the first updates (a number k: (1 + n) / (k + n)).
     """
 

@@ -119,15 +119,20 @@ def test_widths_the_snapshots_cannot_give_and_other_runs_are_refused(tmp_path):
     roughly = r"--ema_length 0.01: .* rebuild it only roughly .* run from 0\.04\d to 0\.1\d+"
     with pytest.raises(UserError, match=roughly):
         rebuilt.apply(0.01)
-    with pytest.raises(UserError, match="must lie between 0 and 0.2887"):
+    with pytest.raises(UserError, match="must be above 0 and below 0.2887"):
         rebuilt.apply(0.3)
     with pytest.raises(UserError, match="belongs? to another run"):
         Rebuilt(module, {**checkpoint, "ema_snapshots": {**checkpoint["ema_snapshots"], "run": "run-b"}}, "x.ckpt")
     constant = DiffusionModule(net=tiny_unet, image_size=8, channels=1, ema_decay=0.99)
+    damaged = torch.load(tmp_path / "ema" / "step00000020.pt", weights_only=True)
+    next(iter(damaged["averages"]["ema"][0].values()))[0] = float("nan")
+    torch.save(damaged, tmp_path / "ema" / "step00000020.pt")
+    with pytest.raises(UserError, match="step00000020.pt holds values that are not finite"):
+        Rebuilt(module, checkpoint, tmp_path / "last.ckpt").apply(0.08)
     with pytest.raises(UserError, match="constant EMA decay and has no EMA snapshots"):
         Rebuilt(constant, {"global_step": 40}, "old.ckpt")
     moved = {**checkpoint, "ema_snapshots": {**checkpoint["ema_snapshots"], "folder": str(tmp_path / "gone")}}
-    with pytest.raises(UserError, match="are not in .*gone nor"):
+    with pytest.raises(UserError, match="no EMA snapshot of .* is in .*elsewhere.ema nor .*gone"):
         Rebuilt(module, moved, tmp_path / "elsewhere" / "last.ckpt")
 
 
@@ -168,6 +173,18 @@ def test_a_resumed_run_has_the_averages_and_snapshots_of_an_uninterrupted_one(tm
         assert mine[step]["step"] == step
         for x, y in zip(mine[step]["averages"]["ema"], theirs[step]["averages"]["ema"]):
             assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_run_resumed_into_another_folder_leaves_the_first_as_it_was(tmp_path):
+    root = write_image_folder(tmp_path / "images", n_per_class=20)
+    run(root, tmp_path / "a", 9)
+    before = snapshots_of(tmp_path / "a" / "ema")
+    run(root, tmp_path / "branch", 9, ckpt_path=next((tmp_path / "a").glob("*step=3.ckpt")))
+    after = snapshots_of(tmp_path / "a" / "ema")
+    assert list(after) == list(before) == [2, 4, 6, 9]
+    assert all(torch.equal(after[9]["averages"]["ema"][0][k], before[9]["averages"]["ema"][0][k])
+               for k in before[9]["averages"]["ema"][0])
+    assert snapshot_steps(tmp_path / "branch" / "ema") == [2, 4, 6, 9]  # step 2 linked, the rest its own
 
 
 def test_gradient_accumulation_averages_once_per_optimizer_step(tmp_path):
@@ -223,6 +240,16 @@ def test_sample_evaluate_and_ema_draw_a_chosen_length(power_run, tmp_path):
     assert len(rows) == 3 and '"ema_length": 0.15' in rows[2]
     assert "| EMA length | guidance | FID | KID |" in sweep.stderr
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("setting", [["--model.ema_decay.keep", 1], ["--model.ema_decay.sigma_rels", "[]"],
+                                     ["--model.ema_decay.snapshot_every", 0], ["--model.ema_decay.snapshot_dtype", "int8"]])
+def test_power_ema_settings_that_make_no_sense_are_one_line(setting, tmp_path):
+    result = cli("fit", "--config", REPO / "configs/tiny_cpu.yaml", "--trainer.max_steps", 1,
+                 "--trainer.logger.init_args.save_dir", tmp_path, "--model.ema_decay",
+                 "diffusion_lit.model.ema.PowerEMA", *setting)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: PowerEMA's")
 
 
 def test_a_constant_ema_checkpoint_is_refused_in_one_line(tmp_path):

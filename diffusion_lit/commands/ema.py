@@ -33,13 +33,16 @@ def ema(ckpt_path: str, ema_length: float, out: str, trust_class: str | None = N
     target = Path(out)
     if target.resolve() == Path(ckpt_path).resolve():
         raise UserError(f"--out {out} is the checkpoint itself; write the rebuilt one to another file")
+    if target.is_dir():
+        raise UserError(f"--out {out} is a folder; give the checkpoint file to write, such as {target / 'ema.ckpt'}")
     module, checkpoint = load_checkpoint(ckpt_path, parse_trusted(trust_class), autoencoder, ema_length)
     state = module.state_dict()
     for name in REBUILT:
         if name in power_modules(module):
             prefix = f"{name}.module."
             checkpoint["state_dict"].update({k: v.cpu() for k, v in state.items() if k.startswith(prefix)})
-    checkpoint["ema_rebuilt"] = {"ema_length": ema_length, "from": str(Path(ckpt_path).resolve())}
+    run = (checkpoint.get("ema_rebuilt") or {}).get("from", str(Path(ckpt_path).resolve()))  # the run's own file
+    checkpoint["ema_rebuilt"] = {"ema_length": ema_length, "from": run}
     write_atomic(target, lambda f: torch.save(checkpoint, f), "the checkpoint", "give --out another place")
     print(f"wrote {target}: the EMA of length {ema_length:g} of {ckpt_path}")
 

@@ -111,6 +111,8 @@ def evaluate(
     fake_images = load_images(samples) if samples is not None else None
     widths = ema_length if isinstance(ema_length, list) else [ema_length]
     scales = guidance_scale if isinstance(guidance_scale, list) else [guidance_scale]
+    if not widths or not scales:
+        raise UserError("--ema_length and --guidance_scale take one value or a list of one or more")
     if ckpt_path is None and (ema_length is not None or len(scales) > 1 or plot):
         raise UserError("--ema_length, several --guidance_scale values and --plot are for a checkpoint's samples "
                         "(--ckpt_path)")

@@ -12,7 +12,6 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +20,6 @@ from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lit.core.errors import UserError
 
-SnapshotDtype = Literal["float16", "bfloat16", "float32"]
 WIDEST = math.sqrt(1 / 12)  # sigma_rel of gamma = 0, the plain mean of every step; gamma < 0 would weigh the start
 
 
@@ -43,8 +41,8 @@ def gamma_of(sigma_rel: float) -> float:
 def check_sigma_rel(sigma_rel: float, option: str) -> None:
     """A UserError unless 0 < sigma_rel < WIDEST."""
     if not 0.0 < sigma_rel < WIDEST:
-        raise UserError(f"{option} must lie between 0 and {WIDEST:.4f} (the plain mean of every step), got "
-                        f"{sigma_rel}: EDM2's widths are 0.05 to 0.2")
+        raise UserError(f"{option} must be above 0 and below {WIDEST:.4f} (the width of the plain mean of every "
+                        f"step), got {sigma_rel}: EDM2's widths are 0.05 to 0.2")
 
 
 def power_profile(steps: np.ndarray, t: int, gamma: float) -> np.ndarray:
@@ -70,22 +68,28 @@ class PowerEMA:
     """
 
     def __init__(self, sigma_rels: Sequence[float] = (0.05, 0.10), snapshot_every: int = 500, keep: int = 40,
-                 snapshot_dtype: SnapshotDtype = "float16") -> None:
-        sigma_rels = tuple(float(s) for s in sigma_rels)
-        if not sigma_rels:
-            raise UserError("PowerEMA needs at least one width in sigma_rels (EDM2 tracks [0.05, 0.10])")
-        for s in sigma_rels:
+                 snapshot_dtype: str = "float16") -> None:
+        # Checked when the model takes it (`check`): a UserError raised here would reach the user inside
+        # jsonargparse's report of the ema_decay union's failed types.
+        self.sigma_rels = tuple(float(s) for s in sigma_rels)
+        self.snapshot_every, self.keep, self.snapshot_dtype = snapshot_every, keep, snapshot_dtype
+
+    def check(self) -> tuple[float, ...]:
+        """The exponents of the tracked widths; a UserError for settings that make no sense."""
+        if not self.sigma_rels or len(set(self.sigma_rels)) < len(self.sigma_rels):
+            raise UserError(f"PowerEMA's sigma_rels must be one or more different widths (EDM2 tracks [0.05, 0.10]), "
+                            f"got {list(self.sigma_rels)}")
+        for s in self.sigma_rels:
             check_sigma_rel(s, "PowerEMA's sigma_rels")
-        if snapshot_every < 1:
-            raise UserError(f"PowerEMA's snapshot_every must be at least 1 step, got {snapshot_every}")
-        if keep < 2:
+        if self.snapshot_every < 1:
+            raise UserError(f"PowerEMA's snapshot_every must be at least 1 step, got {self.snapshot_every}")
+        if self.keep < 2:
             raise UserError(f"PowerEMA's keep must be at least 2 snapshots (a width is rebuilt from several), got "
-                            f"{keep}")
-        if snapshot_dtype not in ("float16", "bfloat16", "float32"):
-            raise UserError(f"PowerEMA's snapshot_dtype must be float16, bfloat16 or float32, got {snapshot_dtype!r}")
-        self.sigma_rels, self.snapshot_every, self.keep = sigma_rels, snapshot_every, keep
-        self.snapshot_dtype = snapshot_dtype
-        self.gammas = tuple(gamma_of(s) for s in sigma_rels)
+                            f"{self.keep}")
+        if self.snapshot_dtype not in ("float16", "bfloat16", "float32"):
+            raise UserError(f"PowerEMA's snapshot_dtype must be float16, bfloat16 or float32, got "
+                            f"{self.snapshot_dtype!r}")
+        return tuple(gamma_of(s) for s in self.sigma_rels)
 
     def __repr__(self) -> str:
         return f"PowerEMA(sigma_rels={list(self.sigma_rels)})"
@@ -97,7 +101,7 @@ class PowerAveraged(nn.Module):
 
     def __init__(self, module: nn.Module, ema: PowerEMA) -> None:
         super().__init__()
-        self.settings, self.sigma_rels, self.gammas = ema, ema.sigma_rels, ema.gammas
+        self.settings, self.sigma_rels, self.gammas = ema, ema.sigma_rels, ema.check()
         self.trained = [name for name, p in module.named_parameters() if p.requires_grad]
         copies = [frozen_copy(module) for _ in self.gammas]
         self.module, self.others = copies[0], nn.ModuleList(copies[1:])

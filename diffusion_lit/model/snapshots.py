@@ -6,6 +6,8 @@ A snapshot after t steps of the average of exponent gamma is a known mix of the 
 is nearest to its profile in least squares; the same coefficients then mix the snapshots' weights.
 """
 
+import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -63,10 +65,11 @@ class Snapshots(Callback):
     the checkpoints (written atomically, by global rank 0: the averages are the same on every rank), and keeps at most
     `PowerEMA.keep`. The module adds it to the run (`configure_callbacks`).
 
-    A resumed run writes into the folder it started (or, when that is gone, the `ema` folder beside its checkpoints),
-    and removes the snapshots past the step it resumes from (an abandoned continuation's, which no longer describe
-    this run). The run's identity and folder are saved in each checkpoint (``ema_snapshots``), so that a snapshot
-    folder of another run is refused.
+    Each run folder holds its own snapshots. A run resumed in its folder goes on there, and removes the snapshots
+    past the step it resumes from (an abandoned continuation's, which no longer describe this run); a run resumed
+    into another folder (a branch, a run that moved) starts its own with links to the snapshots up to its step, and
+    leaves the other folder as it is. The run's identity and folder are saved in each checkpoint
+    (``ema_snapshots``), so that a snapshot folder of another run is refused.
     """
 
     def __init__(self, ema: PowerEMA) -> None:
@@ -88,22 +91,41 @@ class Snapshots(Callback):
         self.written = trainer.global_step
         if self.run is None:  # a new run (or one resumed from a checkpoint that records no snapshots)
             self.run = trainer.strategy.broadcast(uuid.uuid4().hex)
-            self.folder = str(here)
             if trainer.is_global_zero and snapshot_steps(here):
                 raise UserError(f"{here} holds EMA snapshots of another run, which this one would mix with its own: "
                                 "move that folder away (or remove it), then start again")
-        elif not Path(self.folder).is_dir() and Path(self.folder) != here:
-            say(f"EMA snapshots: the run's folder {self.folder} is gone; this run goes on writing them to {here} "
-                "(put the earlier ones there to rebuild from all of them)")
-            self.folder = str(here)
-        folder = Path(self.folder)
-        if trainer.is_global_zero and folder.is_dir():
-            later = [s for s in snapshot_steps(folder) if s > trainer.global_step]
+        elif Path(self.folder) != here and trainer.is_global_zero:
+            self.start_from(Path(self.folder), trainer, here)
+        self.folder = str(here)  # each run folder holds its own snapshots; another's are never changed
+        if trainer.is_global_zero and here.is_dir():
+            later = [s for s in snapshot_steps(here) if s > trainer.global_step]
             for step in later:
-                (folder / snapshot_name(step)).unlink(missing_ok=True)
+                (here / snapshot_name(step)).unlink(missing_ok=True)
             if later:
-                say(f"EMA snapshots: removed {len(later)} of {folder} past step {trainer.global_step}, the step this "
+                say(f"EMA snapshots: removed {len(later)} of {here} past step {trainer.global_step}, the step this "
                     "run resumes from (written by a continuation that was abandoned)")
+
+    def start_from(self, recorded: Path, trainer, here: Path) -> None:
+        """A run resumed into another folder than the one its snapshots were written to (a branch, or a run that
+        moved): the snapshots up to its step, from that folder or the `ema` folder beside the checkpoint it resumes
+        from, linked (or copied) into its own."""
+        sources = [recorded, *([Path(trainer.ckpt_path).parent / "ema"] if trainer.ckpt_path else [])]
+        source = next((p for p in sources if p.is_dir() and snapshot_steps(p)), None)
+        if source is None or source.resolve() == here.resolve():
+            if source is None:
+                say(f"EMA snapshots: none of this run's earlier ones are in {recorded}; new ones go to {here} (put the "
+                    "earlier ones there to rebuild from all of them)")
+            return
+        here.mkdir(parents=True, exist_ok=True)
+        steps = [s for s in snapshot_steps(source) if s <= trainer.global_step]
+        for step in steps:
+            if not (here / snapshot_name(step)).exists():
+                try:
+                    os.link(source / snapshot_name(step), here / snapshot_name(step))
+                except OSError:
+                    shutil.copy2(source / snapshot_name(step), here / snapshot_name(step))
+        say(f"EMA snapshots: this run writes them to {here}, starting with the {len(steps)} of {source} up to step "
+            f"{trainer.global_step} (linked; that folder is left as it is)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0 and trainer.global_step > self.written:
@@ -172,7 +194,7 @@ class Rebuilt:
                             "its run took a step); give a later checkpoint of the run")
         self.run = info.get("run")
         self.folder = self.find_folder(info.get("folder"))
-        last = int(checkpoint.get("global_step", 0))
+        self.last = last = int(checkpoint.get("global_step", 0))
         self.paths = {s: self.folder / snapshot_name(s) for s in snapshot_steps(self.folder) if s <= last}
         if not self.paths:
             raise UserError(f"--ema_length: {self.folder} holds no EMA snapshot up to step {last} of "
@@ -184,10 +206,10 @@ class Rebuilt:
         self.solved: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
 
     def find_folder(self, recorded) -> Path:
-        """The recorded folder, or an `ema` folder beside the checkpoint (a run that moved): the first that holds
-        this run's snapshots."""
-        places = [Path(recorded)] if isinstance(recorded, str) else []
-        places.append(self.ckpt_path.parent / "ema")
+        """The `ema` folder beside the checkpoint, or else the one its run recorded: the first that holds this run's
+        snapshots."""
+        places = [self.ckpt_path.parent / "ema", *([Path(recorded)] if isinstance(recorded, str) else [])]
+        places = list(dict.fromkeys(p.absolute() for p in places))
         found = [place for place in places if place.is_dir() and snapshot_steps(place)]
         for place in found:
             if self.read(place / snapshot_name(snapshot_steps(place)[-1]), check_run=False).get("run") == self.run:
@@ -195,8 +217,8 @@ class Rebuilt:
         if found:
             raise UserError(f"the EMA snapshots in {found[0]} belong to another run than {self.ckpt_path}: give the "
                             "checkpoint of the run that wrote them, or put this run's `ema` folder beside it")
-        raise UserError(f"--ema_length: the EMA snapshots of {self.ckpt_path} are not in "
-                        f"{' nor '.join(str(p) for p in places)}; put the run's `ema` folder beside the checkpoint")
+        raise UserError(f"--ema_length: no EMA snapshot of {self.ckpt_path} is in {' nor '.join(map(str, places))}; "
+                        "put the run's `ema` folder, with its stepNNNNNNNN.pt files, beside the checkpoint")
 
     def read(self, path: Path, check_run: bool = True) -> dict:
         try:
@@ -253,13 +275,17 @@ class Rebuilt:
         for name in REBUILT:
             if name in self.modules:
                 self.load_mix(name, self.solve([sigma_rel], name)[0][0])
-        return (f"EMA length {sigma_rel:g} rebuilt from {len(self.paths)} snapshots at step {self.step} (error "
-                f"{self.solve([sigma_rel])[0][1]:.4f})")
+        older = f", {self.last - self.step} steps before the checkpoint's" if self.last > max(self.paths) else ""
+        return (f"EMA length {sigma_rel:g} rebuilt from {len(self.paths)} snapshots at step {self.step}{older} "
+                f"(error {self.solve([sigma_rel])[0][1]:.4f})")
 
     def load_mix(self, name: str, coeffs: np.ndarray) -> None:
         mixed: dict[str, Tensor] = {}
         for (step, _, i, _), c in zip(self.columns(name), coeffs):
             for key, value in self.headers[step]["averages"][name][i].items():
+                if not torch.isfinite(value).all():
+                    raise UserError(f"the EMA snapshot {self.paths[step]} holds values that are not finite ({key}): a "
+                                    "damaged file; remove it and the rest are used")
                 term = value.to(torch.float64) * float(c)
                 mixed[key] = mixed[key] + term if key in mixed else term
         own = dict(self.modules[name].module.named_parameters())

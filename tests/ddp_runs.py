@@ -4,7 +4,7 @@ the fits wrote. Lightning launches this script again as rank 1, which runs the s
 
 Jobs: `fid` (test_callbacks: FID, grids and the guide checkpoint under DDP); for a folder and for streamed chunks of it,
 an uninterrupted run of 10 steps, and a run stopped at step 6 and resumed from its last.ckpt to step 10, each logging
-the batches it trains on (test_loader_resume)."""
+the batches it trains on (test_loader_resume), with the power EMA's snapshots (test_ema)."""
 
 import json
 import sys
@@ -17,6 +17,7 @@ from conftest import tiny_unet, write_image_folder
 from diffusion_lit.training.checkpointing import Checkpoint
 from diffusion_lit.cli import main
 from diffusion_lit.data.datamodule import DiffusionDataModule
+from diffusion_lit.model.ema import PowerEMA
 from diffusion_lit.model.module import DiffusionModule
 from diffusion_lit.data.sources import ImageFolder
 from diffusion_lit.commands.optimize import optimize
@@ -39,7 +40,9 @@ def prepare(tmp: Path) -> None:
 def run(source, folder: Path, log: str, max_steps: int, resume: bool = False) -> None:
     seed_everything(0)
     data = DiffusionDataModule(source, batch_size=4, num_workers=1, val_fraction=0.2)
-    model = DiffusionModule(net=tiny_unet, image_size=8, channels=1)
+    # The power EMA's snapshots under two ranks (test_ema): every 2 steps, into folder/ema
+    model = DiffusionModule(net=tiny_unet, image_size=8, channels=1,
+                            ema_decay=PowerEMA([0.05, 0.10], snapshot_every=2, snapshot_dtype="float32"))
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[BatchLog(str(folder / log)), Checkpoint(dirpath=folder, save_last=True,

@@ -294,3 +294,16 @@ def test_the_text_encoder_and_the_guide_average_alike(tmp_path):
     Rebuilt(module, {"ema_snapshots": {"run": "run-t", "folder": snapshots.folder}, "global_step": 10},
             tmp_path / "last.ckpt").apply(0.10)
     torch.testing.assert_close(flat(module.conditioning.ema.module), wide, rtol=0, atol=1e-5)
+
+
+def test_under_ddp_rank_zero_writes_the_snapshots_of_one_run(ddp_runs):
+    """Two ranks, 10 steps straight, and 6 steps then resumed to 10 (conftest.ddp_runs): one set of snapshots per
+    folder, all of one run; the steps before the stop are the same in both."""
+    straight, resumed = ddp_runs / "folder" / "straight" / "ema", ddp_runs / "folder" / "ema"
+    assert snapshot_steps(straight) == snapshot_steps(resumed) == [2, 4, 6, 8, 10]
+    assert not [p for p in [*straight.iterdir(), *resumed.iterdir()] if p.suffix != ".pt"]  # no temporary left
+    a, b = snapshots_of(straight), snapshots_of(resumed)
+    assert len({s["run"] for s in a.values()}) == len({s["run"] for s in b.values()}) == 1
+    for step in (2, 4, 6):
+        for x, y in zip(a[step]["averages"]["ema"], b[step]["averages"]["ema"]):
+            assert all(torch.equal(x[k], y[k]) for k in x)

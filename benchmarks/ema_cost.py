@@ -106,7 +106,6 @@ def main() -> None:
     mnist = "mnist" in Path(args.config).name
     args.image_size = args.image_size or (28 if mnist else 32)
     args.channels = args.channels or (1 if mnist else 3)
-    torch.set_num_threads(torch.get_num_threads())
     if not args.rebuild_only:
         step_times(args)
     rebuild_time(args)

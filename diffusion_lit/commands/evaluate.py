@@ -169,7 +169,7 @@ def evaluate(
                 say(rebuilt.apply(width))
             for settings in grid:
                 counts, start = Evaluations(), time.perf_counter()
-                fake_images = None
+                fake_images = None  # a signal while drawing keeps this pair's images, not the previous pair's
                 fake_images = generate_images(module, num_samples, seed, batch_size, precision=precision, labels=y,
                                               guide=guide, counts=counts, **settings.kwargs())
                 model_calls, guide_calls = counts.per_image()

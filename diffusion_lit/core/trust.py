@@ -109,6 +109,18 @@ def diffusers_pickle_refusal(what: str, model: str, folder: Path) -> UserError:
         f"if torch.is_tensor(v)}}); m.save_pretrained({str(folder)!r})")
 
 
+def from_pretrained(cls, folder: Path, what: str, failed: str):
+    """`cls.from_pretrained(folder)` of a diffusers model class, from local files; a pickled weights file refused in
+    `diffusers_pickle_refusal`'s line (diffusers says only "Unable to load weights", and torch's advice is never passed
+    on), any other failure the UserError "`what`: `failed`", its ``{reason}`` filled in."""
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:
+        if refused_pickle(err):
+            raise diffusers_pickle_refusal(what, cls.__name__, folder) from None
+        raise UserError(f"{what}: {failed.format(reason=reason(err))}") from None
+
+
 def class_paths(value, key: str = "") -> Iterable[tuple[str, object]]:
     """(key, class path) of every `class_path` entry in nested hyperparameters, and of `net` / `optimizer` given as
     an import path string (which jsonargparse would also import)."""

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffusion_lit.core.errors import UserError, reason
+from diffusion_lit.core.errors import UserError
 from diffusion_lit.core.files import read_json
 from diffusion_lit.core.optional import need
-from diffusion_lit.core.trust import diffusers_pickle_refusal, refused_pickle
+from diffusion_lit.core.trust import from_pretrained
 from diffusion_lit.nets.unet import AttnBlock, Downsample, ResBlock, UNet, Upsample
 
 RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
@@ -161,13 +161,8 @@ def load_unet_weights(net: UNet, spec: str) -> dict | None:
             fix = f" (set it with {option})" if option else " (our UNet has no such variant)"
             raise UserError(f"InitFrom {spec}: the UNet's {key} is {theirs!r} there and {value!r} here{fix}; "
                             "the plans must match to load the weights")
-    try:
-        unet = diffusers.UNet2DModel.from_pretrained(str(folder), local_files_only=True)
-    except Exception as err:
-        if refused_pickle(err):  # diffusers says only "Unable to load weights"; torch's advice: never passed on
-            raise diffusers_pickle_refusal(f"InitFrom {spec}", "UNet2DModel", folder) from None
-        raise UserError(f"InitFrom {spec}: its weights could not be read ({reason(err)}); a folder written by "
-                        "save_pretrained holds diffusion_pytorch_model.safetensors") from None
+    unet = from_pretrained(diffusers.UNet2DModel, folder, f"InitFrom {spec}", "its weights could not be read "
+                           "({reason}); a folder written by save_pretrained holds diffusion_pytorch_model.safetensors")
     try:
         net.load_state_dict(from_diffusers(net, unet.state_dict()))
     except KeyError as err:

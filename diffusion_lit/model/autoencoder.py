@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from diffusion_lit.core.errors import LoadsClearly, UserError, build_optimizer, reason
 from diffusion_lit.data.images import grid, to_uint8
 from diffusion_lit.core.optional import need
-from diffusion_lit.core.trust import diffusers_pickle_refusal, read_checkpoint, refused_pickle
+from diffusion_lit.core.trust import from_pretrained, read_checkpoint
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
@@ -133,12 +133,8 @@ def load_autoencoder(spec: str) -> tuple[nn.Module, float | None, float]:
         if not (folder / "config.json").is_file():
             raise UserError(f"autoencoder {spec}: no config.json there (nor in a vae sub-folder); give a folder "
                             "written by save_pretrained or a checkpoint of `diffusion_lit autoencoder fit`")
-        try:
-            vae = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
-        except Exception as err:
-            if refused_pickle(err):  # diffusers says only "Unable to load weights"; torch's advice: never passed on
-                raise diffusers_pickle_refusal(f"autoencoder {spec}", "AutoencoderKL", folder) from None
-            raise UserError(f"autoencoder {spec} could not be loaded as an AutoencoderKL ({reason(err)})") from None
+        vae = from_pretrained(diffusers.AutoencoderKL, folder, f"autoencoder {spec}",
+                              "it could not be loaded as an AutoencoderKL ({reason})")
         scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     else:
         raise UserError(f"autoencoder {spec} does not exist: give a checkpoint of `diffusion_lit autoencoder fit` or "

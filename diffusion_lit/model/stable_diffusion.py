@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from diffusion_lit.core.files import read_json
 from diffusion_lit.model.schedulers import vp_of
-from diffusion_lit.core.errors import UserError, reason
+from diffusion_lit.core.errors import UserError
 from diffusion_lit.model.conditioning import Prompts
 from diffusion_lit.model.latent import Latent, absolute, fingerprint
 from diffusion_lit.model.module import DiffusionModule
@@ -26,7 +26,7 @@ from diffusion_lit.model.objective import Objective, Weighting
 from diffusion_lit.data.old_data import describe
 from diffusion_lit.core.optional import need
 from diffusion_lit.nets.text import CLIPText
-from diffusion_lit.core.trust import diffusers_pickle_refusal, refused_pickle
+from diffusion_lit.core.trust import from_pretrained
 
 SD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections: diffusers' LoRA scripts' default
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -117,12 +117,8 @@ class PretrainedUNet(nn.Module):
             raise UserError(f"pretrained {folder}: its unet takes {channels} latent channels and text features of "
                             f"width {width}; its vae and text encoder give {in_channels} and {context_dim}: the "
                             "folder mixes parts of different models")
-        try:
-            self.unet = diffusers.UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
-        except Exception as err:
-            if refused_pickle(err):  # diffusers says only "Unable to load weights"; torch's advice: never passed on
-                raise diffusers_pickle_refusal(f"pretrained {folder}", "UNet2DConditionModel", root / "unet") from None
-            raise UserError(f"pretrained {folder}: its unet could not be loaded ({reason(err)})") from None
+        self.unet = from_pretrained(diffusers.UNet2DConditionModel, root / "unet", f"pretrained {folder}",
+                                    "its unet could not be loaded ({reason})")
         self.lora = lora_rank is not None
         # The frozen base weights are read from the folder, not saved with the adapters: their fingerprint is.
         self.base_fingerprint = fingerprint(self.unet) if self.lora else None  # of float32 weights, before any cast

@@ -41,6 +41,7 @@ PLACES = {  # key -> (the class paths allowed there, the base class a trusted on
     "latent": ({"diffusion_lit.model.latent.Pixels", "diffusion_lit.model.latent.Latent"},
                "diffusion_lit.model.latent.Pixels"),
     "ema_decay": ({"diffusion_lit.model.ema.PowerEMA"}, "diffusion_lit.model.ema.PowerEMA"),
+    "teacher": ({"diffusion_lit.io.teacher.CheckpointTeacher"}, "diffusion_lit.model.teacher.Teacher"),
 }
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # what LightningCLI writes into every checkpoint
 MODULES = {"diffusion_lit.model.module.DiffusionModule", "diffusion_lit.model.autoencoder.AutoencoderModule",

@@ -156,30 +156,41 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule, trusted: list[st
     latents) and of images of as many channels: a UserError naming the first difference."""
     if guide_ckpt is None:
         return None
-    _, upgraded = read_run(guide_ckpt, trusted)
-    hparams, space = upgraded["hyper_parameters"], {True: "a latent model", False: "a pixel model"}
-    if works_on_latents(hparams) != (not module.latent.pixels):  # before building it with the model's autoencoder
-        raise UserError(f"--guide_ckpt {guide_ckpt}: the guide is {space[works_on_latents(hparams)]} and this model "
-                        f"{space[not module.latent.pixels]}; a guide works where the model does: give a guide trained "
-                        "the same way (an earlier or smaller run on the same data)")
-    if (channels := hparams.get("channels")) != module.hparams.channels:
-        theirs = f"{channels}-channel images" if isinstance(channels, int) else "images of unknown channels"
-        raise UserError(f"--guide_ckpt {guide_ckpt}: the guide was trained on {theirs} and this model on "
-                        f"{module.hparams.channels}-channel ones; a guide is a weaker model of the same data (an "
-                        "earlier or smaller run)")
-    # A latent guide decodes through the model's autoencoder (checked by its fingerprint), wherever it was recorded.
-    guide = build_module(Path(guide_ckpt), upgraded, getattr(module.latent, "path", None))
-
-    ours, theirs = model_kind(module), model_kind(guide)
-    for key in ours:
-        if ours[key] != theirs[key]:
-            raise UserError(f"--guide_ckpt {guide_ckpt}: its {key} is {theirs[key]!r} and this model's "
-                            f"{ours[key]!r}; a guide is a weaker model of the same process, prediction, image shape "
-                            "and conditioning (an earlier or smaller run on the same data)")
+    guide = load_kin(guide_ckpt, module, f"--guide_ckpt {guide_ckpt}", "the guide", "a guide is a weaker model of the "
+                     "same data (an earlier or smaller run)", trusted)
     if module.conditioning.captions:
         raise UserError("--guide_ckpt: a text model's guide would need its own text encoder; train one beside it "
                         "instead (model.guide)")
     return guide.ema.module.eval()
+
+
+def load_kin(ckpt: str, module: DiffusionModule, what: str, role: str, advice: str, trusted: list[str] = (),
+             ignore: tuple[str, ...] = ()) -> DiffusionModule:
+    """The model of a checkpoint that works beside `module` (a guide, a teacher), checked to share its process,
+    prediction, image shape, conditioning, space and image channels (but what `ignore` names of `model_kind`'s keys):
+    a UserError that starts with `what`, names the first difference and ends with `advice`."""
+    _, upgraded = read_run(ckpt, trusted)
+    hparams, space = upgraded["hyper_parameters"], {True: "a latent model", False: "a pixel model"}
+    if works_on_latents(hparams) != (not module.latent.pixels):  # before building it with the model's autoencoder
+        raise UserError(f"{what}: {role} is {space[works_on_latents(hparams)]} and this model "
+                        f"{space[not module.latent.pixels]}; {advice}")
+    if (channels := hparams.get("channels")) != module.hparams.channels:
+        theirs = f"{channels}-channel images" if isinstance(channels, int) else "images of unknown channels"
+        raise UserError(f"{what}: {role} was trained on {theirs} and this model on {module.hparams.channels}-channel "
+                        f"ones; {advice}")
+    recorded, ours = upgraded.get("autoencoder_fingerprint"), module.latent.fingerprint()
+    if recorded and ours not in (None, recorded):
+        raise UserError(f"{what}: {role} was trained on the latents of another autoencoder (its fingerprint "
+                        f"{recorded}, this model's {ours}); {advice}")
+    # A latent model decodes through this model's autoencoder (checked by its fingerprint), wherever it was recorded.
+    # Loading restores the random state the checkpoint saved: not this process's (a run would not resume exactly).
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        kin = build_module(Path(ckpt), upgraded, getattr(module.latent, "path", None))
+    ours, theirs = model_kind(module), model_kind(kin)
+    for key in ours:
+        if key not in ignore and ours[key] != theirs[key]:
+            raise UserError(f"{what}: its {key} is {theirs[key]!r} and this model's {ours[key]!r}; {advice}")
+    return kin
 
 
 def check_not_itself(guide: nn.Module | None, module: DiffusionModule, settings: Sampling, ema: bool = True) -> None:

@@ -98,25 +98,30 @@ def guided(net: nn.Module, y: Tensor | None, guidance_scale: float, null: Tensor
     else:
         weak_y = y  # the guide sees the same condition (or none: an unconditional model)
 
-    def call(network: Model, x_t: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
-        return network(x_t, t) if condition is None else network(x_t, t, condition)
+    def call(network: Model, x_t: Tensor, t: Tensor, condition: Tensor | None, rows: Tensor | None) -> Tensor:
+        if condition is None:
+            return network(x_t, t)
+        return network(x_t, t, condition if rows is None else condition[rows])
 
     def main(x_t: Tensor, t: Tensor) -> Tensor:
         counts.model += len(x_t)
-        return call(net, x_t, t, y)
+        return call(net, x_t, t, y, None)
 
-    def weak(x_t: Tensor, t: Tensor) -> Tensor:
+    def weak(x_t: Tensor, t: Tensor, rows: Tensor | None = None) -> Tensor:
         if guide is None:
             counts.model += len(x_t)
-            return call(net, x_t, t, weak_y)
+            return call(net, x_t, t, weak_y, rows)
         counts.guide += len(x_t)
-        return call(guide, x_t, t, weak_y)
+        return call(guide, x_t, t, weak_y, rows)
 
     def both(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         if guide is not None:
             return main(x_t, t), weak(x_t, t)
         counts.model += 2 * len(x_t)  # classifier-free: the two passes in one call
         return net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, weak_y])).chunk(2)
+
+    def mix(strong: Tensor, low: Tensor) -> Tensor:
+        return low if guidance_scale == 0.0 else low + guidance_scale * (strong - low)
 
     def model(x_t: Tensor, t: Tensor) -> Tensor:
         if guidance_scale == 1.0:
@@ -126,15 +131,10 @@ def guided(net: nn.Module, y: Tensor | None, guidance_scale: float, null: Tensor
             inside = (level > lo) & (level <= hi)
             if not inside.any():
                 return main(x_t, t)
-            if not inside.all():  # the samplers give one t per step; a mixed batch guides only where it should
-                mask = inside.view(-1, *[1] * (x_t.ndim - 1)).to(x_t.device)
-                return torch.where(mask, model_all(x_t, t), main(x_t, t))
-        return model_all(x_t, t)
-
-    def model_all(x_t: Tensor, t: Tensor) -> Tensor:
-        if guidance_scale == 0.0:
-            return weak(x_t, t)
-        strong, low = both(x_t, t)
-        return low + guidance_scale * (strong - low)
+            if not inside.all():  # a batch of many t (a teacher's): the weak side on the rows inside only
+                rows = inside.nonzero().flatten().to(x_t.device)
+                strong = main(x_t, t)
+                return strong.index_put((rows,), mix(strong[rows], weak(x_t[rows], t[rows], rows)))
+        return weak(x_t, t) if guidance_scale == 0.0 else mix(*both(x_t, t))
 
     return model

@@ -179,6 +179,7 @@ def absolute_paths(hparams):
     """Hyperparameters with the pretrained parts' paths (an autoencoder, a CLIP folder, a pipeline) made absolute, so
     that `sample` and `evaluate` find them from any folder (the CLI keeps them as they were typed)."""
     if isinstance(hparams, dict):
-        return {k: absolute(v) if k in ("autoencoder", "folder", "pretrained") and isinstance(v, str)
+        paths = ("autoencoder", "folder", "pretrained", "ckpt_path", "guide_ckpt")  # the last two: a teacher's
+        return {k: absolute(v) if k in paths and isinstance(v, str)
                 else absolute_paths(v) for k, v in hparams.items()}
     return hparams

@@ -18,6 +18,7 @@ from diffusion_lit.model.latent import Pixels, absolute_paths
 from diffusion_lit.model.objective import Objective
 from diffusion_lit.model.process import VP, Process
 from diffusion_lit.model.snapshots import Snapshots
+from diffusion_lit.model.teacher import Teacher
 from diffusion_lit.core.precision import autocast
 from diffusion_lit.nets.unet import UNet
 from diffusion_lit.model.old_model import recorded_process, upgrade_state_dict
@@ -42,6 +43,9 @@ class DiffusionModule(LoadsClearly, LightningModule):
         latent: ``Latent`` (an autoencoder's latent space); left out: pixels (`diffusion_lit.model.latent`).
         guide: autoguidance's weak model trained beside this one (`diffusion_lit.model.guidance.Guide`: a smaller network
             and a shorter EMA); sampling with guidance_scale w then gives D_guide + w (D - D_guide).
+        teacher: a frozen model whose guided velocity a MeanFlow student learns in place of eps - x0
+            (`diffusion_lit.io.teacher.CheckpointTeacher`: a `fit` checkpoint and its guidance); read when `fit`
+            starts, never saved in this model's checkpoints (its fingerprint is); sampling does without it.
         ema_decay: the EMA's decay once warmed up (0.9999 in DDPM); or a `PowerEMA` (EDM2's power-function
             averages, `diffusion_lit.model.ema`), whose length `sample`, `evaluate` and `export` choose after training
             (``--ema_length``); null: no EMA copy (sampling, validation and export use the trained weights).
@@ -63,6 +67,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
         conditioning: Unconditional | None = None,
         latent: Pixels | None = None,
         guide: GuideFactory | None = None,
+        teacher: Teacher | None = None,
         ema_decay: float | PowerEMA | None = 0.9999,
         ema_warmup: bool | float = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -94,7 +99,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
                             f"({reason(err)}): use diffusion_lit's UNet or DiT") from None
         self.ema = averaged(self.net, ema_decay, ema_warmup) if ema_decay is not None else None
         self.guide = guide(self.shape[0], self.shape[1], classes, **extra) if guide is not None else None
-        self.objective.check_parts(self.conditioning, self.guide)
+        self.teacher, self.teacher_record = teacher, None  # a plain object: nothing of it in the state dict
+        self.objective.check_parts(self.conditioning, self.guide, teacher)
         self.optimizer = optimizer
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -116,6 +122,14 @@ class DiffusionModule(LoadsClearly, LightningModule):
 
     def on_fit_start(self) -> None:
         self.latent.on_fit_start(self, self.trainer.datamodule)
+        if self.teacher is not None:
+            self.teacher.bind(self)
+            recorded, found = (self.teacher_record or {}).get("fingerprint"), self.teacher.record()["fingerprint"]
+            if recorded not in (None, found):
+                raise UserError(f"this run learnt from a teacher of fingerprint {recorded} "
+                                f"({self.teacher_record.get('ckpt_path')}, {self.teacher_record.get('guidance')}), and "
+                                f"model.teacher is {found}: resume with the teacher and guidance it started with, or "
+                                "start a new run")
 
     def sampler_kwargs(self, clip_x0: bool = True, ema: bool = True) -> dict:
         """What every sampler call on this model takes beside the solver's settings: the prediction, x0 clipping
@@ -169,8 +183,11 @@ class DiffusionModule(LoadsClearly, LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
 
     def guidance(self, kept, ema: bool = True) -> dict:
-        """What an objective that folds guidance into training guides with: the null condition of each row (a class
-        or text model), or else the guide's EMA network (autoguidance); nothing for other objectives."""
+        """What the objective learns from beside the data: a student's teacher; for an objective that folds guidance
+        into training, the null condition of each row (a class or text model) or else the guide's EMA network
+        (autoguidance); nothing for others."""
+        if self.teacher is not None:
+            return {"teacher": self.teacher}
         if not self.objective.guided:
             return {}
         if self.conditioning.conditional:
@@ -214,6 +231,8 @@ class DiffusionModule(LoadsClearly, LightningModule):
         checkpoint["process_spec"], checkpoint["prediction"] = self.process.spec(), self.objective.prediction
         if (found := self.latent.fingerprint()) is not None:  # which autoencoder the latents belong to
             checkpoint["autoencoder_fingerprint"] = found
+        if self.teacher is not None:  # which teacher the student learnt from (never its weights)
+            checkpoint["teacher"] = self.teacher.record()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_state_dict(checkpoint["state_dict"])
@@ -228,6 +247,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
             raise UserError(f"the autoencoder {self.latent.path} is not the one this model was trained with (its "
                             f"weights' fingerprint is {found}, the checkpoint records {printed}): point at that one "
                             f"with --autoencoder PATH (sample, evaluate, export) or {self.latent.fit_option} (fit)")
+        self.teacher_record = checkpoint.get("teacher")
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():

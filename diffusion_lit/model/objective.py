@@ -47,8 +47,12 @@ class Objective:
         """What the network factory takes beside (in_channels, image_size, num_classes): nothing here."""
         return {}
 
-    def check_parts(self, conditioning, guide) -> None:
-        """A UserError when this objective cannot train a model with that conditioning and guide: none here."""
+    def check_parts(self, conditioning, guide, teacher=None) -> None:
+        """A UserError when this objective cannot train a model with that conditioning, guide and teacher: a teacher
+        teaches MeanFlow students only."""
+        if teacher is not None:
+            raise UserError("model.teacher teaches a few-step student, whose objective is MeanFlow: add "
+                            "--model.objective MeanFlow (and --model.process Flow), or leave the teacher out")
 
     def bind(self, process) -> "Objective":
         """This objective on `process`: its unset choices filled in with the process's own, a prediction that
@@ -126,9 +130,13 @@ class MeanFlow(Objective):
         self.guidance_scale, self.guidance_mix = guidance_scale, guidance_mix
         self.guided = guidance_scale != 1.0 or guidance_mix != 0.0
 
-    def check_parts(self, conditioning, guide) -> None:
-        """A UserError when guidance is folded into training of a model with nothing to guide from: no null
-        condition and no guide."""
+    def check_parts(self, conditioning, guide, teacher=None) -> None:
+        """A UserError when guidance is folded into training of a model with nothing to guide from (no null
+        condition and no guide), or beside a teacher, whose own guidance is the one learnt."""
+        if teacher is not None and self.guided:
+            raise UserError(f"MeanFlow's guidance_scale {self.guidance_scale:g} (guidance_mix {self.guidance_mix:g}) "
+                            "folds the student's own guidance into training, and model.teacher's velocity is the "
+                            "target: give the guidance to the teacher (its guidance_scale) and leave MeanFlow's out")
         if self.guided and not conditioning.conditional and guide is None:
             raise UserError(f"MeanFlow's guidance_scale {self.guidance_scale:g} (guidance_mix {self.guidance_mix:g}) "
                             "guides from the null condition of a class or text model, or from a guide trained beside "
@@ -155,23 +163,29 @@ class MeanFlow(Objective):
 
     def loss(self, net: nn.Module, process, x0: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None, null: tuple | None = None,
-             weak: nn.Module | None = None) -> Tensor:
+             weak: nn.Module | None = None, teacher=None) -> Tensor:
         """The loss of `net` on the clean batch x0 (conditions y), its (r, t) and noise drawn with `generator`.
         Guidance reads `null`, (the null condition for every row, a bool [B] of the rows that hold it), or `weak`,
-        a guide network; given neither, the target is the unguided one (the guide's own loss)."""
+        a guide network; given neither, the target is the unguided one (the guide's own loss). A `teacher`
+        (`diffusion_lit.model.teacher.Teacher`) gives the velocity in place of eps - x0."""
         r, t = self.draw(x0.shape[0], x0.device, generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return self.loss_at(net, process, x0, eps, r, t, y, null, weak)
+        return self.loss_at(net, process, x0, eps, r, t, y, null, weak, teacher)
 
     def loss_at(self, net: nn.Module, process, x0: Tensor, eps: Tensor, r: Tensor, t: Tensor,
-                y: Tensor | None = None, null: tuple | None = None, weak: nn.Module | None = None) -> Tensor:
-        """The loss at given draws: noise eps [B, ...] and interval ends r <= t [B]."""
+                y: Tensor | None = None, null: tuple | None = None, weak: nn.Module | None = None,
+                teacher=None) -> Tensor:
+        """The loss at given draws: noise eps [B, ...] and interval ends r <= t [B]. With a `teacher`, the velocity
+        v that builds the target, and the jvp's tangent, is the teacher's at z_t: u_tgt = v_T - (t - r) du/dt along
+        the teacher's (guided) flow, whose average velocity the student learns (a flow map distilled)."""
         dtype = torch.promote_types(x0.dtype, torch.float32)  # the jvp in float32 (float64 stays float64)
         x0, eps, r, t = (a.to(dtype) for a in (x0, eps, r, t))
         y = y.to(dtype) if y is not None and y.is_floating_point() else y  # text features made under autocast
         alpha, sigma = process.alpha_sigma(t, x0.ndim)
         z, v = alpha * x0 + sigma * eps, target("v", process, x0, eps, alpha, sigma)  # v = dz/dt = eps - x0
-        if self.guided and (null is not None or weak is not None):
+        if teacher is not None:
+            v = teacher.velocity(process, z, t, y).to(dtype)
+        elif self.guided and (null is not None or weak is not None):
             v = self.guided_velocity(net, process, z, v, t, y, null, weak)
         out, du_dt = u_and_derivative(net, process, z, v, r, t, y, moving=r < t)
         u_tgt = (v - (t - r).view(-1, *[1] * (x0.ndim - 1)) * du_dt).detach()

@@ -1,0 +1,119 @@
+"""`CheckpointTeacher`: a `fit` checkpoint as the frozen teacher of a few-step student, with the teacher's guidance
+(classifier-free, autoguidance by its own guide or a guide checkpoint, on an interval of noise levels, or none)."""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_lit.core.errors import UserError, say
+from diffusion_lit.io.loading import load_kin
+from diffusion_lit.model.guidance import GuideCondition, Interval, check_guide_condition, check_interval, guided
+from diffusion_lit.model.latent import absolute, fingerprint
+from diffusion_lit.model.targets import split, target
+from diffusion_lit.model.teacher import Teacher
+
+ADVICE = "a teacher is a model of the student's process, data and space (train it with the student's autoencoder)"
+
+
+class CheckpointTeacher(Teacher):
+    """The EMA denoiser of a `fit` checkpoint, guided as `sample` would guide it, whose velocity a MeanFlow student
+    learns (`model.teacher`; the student starts from its weights through `InitFrom`). Read and checked when `fit`
+    starts: the same process, image shape, conditioning and space (the same autoencoder, by fingerprint) as the
+    student. Not saved in the student's checkpoints; its fingerprint (weights, guide, guidance) is, and a resumed
+    run refuses another teacher.
+
+    Args:
+        ckpt_path: the teacher's checkpoint (a flow model: its v, x0 or MeanFlow u at r = t).
+        guidance_scale: the teacher's guidance w, D_weak + w (D - D_weak); 1: none.
+        guide_ckpt: autoguidance's weak model, a checkpoint of the same data (such as a `GuideCheckpoint`'s
+            guide.ckpt); unset, the teacher's own guide (its `model.guide`) or, for a class model, its null label.
+        guidance_interval: guide only on noise levels sigma / alpha in (LO, HI] (unset: all).
+        guide_condition: ``same`` (the guide sees each row's label) or ``null`` (the null label).
+    """
+
+    def __init__(self, ckpt_path: str, guidance_scale: float = 1.0, guide_ckpt: str | None = None,
+                 guidance_interval: Interval | None = None, guide_condition: GuideCondition = "same") -> None:
+        if guidance_scale < 0:
+            raise UserError(f"the teacher's guidance_scale must not be negative (1: no guidance), got {guidance_scale}")
+        check_interval(guidance_interval)
+        check_guide_condition(guide_condition)
+        self.ckpt_path, self.guide_ckpt = absolute(str(ckpt_path)), absolute(guide_ckpt)
+        self.guidance_scale, self.guidance_interval = float(guidance_scale), guidance_interval
+        self.guide_condition = guide_condition
+        self.loaded: tuple | None = None  # (net, guide, prediction, null label count) once bound
+
+    def __getstate__(self) -> dict:  # a student's hyperparameters may hold this object: never its networks
+        return {**self.__dict__, "loaded": None}
+
+    def bind(self, module) -> None:
+        what = f"teacher {self.ckpt_path}"
+        if not Path(self.ckpt_path).is_file():
+            raise UserError(f"{what}: no such checkpoint; train the teacher first (the student's config names its "
+                            "command in its header), or give model.teacher's ckpt_path the teacher's last.ckpt")
+        if module.conditioning.captions:
+            raise UserError(f"{what}: a text model's teacher would need its own text encoder, which is not "
+                            "supported; tune a class or unconditional student")
+        teacher = load_kin(self.ckpt_path, module, what, "the teacher", ADVICE, ignore=("prediction",))
+        if teacher.objective.prediction == "u":  # a MeanFlow teacher: its u(z, t, t) is the velocity
+            raise UserError(f"{what}: the teacher is a MeanFlow model; teach from the flow model it was tuned from")
+        guide = self.weak_side(teacher, module)
+        nets = [teacher.denoiser()] + ([guide] if guide is not None else [])
+        for net in nets:
+            net.eval().requires_grad_(False).to(module.device)
+        self.loaded = (nets[0], guide, teacher.objective.prediction, self.weights_fingerprint(nets))
+        say(f"teacher: {self.ckpt_path}, {self.guidance_in_words()}")
+
+    def weak_side(self, teacher, module) -> nn.Module | None:
+        """The guide the teacher is guided by: a guide checkpoint, its own guide, or none (no guidance, or a class
+        model's null label)."""
+        if self.guidance_scale == 1.0:
+            if self.guide_ckpt is not None:
+                raise UserError(f"teacher guide_ckpt {self.guide_ckpt} is unused at guidance_scale 1: give the "
+                                "teacher a guidance_scale, or leave guide_ckpt out")
+            return None
+        if self.guide_ckpt is not None:
+            if not Path(self.guide_ckpt).is_file():
+                raise UserError(f"teacher guide_ckpt {self.guide_ckpt}: no such checkpoint; give the guide the "
+                                "teacher was sampled with (such as its run's guide.ckpt)")
+            return load_kin(self.guide_ckpt, teacher, f"teacher guide_ckpt {self.guide_ckpt}", "the guide",
+                            "give the guide the teacher is sampled with (an earlier or smaller run of its data)"
+                            ).denoiser()
+        if teacher.guide is not None:
+            return teacher.guide.ema.module
+        if not module.conditioning.conditional:
+            raise UserError(f"teacher {self.ckpt_path}: guidance_scale {self.guidance_scale:g} needs a weak side, and "
+                            "this unconditional teacher has no guide of its own: give the teacher's guide_ckpt "
+                            "(such as its run's guide.ckpt)")
+        return None  # classifier-free: the null label
+
+    def guidance_in_words(self) -> str:
+        if self.guidance_scale == 1.0:
+            return "unguided"
+        weak = self.guide_ckpt or ("its own guide" if self.loaded and self.loaded[1] is not None else "the null label")
+        interval = f" on noise levels {tuple(self.guidance_interval)}" if self.guidance_interval else ""
+        return f"guided at w {self.guidance_scale:g} by {weak}{interval}"
+
+    def weights_fingerprint(self, nets: list[nn.Module]) -> str:
+        settings = f"{self.guidance_scale}|{self.guidance_interval}|{self.guide_condition}"
+        return hashlib.sha256("|".join([*map(fingerprint, nets), settings]).encode()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def velocity(self, process, z: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.loaded is None:
+            raise RuntimeError("the teacher is read when fit starts (bind); a student samples without it")
+        net, guide, prediction, _ = self.loaded
+        interval = None if self.guidance_interval is None else tuple(self.guidance_interval)
+        model = guided(net, y, self.guidance_scale, guide=guide, interval=interval, schedule=process,
+                       guide_condition=self.guide_condition)
+        out = model(z, process.network_time(t)).to(z.dtype)
+        if prediction == "v":
+            return out
+        alpha, sigma = process.alpha_sigma(t, z.ndim)
+        return target("v", process, *split(prediction, process, out, z, alpha, sigma), alpha, sigma)
+
+    def record(self) -> dict:
+        return {"fingerprint": None if self.loaded is None else self.loaded[3], "ckpt_path": self.ckpt_path,
+                "guide_ckpt": self.guide_ckpt, "guidance": self.guidance_in_words()}
+

@@ -1,0 +1,27 @@
+"""A teacher for few-step students (`model.teacher`): a frozen model whose guided velocity a MeanFlow student learns
+in place of the noisy eps - x0. Without labels, MeanFlow's target e - x averages the modes into ambiguous digits; a
+teacher's velocity is the conditional expectation itself, and with its guidance (autoguidance needs no labels)
+the student learns the guided teacher's flow map (Align Your Flow, arXiv 2506.14603; Decoupled MeanFlow,
+arXiv 2510.24474).
+
+This is the part's interface; `diffusion_lit.io.teacher.CheckpointTeacher` is the teacher read from a `fit`
+checkpoint. A teacher is loaded when `fit` starts, never saved inside the student's checkpoint (its fingerprint is),
+and a student samples without it."""
+
+from torch import Tensor
+
+
+class Teacher:
+    """A frozen velocity field v(z, t | y) on the flow process, dz/dt along the path from data (t = 0) to noise."""
+
+    def bind(self, module) -> None:
+        """Loads the teacher and checks it against the student `module` (process, shape, space, conditioning): a
+        UserError naming the first mismatch. Called when `fit` starts."""
+
+    def velocity(self, process, z: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The teacher's (guided) velocity at the states z [B, ...] and flow times t [B] in [0, 1]; no gradient."""
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        """What the student's checkpoint records of it: at least its `fingerprint`, which a resumed run compares."""
+        return {"fingerprint": None}

@@ -21,6 +21,7 @@ from diffusion_lit.io.loading import load_checkpoint, start_from_checkpoint
 from diffusion_lit.model.module import DiffusionModule
 from diffusion_lit.model.objective import MeanFlow, Objective, u_and_derivative
 from diffusion_lit.model.process import Flow
+from diffusion_lit.model.teacher import Teacher
 from diffusion_lit.sampling.samplers import network_evaluations, sample
 from test_callbacks import events
 from test_cli import REPO, cli
@@ -417,27 +418,40 @@ def test_meanflow_loss_falls_and_the_callbacks_sample_it_in_one_step(tmp_path):
 
 # --- DDP -----------------------------------------------------------------------------------------------------------
 
-class LossOf(nn.Module):
-    """What Lightning's DDP wraps: a module whose forward is the training step (here the MeanFlow loss at given
-    draws), so that DDP's backward hooks see the jvp's gradient path."""
+class NetTeacher(Teacher):
+    """A network's velocity as a student's teacher (what `CheckpointTeacher` gives once it has read its file)."""
 
     def __init__(self, net: nn.Module) -> None:
-        super().__init__()
         self.net = net
 
+    @torch.no_grad()
+    def velocity(self, process, z, t, y=None):
+        return self.net(z, process.network_time(t))
+
+
+class LossOf(nn.Module):
+    """What Lightning's DDP wraps: a module whose forward is the training step (here the MeanFlow loss at given
+    draws, from eps - x0 or from a teacher's velocity), so that DDP's backward hooks see the jvp's gradient path."""
+
+    def __init__(self, net: nn.Module, teacher: Teacher | None = None) -> None:
+        super().__init__()
+        self.net, self.teacher = net, teacher  # the teacher a plain object: no parameters of DDP's
+
     def forward(self, x0, eps, r, t):
-        return MeanFlow().loss_at(self.net, Flow(), x0, eps, r, t)
+        return MeanFlow().loss_at(self.net, Flow(), x0, eps, r, t, teacher=self.teacher)
 
 
-def ddp_setup() -> tuple[nn.Module, tuple]:
-    """The same tiny network (perturbed, so that every weight has a gradient) and one batch with its draws."""
+def ddp_setup(taught: bool = False) -> tuple[nn.Module, tuple, Teacher | None]:
+    """The same tiny network (perturbed, so that every weight has a gradient), one batch with its draws and, when
+    `taught`, a teacher (another perturbed network)."""
     torch.manual_seed(0)
     net = perturbed(attention_unet(1, 8, interval_input=True))
+    teacher = NetTeacher(perturbed(tiny_unet(1, 8), seed=5)) if taught else None
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g)
     r, t = MeanFlow(flow_matching_share=0.25).draw(4, "cpu", g)
     r[2] = t[2]  # r = t on samples 0 and 2: one sample of each kind on each rank
-    return net, (x0, eps, r, t)
+    return net, (x0, eps, r, t), teacher
 
 
 def one_step(model: nn.Module, batch) -> None:
@@ -446,7 +460,7 @@ def one_step(model: nn.Module, batch) -> None:
     optimizer.step()
 
 
-def ddp_rank(rank: int, folder: str) -> None:
+def ddp_rank(rank: int, folder: str, taught: bool) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -454,15 +468,16 @@ def ddp_rank(rank: int, folder: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port.read())
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        net, batch = ddp_setup()
-        model = nn.parallel.DistributedDataParallel(LossOf(net))
+        net, batch, teacher = ddp_setup(taught)
+        model = nn.parallel.DistributedDataParallel(LossOf(net, teacher))
         one_step(model, [b[2 * rank : 2 * rank + 2] for b in batch])
         torch.save(net.state_dict(), os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_averages_the_meanflow_gradients_across_two_processes(tmp_path):
+@pytest.mark.parametrize("taught", [False, True], ids=["eps-x0", "teacher"])
+def test_ddp_averages_the_meanflow_gradients_across_two_processes(tmp_path, taught):
     import socket
 
     import torch.multiprocessing as mp
@@ -471,15 +486,15 @@ def test_ddp_averages_the_meanflow_gradients_across_two_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         (tmp_path / "port").write_text(str(s.getsockname()[1]))
     start = time.perf_counter()
-    mp.spawn(ddp_rank, args=(str(tmp_path),), nprocs=2)
+    mp.spawn(ddp_rank, args=(str(tmp_path), taught), nprocs=2)
     seconds = time.perf_counter() - start
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
 
-    net, batch = ddp_setup()
-    one_step(LossOf(net), batch)  # one process, the whole batch
+    net, batch, teacher = ddp_setup(taught)
+    one_step(LossOf(net, teacher), batch)  # one process, the whole batch
     whole = net.state_dict()
-    half, _ = ddp_setup()
-    one_step(LossOf(half), [b[:2] for b in batch])  # rank 0's half alone: what a skipped all-reduce would leave
+    half, _, teacher = ddp_setup(taught)
+    one_step(LossOf(half, teacher), [b[:2] for b in batch])  # rank 0's half alone: what a skipped all-reduce would leave
     for key in whole:
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # the same averaged gradient on both ranks
         # The mean of two half-batch means sums in another order than one mean: float32 rounding, ~1e-7.

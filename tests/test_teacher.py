@@ -34,6 +34,9 @@ class GaussianTeacher(Teacher):
     def velocity(self, process, z, t, y=None):
         return self.exact(z, 1000 * torch.stack([t, torch.zeros_like(t)], 1))
 
+    def draw(self, process, noise, y=None):
+        return MU + S * noise  # the flow's map from t = 1 to 0
+
 
 class AffineStudent(nn.Module):
     """u(z, r, t) = a(t, t - r) z + b(t, t - r): the Gaussian flow map is affine in z, so the exact u is in reach."""
@@ -134,7 +137,7 @@ def test_the_guided_teacher_velocity_is_the_plain_teacher_calls_mixed_by_hand(ru
     teacher = CheckpointTeacher(ckpt["flow"], guidance_scale=w, guide_ckpt=str(ckpt["weak"]),
                                 guidance_interval=(0.7, 5.0))
     teacher.bind(student())
-    net, guide = (perturb(n, seed) for seed, n in enumerate(teacher.loaded[:2]))
+    net, guide = (perturb(n, seed) for seed, n in enumerate((teacher.loaded.net, teacher.loaded.guide)))
     with torch.no_grad():
         main, weak = net(z, times), guide(z, times)
     inside = torch.tensor([False, False, True, True, True, False]).view(-1, 1, 1, 1)
@@ -147,7 +150,7 @@ def test_the_guided_teacher_velocity_is_the_plain_teacher_calls_mixed_by_hand(ru
     # The teacher's own guide (trained beside it), everywhere.
     own = CheckpointTeacher(ckpt["flow"], guidance_scale=w)
     own.bind(student())
-    net, guide = own.loaded[:2]
+    net, guide = own.loaded.net, own.loaded.guide
     perturb(guide, 1)
     with torch.no_grad():
         main, weak = net(z, times), guide(z, times)
@@ -156,12 +159,22 @@ def test_the_guided_teacher_velocity_is_the_plain_teacher_calls_mixed_by_hand(ru
     # Classifier-free: the null label (2: two classes) as the weak side; a row already at null stays itself.
     cfg = CheckpointTeacher(ckpt["class"], guidance_scale=w)
     cfg.bind(student(num_classes=2, conditioning=Labels()))
-    net = perturb(cfg.loaded[0])
+    net = perturb(cfg.loaded.net)
     y, null = torch.tensor([0, 1, 2, 0, 1, 2]), torch.full((6,), 2)
     with torch.no_grad():
         main, weak = net(z, times, y), net(z, times, null)
     torch.testing.assert_close(cfg.velocity(Flow(), z, t, y), weak + w * (main - weak), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cfg.velocity(Flow(), z, t, y)[2], main[2], rtol=1e-5, atol=1e-5)
+
+    # Its own sample for the endpoint rows: DDIM at eta 0 (Euler on the flow) over the guided teacher, by hand
+    # (unclipped: a pixel teacher's DDIM clips its x0 at every step, a latent one's does not).
+    assert teacher.loaded.clip_x0
+    teacher.loaded = teacher.loaded._replace(clip_x0=False)
+    noise = torch.randn(2, 1, 8, 8, generator=g)
+    x, levels = noise, torch.linspace(1, 0, teacher.steps + 1)
+    for a, b in zip(levels[:-1], levels[1:]):
+        x = x + (b - a) * teacher.velocity(Flow(), x, a.expand(2))
+    torch.testing.assert_close(teacher.draw(Flow(), noise), x, rtol=1e-5, atol=1e-5)
 
     # The MeanFlow target from the teacher: v_T in place of eps - x0 (r = t: the loss is flow matching on v_T).
     x0, eps = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, torch.randn(6, 1, 8, 8, generator=g)
@@ -171,6 +184,28 @@ def test_the_guided_teacher_velocity_is_the_plain_teacher_calls_mixed_by_hand(ru
     with torch.no_grad():
         expected = F.mse_loss(learner(zt, times), teacher.velocity(Flow(), zt, t))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+
+
+def test_the_endpoint_rows_regress_the_one_step_map_on_the_teachers_samples():
+    objective, g = MeanFlow(flow_matching_share=0.5, endpoint_share=0.25), torch.Generator().manual_seed(0)
+    r, t = objective.draw(8, "cpu", g)
+    assert torch.equal(r[:4], t[:4]) and (r[4:6] < t[4:6]).all()  # r = t, then the MeanFlow identity
+    assert r[6:].tolist() == [0.0, 0.0] and t[6:].tolist() == [1.0, 1.0]  # the last quarter: the whole interval
+    learner = AffineStudent()
+    x0, eps = MU + S * torch.randn(8, 1, 2, 2, generator=g), torch.randn(8, 1, 2, 2, generator=g)
+    teacher = GaussianTeacher()
+    plain = MeanFlow(flow_matching_share=0.5, endpoint_share=0.25, p=0.0)
+    error = lambda rows: plain.loss_at(learner, Flow(), x0[rows], eps[rows], r[rows], t[rows], teacher=teacher)
+    ends = slice(6, 8)
+    with torch.no_grad():  # u(eps, 0, 1) against eps - (MU + S eps), whatever x0 was
+        by_hand = F.mse_loss(learner(eps[ends], torch.tensor([[1000.0, 1000.0]] * 2)), eps[ends] - teacher.draw(
+            Flow(), eps[ends]))
+    torch.testing.assert_close(error(ends), by_hand, rtol=1e-6, atol=0)
+    torch.testing.assert_close(error(slice(0, 8)), (6 * error(slice(0, 6)) + 2 * by_hand) / 8, rtol=1e-5, atol=0)
+    with pytest.raises(UserError, match="endpoint_share must lie in"):
+        MeanFlow(flow_matching_share=0.75, endpoint_share=0.5)
+    with pytest.raises(UserError, match="has no model.teacher"):
+        student(objective=MeanFlow(endpoint_share=0.1))
 
 
 def test_a_teacher_of_another_kind_is_refused_in_one_line(runs):

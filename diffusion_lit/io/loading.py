@@ -1,5 +1,6 @@
 """A `fit` run's checkpoint read back into a model, for sample, evaluate and export: the trust rule checked before
-anything is built, old hyperparameters upgraded, a moved autoencoder replaced; and a guide checked against it."""
+anything is built, old hyperparameters upgraded, a moved autoencoder replaced; and a guide or a teacher checked
+against it."""
 
 import copy
 from pathlib import Path

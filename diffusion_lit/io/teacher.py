@@ -3,6 +3,7 @@
 
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,18 @@ from diffusion_lit.model.guidance import GuideCondition, Interval, check_guide_c
 from diffusion_lit.model.latent import absolute, fingerprint
 from diffusion_lit.model.targets import split, target
 from diffusion_lit.model.teacher import Teacher
+from diffusion_lit.sampling.samplers import sample
+
+class Loaded(NamedTuple):
+    """A teacher once read: its EMA network, its guide (or None), what it predicts, its fingerprint, and whether its
+    samples are clipped to [-1, 1] (pixels) or not (latents)."""
+
+    net: nn.Module
+    guide: nn.Module | None
+    prediction: str
+    fingerprint: str
+    clip_x0: bool
+
 
 ADVICE = "a teacher is a model of the student's process, data and space (train it with the student's autoencoder)"
 
@@ -31,18 +44,23 @@ class CheckpointTeacher(Teacher):
             guide.ckpt); unset, the teacher's own guide (its `model.guide`) or, for a class model, its null label.
         guidance_interval: guide only on noise levels sigma / alpha in (LO, HI] (unset: all).
         guide_condition: ``same`` (the guide sees each row's label) or ``null`` (the null label).
+        steps: the teacher's DDIM steps at eta 0 (its ODE; Euler on the flow) when it draws a sample for MeanFlow's
+            `endpoint_share` rows.
     """
 
     def __init__(self, ckpt_path: str, guidance_scale: float = 1.0, guide_ckpt: str | None = None,
-                 guidance_interval: Interval | None = None, guide_condition: GuideCondition = "same") -> None:
+                 guidance_interval: Interval | None = None, guide_condition: GuideCondition = "same",
+                 steps: int = 14) -> None:
+        if steps < 1:
+            raise UserError(f"the teacher's steps must be at least 1, got {steps}")
         if guidance_scale < 0:
             raise UserError(f"the teacher's guidance_scale must not be negative (1: no guidance), got {guidance_scale}")
         check_interval(guidance_interval)
         check_guide_condition(guide_condition)
         self.ckpt_path, self.guide_ckpt = absolute(str(ckpt_path)), absolute(guide_ckpt)
         self.guidance_scale, self.guidance_interval = float(guidance_scale), guidance_interval
-        self.guide_condition = guide_condition
-        self.loaded: tuple | None = None  # (net, guide, prediction, null label count) once bound
+        self.guide_condition, self.steps = guide_condition, steps
+        self.loaded: Loaded | None = None  # once bound
 
     def __getstate__(self) -> dict:  # a student's hyperparameters may hold this object: never its networks
         return {**self.__dict__, "loaded": None}
@@ -62,7 +80,8 @@ class CheckpointTeacher(Teacher):
         nets = [teacher.denoiser()] + ([guide] if guide is not None else [])
         for net in nets:
             net.eval().requires_grad_(False).to(module.device)
-        self.loaded = (nets[0], guide, teacher.objective.prediction, self.weights_fingerprint(nets))
+        self.loaded = Loaded(nets[0], guide, teacher.objective.prediction, self.weights_fingerprint(nets),
+                             teacher.latent.clip_x0)
         say(f"teacher: {self.ckpt_path}, {self.guidance_in_words()}")
 
     def weak_side(self, teacher, module) -> nn.Module | None:
@@ -91,29 +110,37 @@ class CheckpointTeacher(Teacher):
     def guidance_in_words(self) -> str:
         if self.guidance_scale == 1.0:
             return "unguided"
-        weak = self.guide_ckpt or ("its own guide" if self.loaded and self.loaded[1] is not None else "the null label")
+        weak = self.guide_ckpt or ("its own guide" if self.loaded and self.loaded.guide is not None else "the null label")
         interval = f" on noise levels {tuple(self.guidance_interval)}" if self.guidance_interval else ""
         return f"guided at w {self.guidance_scale:g} by {weak}{interval}"
 
     def weights_fingerprint(self, nets: list[nn.Module]) -> str:
-        settings = f"{self.guidance_scale}|{self.guidance_interval}|{self.guide_condition}"
+        settings = f"{self.guidance_scale}|{self.guidance_interval}|{self.guide_condition}|{self.steps}"
         return hashlib.sha256("|".join([*map(fingerprint, nets), settings]).encode()).hexdigest()[:16]
+
+    def guided_model(self, process, y: Tensor | None):
+        """The guided teacher as the samplers call it, (x_t, network time) -> its prediction."""
+        if self.loaded is None:
+            raise RuntimeError("the teacher is read when fit starts (bind); a student samples without it")
+        interval = None if self.guidance_interval is None else tuple(self.guidance_interval)
+        return guided(self.loaded.net, y, self.guidance_scale, guide=self.loaded.guide, interval=interval, schedule=process,
+                      guide_condition=self.guide_condition)
 
     @torch.no_grad()
     def velocity(self, process, z: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        if self.loaded is None:
-            raise RuntimeError("the teacher is read when fit starts (bind); a student samples without it")
-        net, guide, prediction, _ = self.loaded
-        interval = None if self.guidance_interval is None else tuple(self.guidance_interval)
-        model = guided(net, y, self.guidance_scale, guide=guide, interval=interval, schedule=process,
-                       guide_condition=self.guide_condition)
-        out = model(z, process.network_time(t)).to(z.dtype)
+        out = self.guided_model(process, y)(z, process.network_time(t)).to(z.dtype)
+        prediction = self.loaded.prediction
         if prediction == "v":
             return out
         alpha, sigma = process.alpha_sigma(t, z.ndim)
         return target("v", process, *split(prediction, process, out, z, alpha, sigma), alpha, sigma)
 
+    @torch.no_grad()
+    def draw(self, process, noise: Tensor, y: Tensor | None = None) -> Tensor:
+        return sample(self.guided_model(process, y), process, noise, sampler="ddim", steps=self.steps, eta=0.0,
+                      prediction=self.loaded.prediction, clip_x0=self.loaded.clip_x0)
+
     def record(self) -> dict:
-        return {"fingerprint": None if self.loaded is None else self.loaded[3], "ckpt_path": self.ckpt_path,
+        return {"fingerprint": None if self.loaded is None else self.loaded.fingerprint, "ckpt_path": self.ckpt_path,
                 "guide_ckpt": self.guide_ckpt, "guidance": self.guidance_in_words()}
 

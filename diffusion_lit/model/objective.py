@@ -111,12 +111,17 @@ class MeanFlow(Objective):
             step then draws a guided sample at the effective scale omega / (1 - kappa), and the sampler needs no
             guidance of its own.
         guidance_mix: the paper's kappa, in [0, 1): the share of the network's own conditional velocity in v~.
+        endpoint_share: with a `model.teacher`, the share of each batch (its last rows) set to r = 0, t = 1 whose
+            target is the teacher's own sample of that noise (its ODE, `Teacher.draw`): u(eps, 0, 1) regressed on
+            eps - x0_teacher, the one-step map itself (knowledge distillation, Luhman & Luhman 2021), beside the
+            MeanFlow identity on the other rows. 0: none.
     """
 
     prediction = AVERAGE_VELOCITY
 
     def __init__(self, flow_matching_share: float = 0.75, t_mean: float = -0.4, t_std: float = 1.0, p: float = 1.0,
-                 c: float = 1e-3, guidance_scale: float = 1.0, guidance_mix: float = 0.0) -> None:
+                 c: float = 1e-3, guidance_scale: float = 1.0, guidance_mix: float = 0.0,
+                 endpoint_share: float = 0.0) -> None:
         # Objective's settings (prediction, weighting, t sampling) mean nothing here: its interface only.
         if not 0.0 <= flow_matching_share <= 1.0:
             raise UserError(f"flow_matching_share must lie in [0, 1] (the share of samples with r = t), got "
@@ -126,7 +131,11 @@ class MeanFlow(Objective):
         if guidance_scale <= 0 or not 0.0 <= guidance_mix < 1.0:
             raise UserError(f"MeanFlow needs guidance_scale > 0 (1: no guidance) and guidance_mix in [0, 1), got "
                             f"{guidance_scale} and {guidance_mix}")
+        if not 0.0 <= endpoint_share <= 1.0 - flow_matching_share:
+            raise UserError(f"endpoint_share must lie in [0, 1 - flow_matching_share] (the rows left once r = t is "
+                            f"drawn), got {endpoint_share} beside flow_matching_share {flow_matching_share}")
         self.flow_matching_share, self.t_mean, self.t_std, self.p, self.c = flow_matching_share, t_mean, t_std, p, c
+        self.endpoint_share = endpoint_share
         self.guidance_scale, self.guidance_mix = guidance_scale, guidance_mix
         self.guided = guidance_scale != 1.0 or guidance_mix != 0.0
 
@@ -137,6 +146,9 @@ class MeanFlow(Objective):
             raise UserError(f"MeanFlow's guidance_scale {self.guidance_scale:g} (guidance_mix {self.guidance_mix:g}) "
                             "folds the student's own guidance into training, and model.teacher's velocity is the "
                             "target: give the guidance to the teacher (its guidance_scale) and leave MeanFlow's out")
+        if self.endpoint_share and teacher is None:
+            raise UserError(f"MeanFlow's endpoint_share {self.endpoint_share:g} regresses on a teacher's samples, and "
+                            "this model has no model.teacher: add one, or leave endpoint_share out")
         if self.guided and not conditioning.conditional and guide is None:
             raise UserError(f"MeanFlow's guidance_scale {self.guidance_scale:g} (guidance_mix {self.guidance_mix:g}) "
                             "guides from the null condition of a class or text model, or from a guide trained beside "
@@ -156,10 +168,11 @@ class MeanFlow(Objective):
 
     def draw(self, n: int, device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(r, t) for n samples: two logit-normal draws sorted so that r <= t; r = t on the first
-        round(flow_matching_share n) samples."""
+        round(flow_matching_share n) samples, (0, 1) on the last round(endpoint_share n)."""
         r, t = torch.sigmoid(self.t_mean + self.t_std * torch.randn(2, n, device=device, generator=generator)).sort(0)[0]
-        equal = torch.arange(n, device=device) < round(self.flow_matching_share * n)
-        return torch.where(equal, t, r), t
+        rows = torch.arange(n, device=device)
+        equal, whole = rows < round(self.flow_matching_share * n), rows >= n - round(self.endpoint_share * n)
+        return torch.where(equal, t, torch.where(whole, 0.0, r)), torch.where(whole, 1.0, t)
 
     def loss(self, net: nn.Module, process, x0: Tensor, y: Tensor | None = None,
              generator: torch.Generator | None = None, null: tuple | None = None,
@@ -183,12 +196,17 @@ class MeanFlow(Objective):
         y = y.to(dtype) if y is not None and y.is_floating_point() else y  # text features made under autocast
         alpha, sigma = process.alpha_sigma(t, x0.ndim)
         z, v = alpha * x0 + sigma * eps, target("v", process, x0, eps, alpha, sigma)  # v = dz/dt = eps - x0
+        whole = (r == 0) & (t == 1) if teacher is not None else torch.zeros_like(t, dtype=torch.bool)
         if teacher is not None:
             v = teacher.velocity(process, z, t, y).to(dtype)
         elif self.guided and (null is not None or weak is not None):
             v = self.guided_velocity(net, process, z, v, t, y, null, weak)
-        out, du_dt = u_and_derivative(net, process, z, v, r, t, y, moving=r < t)
+        out, du_dt = u_and_derivative(net, process, z, v, r, t, y, moving=(r < t) & ~whole)
         u_tgt = (v - (t - r).view(-1, *[1] * (x0.ndim - 1)) * du_dt).detach()
+        if whole.any():  # the one-step map: u(z_1, 0, 1) = z_1 - x0 of the teacher's own sample from z_1 = eps
+            rows = whole.nonzero().flatten()
+            drawn = teacher.draw(process, z[rows], None if y is None else y[rows]).to(dtype)
+            u_tgt = u_tgt.index_put((rows,), z[rows] - drawn)
         error = (out - u_tgt).pow(2).flatten(1).mean(1)  # ||Δ||² per sample, as a mean over its elements
         weighted = error / (error.detach() + self.c) ** self.p
         return error.detach().mean() + (weighted - weighted.detach()).mean()  # the plain value, the weighted gradient

@@ -22,6 +22,11 @@ class Teacher:
         """The teacher's (guided) velocity at the states z [B, ...] and flow times t [B] in [0, 1]; no gradient."""
         raise NotImplementedError
 
+    def draw(self, process, noise: Tensor, y: Tensor | None = None) -> Tensor:
+        """The teacher's own sample from `noise` at t = 1, by its deterministic ODE (so a map of the noise); no
+        gradient. What MeanFlow's `endpoint_share` rows regress on."""
+        raise NotImplementedError(f"{type(self).__name__} draws no samples: leave MeanFlow's endpoint_share at 0")
+
     def record(self) -> dict:
         """What the student's checkpoint records of it: at least its `fingerprint`, which a resumed run compares."""
         return {"fingerprint": None}

@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import tiny_unet, write_image_folder
 from diffusion_lit.core.errors import UserError
+from diffusion_lit.io.couplings import Couplings
 from diffusion_lit.io.loading import load_checkpoint
 from diffusion_lit.io.teacher import CheckpointTeacher
 from diffusion_lit.model.conditioning import Labels
@@ -284,3 +285,72 @@ def test_a_student_resumes_exactly_holds_no_teacher_and_samples_without_it(runs)
     # A new run whose teacher is gone says so in one line, before a step.
     gone = fit("gone", "--trainer.max_steps", 1, "--trainer.callbacks.path", ckpt["flow"])  # InitFrom's file is there
     assert_one_error_line(gone, "teacher", "no such checkpoint", "train the teacher first")
+
+
+# --- couplings ------------------------------------------------------------------------------------------------------
+
+def fake_draw(noise, labels):
+    return 0.5 * noise + (0.0 if labels is None else labels.view(-1, 1, 1, 1).float())
+
+
+def test_couplings_are_drawn_once_in_atomic_chunks_and_refused_for_another_teacher(tmp_path):
+    calls = []
+    store = Couplings(tmp_path / "pairs", 600, "abc", (1, 2, 2), num_classes=3)
+    store.fill(lambda n, y: calls.append(len(n)) or fake_draw(n, y), torch.device("cpu"))
+    assert calls == [256] * 3 and sorted(p.name for p in (tmp_path / "pairs").iterdir()) == [
+        "chunk_000000.pt", "chunk_000001.pt", "chunk_000002.pt"]  # no temporary file left
+    noise, sample, labels = store.pairs
+    assert len(noise) == len(sample) == len(labels) == 600 and labels[:4].tolist() == [0, 1, 2, 0]
+    torch.testing.assert_close(sample, fake_draw(noise, labels))
+    assert len(torch.unique(noise.flatten(1), dim=0)) == 600  # no pair twice
+
+    again = Couplings(tmp_path / "pairs", 600, "abc", (1, 2, 2), num_classes=3)
+    (tmp_path / "pairs" / "chunk_000001.pt").unlink()  # a chunk lost: drawn again, the same pairs
+    again.fill(lambda n, y: calls.append(len(n)) or fake_draw(n, y), torch.device("cpu"))
+    assert calls == [256] * 4 and all(torch.equal(a, b) for a, b in zip(again.pairs, store.pairs))
+    torch.manual_seed(0)
+    z1, x1, y1 = again.pick(5, torch.device("cpu"))
+    torch.testing.assert_close(x1, fake_draw(z1, y1))  # each pick a pair, with its label
+
+    with pytest.raises(UserError, match="drawn by another teacher") as caught:
+        Couplings(tmp_path / "pairs", 600, "other", (1, 2, 2), num_classes=3).fill(fake_draw, torch.device("cpu"))
+    assert "\n" not in str(caught.value)
+
+
+STOPPED_FILL = """
+import sys, time, torch
+from diffusion_lit.io.couplings import Couplings
+from diffusion_lit.training.checkpointing import stop_on_signals
+stop_on_signals(whole_process=True)
+def draw(noise, labels):
+    print("chunk", flush=True)
+    time.sleep(0.3)
+    return 0.5 * noise
+Couplings(sys.argv[1], 2560, "abc", (1, 2, 2)).fill(draw, torch.device("cpu"))
+"""
+
+
+def test_couplings_stopped_by_sigterm_go_on_from_the_first_missing_chunk(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "pairs"
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_FILL, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    for _ in range(3):  # three chunks begun: two written
+        assert child.stdout.readline().strip() == "chunk"
+    child.send_signal(signal.SIGTERM)
+    child.communicate(timeout=60)
+    written = sorted(folder.glob("chunk_*.pt"))
+    assert child.returncode != 0 and 2 <= len(written) < 10, (child.returncode, written)
+    assert not list(folder.glob(".*tmp"))  # the chunk cut short left nothing
+
+    drawn = []
+    store = Couplings(folder, 2560, "abc", (1, 2, 2))
+    store.fill(lambda n, y: drawn.append(1) or 0.5 * n, torch.device("cpu"))
+    assert len(drawn) == 10 - len(written)  # only the missing ones
+    whole = Couplings(tmp_path / "whole", 2560, "abc", (1, 2, 2))
+    whole.fill(lambda n, y: 0.5 * n, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(store.pairs[:2], whole.pairs[:2]))  # as if never stopped
+    assert len(torch.unique(store.pairs[0].flatten(1), dim=0)) == 2560

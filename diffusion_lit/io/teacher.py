@@ -9,12 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lit.core.errors import UserError, say
+from diffusion_lit.io.couplings import Couplings
 from diffusion_lit.io.loading import load_kin
 from diffusion_lit.model.guidance import GuideCondition, Interval, check_guide_condition, check_interval, guided
 from diffusion_lit.model.latent import absolute, fingerprint
 from diffusion_lit.model.targets import split, target
 from diffusion_lit.model.teacher import Teacher
 from diffusion_lit.sampling.samplers import sample
+
 
 class Loaded(NamedTuple):
     """A teacher once read: its EMA network, its guide (or None), what it predicts, its fingerprint, and whether its
@@ -38,7 +40,7 @@ class CheckpointTeacher(Teacher):
     run refuses another teacher.
 
     Args:
-        ckpt_path: the teacher's checkpoint (a flow model: its v, x0 or MeanFlow u at r = t).
+        ckpt_path: the teacher's checkpoint (a flow model predicting v or x0).
         guidance_scale: the teacher's guidance w, D_weak + w (D - D_weak); 1: none.
         guide_ckpt: autoguidance's weak model, a checkpoint of the same data (such as a `GuideCheckpoint`'s
             guide.ckpt); unset, the teacher's own guide (its `model.guide`) or, for a class model, its null label.
@@ -46,13 +48,19 @@ class CheckpointTeacher(Teacher):
         guide_condition: ``same`` (the guide sees each row's label) or ``null`` (the null label).
         steps: the teacher's DDIM steps at eta 0 (its ODE; Euler on the flow) when it draws a sample for MeanFlow's
             `endpoint_share` rows.
+        couplings: draw this many (noise, sample) pairs once when `fit` starts (with a progress bar; kept, and
+            reused by every student of this teacher and guidance) and give the `endpoint_share` rows pairs drawn
+            from them; 0: a fresh sample of each row's noise at every step.
+        couplings_dir: where the pairs are kept; unset: beside the teacher's checkpoint, in a folder named by the
+            teacher's fingerprint. A folder of another teacher's pairs is refused.
     """
 
     def __init__(self, ckpt_path: str, guidance_scale: float = 1.0, guide_ckpt: str | None = None,
                  guidance_interval: Interval | None = None, guide_condition: GuideCondition = "same",
-                 steps: int = 14) -> None:
-        if steps < 1:
-            raise UserError(f"the teacher's steps must be at least 1, got {steps}")
+                 steps: int = 14, couplings: int = 0, couplings_dir: str | None = None) -> None:
+        if steps < 1 or couplings < 0:
+            raise UserError(f"the teacher's steps must be at least 1 and its couplings not negative, got {steps} "
+                            f"and {couplings}")
         if guidance_scale < 0:
             raise UserError(f"the teacher's guidance_scale must not be negative (1: no guidance), got {guidance_scale}")
         check_interval(guidance_interval)
@@ -60,10 +68,12 @@ class CheckpointTeacher(Teacher):
         self.ckpt_path, self.guide_ckpt = absolute(str(ckpt_path)), absolute(guide_ckpt)
         self.guidance_scale, self.guidance_interval = float(guidance_scale), guidance_interval
         self.guide_condition, self.steps = guide_condition, steps
+        self.couplings, self.couplings_dir = couplings, absolute(couplings_dir)
         self.loaded: Loaded | None = None  # once bound
+        self.store: Couplings | None = None
 
     def __getstate__(self) -> dict:  # a student's hyperparameters may hold this object: never its networks
-        return {**self.__dict__, "loaded": None}
+        return {**self.__dict__, "loaded": None, "store": None}
 
     def bind(self, module) -> None:
         what = f"teacher {self.ckpt_path}"
@@ -83,6 +93,11 @@ class CheckpointTeacher(Teacher):
         self.loaded = Loaded(nets[0], guide, teacher.objective.prediction, self.weights_fingerprint(nets),
                              teacher.latent.clip_x0)
         say(f"teacher: {self.ckpt_path}, {self.guidance_in_words()}")
+        if self.couplings:
+            folder = self.couplings_dir or Path(self.ckpt_path).parent / f"couplings-{self.loaded.fingerprint}"
+            self.store = Couplings(folder, self.couplings, self.loaded.fingerprint, module.shape,
+                                   module.conditioning.num_classes)
+            self.store.fill(lambda noise, labels: self.draw(module.process, noise, labels), module.device)
 
     def weak_side(self, teacher, module) -> nn.Module | None:
         """The guide the teacher is guided by: a guide checkpoint, its own guide, or none (no guidance, or a class
@@ -110,7 +125,8 @@ class CheckpointTeacher(Teacher):
     def guidance_in_words(self) -> str:
         if self.guidance_scale == 1.0:
             return "unguided"
-        weak = self.guide_ckpt or ("its own guide" if self.loaded and self.loaded.guide is not None else "the null label")
+        own = self.loaded is not None and self.loaded.guide is not None
+        weak = self.guide_ckpt or ("its own guide" if own else "the null label")
         interval = f" on noise levels {tuple(self.guidance_interval)}" if self.guidance_interval else ""
         return f"guided at w {self.guidance_scale:g} by {weak}{interval}"
 
@@ -123,8 +139,8 @@ class CheckpointTeacher(Teacher):
         if self.loaded is None:
             raise RuntimeError("the teacher is read when fit starts (bind); a student samples without it")
         interval = None if self.guidance_interval is None else tuple(self.guidance_interval)
-        return guided(self.loaded.net, y, self.guidance_scale, guide=self.loaded.guide, interval=interval, schedule=process,
-                      guide_condition=self.guide_condition)
+        return guided(self.loaded.net, y, self.guidance_scale, guide=self.loaded.guide, interval=interval,
+                      schedule=process, guide_condition=self.guide_condition)
 
     @torch.no_grad()
     def velocity(self, process, z: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -140,7 +156,11 @@ class CheckpointTeacher(Teacher):
         return sample(self.guided_model(process, y), process, noise, sampler="ddim", steps=self.steps, eta=0.0,
                       prediction=self.loaded.prediction, clip_x0=self.loaded.clip_x0)
 
+    def endpoints(self, process, noise: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.store is None:
+            return super().endpoints(process, noise, y)
+        return self.store.pick(len(noise), noise.device)
+
     def record(self) -> dict:
         return {"fingerprint": None if self.loaded is None else self.loaded.fingerprint, "ckpt_path": self.ckpt_path,
                 "guide_ckpt": self.guide_ckpt, "guidance": self.guidance_in_words()}
-

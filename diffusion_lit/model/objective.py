@@ -197,16 +197,22 @@ class MeanFlow(Objective):
         alpha, sigma = process.alpha_sigma(t, x0.ndim)
         z, v = alpha * x0 + sigma * eps, target("v", process, x0, eps, alpha, sigma)  # v = dz/dt = eps - x0
         whole = (r == 0) & (t == 1) if teacher is not None else torch.zeros_like(t, dtype=torch.bool)
-        if teacher is not None:
-            v = teacher.velocity(process, z, t, y).to(dtype)
+        if whole.any():  # the one-step map: u(z_1, 0, 1) = z_1 - x0 of the teacher's own sample from z_1
+            rows = whole.nonzero().flatten()
+            z1, x1, y1 = teacher.endpoints(process, z[rows], None if y is None else y[rows])
+            z, ends = z.index_put((rows,), z1.to(dtype)), z1.to(dtype) - x1.to(dtype)
+            y = y if y is None else y.index_put((rows,), y1.to(y.dtype))
+        if teacher is not None:  # the other rows' velocity: the teacher's
+            rest = (~whole).nonzero().flatten()
+            if len(rest):
+                taught = teacher.velocity(process, z[rest], t[rest], None if y is None else y[rest])
+                v = v.index_put((rest,), taught.to(dtype))
         elif self.guided and (null is not None or weak is not None):
             v = self.guided_velocity(net, process, z, v, t, y, null, weak)
         out, du_dt = u_and_derivative(net, process, z, v, r, t, y, moving=(r < t) & ~whole)
         u_tgt = (v - (t - r).view(-1, *[1] * (x0.ndim - 1)) * du_dt).detach()
-        if whole.any():  # the one-step map: u(z_1, 0, 1) = z_1 - x0 of the teacher's own sample from z_1 = eps
-            rows = whole.nonzero().flatten()
-            drawn = teacher.draw(process, z[rows], None if y is None else y[rows]).to(dtype)
-            u_tgt = u_tgt.index_put((rows,), z[rows] - drawn)
+        if whole.any():
+            u_tgt = u_tgt.index_put((rows,), ends)
         error = (out - u_tgt).pow(2).flatten(1).mean(1)  # ||Δ||² per sample, as a mean over its elements
         weighted = error / (error.detach() + self.c) ** self.p
         return error.detach().mean() + (weighted - weighted.detach()).mean()  # the plain value, the weighted gradient

@@ -27,6 +27,11 @@ class Teacher:
         gradient. What MeanFlow's `endpoint_share` rows regress on."""
         raise NotImplementedError(f"{type(self).__name__} draws no samples: leave MeanFlow's endpoint_share at 0")
 
+    def endpoints(self, process, noise: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(z_1, x_0, y) for the rows that learn the whole interval: here the noise given, the teacher's sample of it
+        and y; a teacher may give pairs it drew before instead (and their conditions)."""
+        return noise, self.draw(process, noise, y), y
+
     def record(self) -> dict:
         """What the student's checkpoint records of it: at least its `fingerprint`, which a resumed run compares."""
         return {"fingerprint": None}

@@ -1,6 +1,7 @@
 """Few-step students tuned from a frozen teacher (`model.teacher`): a closed-form teacher's one-step map learnt, the
-guided teacher velocity against plain teacher calls, the checks when fit starts, the student's checkpoint (no
-teacher in it; it samples without one), resume and the recorded teacher."""
+guided teacher velocity and sample against plain teacher calls, the endpoint rows' target, the checks when fit
+starts, the student's checkpoint (no teacher in it; it samples without one), resume and the recorded teacher, and
+the couplings (whole chunks, another teacher's refused, SIGTERM and going on)."""
 
 import shutil
 from functools import partial

@@ -193,6 +193,9 @@ def test_the_endpoint_rows_regress_the_one_step_map_on_the_teachers_samples():
     r, t = objective.draw(8, "cpu", g)
     assert torch.equal(r[:4], t[:4]) and (r[4:6] < t[4:6]).all()  # r = t, then the MeanFlow identity
     assert r[6:].tolist() == [0.0, 0.0] and t[6:].tolist() == [1.0, 1.0]  # the last quarter: the whole interval
+    r, t = MeanFlow(flow_matching_share=0.5, endpoint_share=0.5).draw(3, "cpu", g)  # 1.5 rows each, rounded up
+    assert torch.equal(r[:2], t[:2]) and (r[2], t[2]) == (0.0, 1.0)  # r = t kept where the two would overlap
+    r, t = objective.draw(8, "cpu", g)
     learner = AffineStudent()
     x0, eps = MU + S * torch.randn(8, 1, 2, 2, generator=g), torch.randn(8, 1, 2, 2, generator=g)
     teacher = GaussianTeacher()
@@ -251,6 +254,7 @@ def test_a_student_resumes_exactly_holds_no_teacher_and_samples_without_it(runs)
                    "--model.teacher", "diffusion_lit.io.teacher.CheckpointTeacher",
                    "--model.teacher.ckpt_path", teacher, "--model.teacher.guidance_scale", 2,
                    "--model.teacher.guide_ckpt", ckpt["weak"], "--model.teacher.guidance_interval", "[0.5, 5]",
+                   "--model.objective.endpoint_share", 0.25, "--model.teacher.couplings", 256,  # one chunk
                    "--trainer.callbacks+=InitFrom", "--trainer.callbacks.path", teacher,
                    "--checkpoint.every_n_train_steps", 2, "--trainer.logger.init_args.name", name, *extra)
 
@@ -271,10 +275,15 @@ def test_a_student_resumes_exactly_holds_no_teacher_and_samples_without_it(runs)
     assert {k.split(".")[0] for k in a["state_dict"]} == {"net", "ema"}
     assert len(a["state_dict"]) == len(load_checkpoint(str(last["straight"]))[0].state_dict())
 
-    # Resuming with another teacher (other weights at the same path) is refused before a step.
+    pairs = list(tmp.glob("couplings-*/chunk_*.pt"))  # drawn once beside the teacher, read by the other runs
+    assert len(pairs) == 1 and pairs[0].parent.name == f"couplings-{a['teacher']['fingerprint']}"
+
+    # Resuming with another teacher (other weights at the same path) is refused before a step, and before any pair
+    # of the other teacher is drawn.
     shutil.copy(ckpt["weak"], teacher)
     other = fit("resumed", "--trainer.max_steps", 6, "--ckpt_path", "last")
     assert_one_error_line(other, "learnt from a teacher of fingerprint", "resume with the teacher")
+    assert len(list(tmp.glob("couplings-*"))) == 1
 
     teacher.unlink()  # the student loads and samples without its teacher
     out = tmp / "one_step.png"

@@ -24,7 +24,7 @@ class Couplings:
 
     Args:
         folder: where the chunk files live (made when missing).
-        count: how many pairs (rounded up to whole chunks).
+        count: how many pairs (drawn in whole chunks of 256; the first `count` are used).
         fingerprint: the teacher's (weights, guide, guidance, steps): chunks of another are refused.
         shape: one image's (latent's) shape.
         num_classes: a class teacher's classes (0: unconditional).
@@ -53,23 +53,32 @@ class Couplings:
                             "couplings_dir, or remove that folder")
         return chunk
 
-    def fill(self, draw: Callable[[Tensor, Tensor | None], Tensor], device: torch.device) -> None:
+    def fill(self, draw: Callable[[Tensor, Tensor | None], Tensor], device: torch.device, trainer=None) -> None:
         """Draws the chunks that are missing with `draw(noise, labels) -> samples` (on `device`), with a progress
-        bar, then holds every pair in memory."""
+        bar, then holds every pair in memory. Under DDP (a `trainer` of several ranks) rank 0 draws, the others wait
+        and read."""
+        several = trainer is not None and trainer.world_size > 1
         missing = [i for i in range(self.chunks) if not self.path(i).is_file()]
+        if several and not trainer.is_global_zero:
+            missing = []
         for i in tqdm(missing, desc="teacher couplings", unit="chunk", disable=not missing):
             noise, labels = self.chunk_inputs(i)
             sample = draw(noise.to(device), None if labels is None else labels.to(device)).float().cpu()
             chunk = {"fingerprint": self.fingerprint, "noise": noise, "sample": sample, "labels": labels}
             write_atomic(self.path(i), lambda f: torch.save(chunk, f), "teacher couplings",
                          "free some space or give the teacher another couplings_dir")
+        if several:
+            trainer.strategy.barrier("teacher couplings")
         chunks = [self.read(i) for i in range(self.chunks)]
         labels = None if not self.num_classes else torch.cat([c["labels"] for c in chunks])[: self.count]
         self.pairs = (torch.cat([c["noise"] for c in chunks])[: self.count],
                       torch.cat([c["sample"] for c in chunks])[: self.count], labels)
 
-    def pick(self, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        """n pairs drawn at random (the global generator: a resumed run draws the same), and their labels."""
-        rows = torch.randint(self.count, (n,))
+    def pick(self, n: int, device: torch.device, generator: torch.Generator | None = None
+             ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """n pairs drawn at random with `generator` (None: the global one, which a resumed run restores), and their
+        labels."""
+        rows = torch.randint(self.count, (n,), generator=generator,
+                             device=generator.device if generator is not None else "cpu").cpu()
         noise, sample, labels = self.pairs
         return noise[rows].to(device), sample[rows].to(device), None if labels is None else labels[rows].to(device)

@@ -185,7 +185,7 @@ def load_kin(ckpt: str, module: DiffusionModule, what: str, role: str, advice: s
                         f"{recorded}, this model's {ours}); {advice}")
     # A latent model decodes through this model's autoencoder (checked by its fingerprint), wherever it was recorded.
     # Loading restores the random state the checkpoint saved: not this process's (a run would not resume exactly).
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         kin = build_module(Path(ckpt), upgraded, getattr(module.latent, "path", None))
     ours, theirs = model_kind(module), model_kind(kin)
     for key in ours:

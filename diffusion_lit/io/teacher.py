@@ -75,7 +75,7 @@ class CheckpointTeacher(Teacher):
     def __getstate__(self) -> dict:  # a student's hyperparameters may hold this object: never its networks
         return {**self.__dict__, "loaded": None, "store": None}
 
-    def bind(self, module) -> None:
+    def bind(self, module, recorded: dict | None = None) -> None:
         what = f"teacher {self.ckpt_path}"
         if not Path(self.ckpt_path).is_file():
             raise UserError(f"{what}: no such checkpoint; train the teacher first (the student's config names its "
@@ -92,12 +92,14 @@ class CheckpointTeacher(Teacher):
             net.eval().requires_grad_(False).to(module.device)
         self.loaded = Loaded(nets[0], guide, teacher.objective.prediction, self.weights_fingerprint(nets),
                              teacher.latent.clip_x0)
+        self.check_record(recorded)  # before drawing anything
         say(f"teacher: {self.ckpt_path}, {self.guidance_in_words()}")
         if self.couplings:
             folder = self.couplings_dir or Path(self.ckpt_path).parent / f"couplings-{self.loaded.fingerprint}"
             self.store = Couplings(folder, self.couplings, self.loaded.fingerprint, module.shape,
                                    module.conditioning.num_classes)
-            self.store.fill(lambda noise, labels: self.draw(module.process, noise, labels), module.device)
+            self.store.fill(lambda noise, labels: self.draw(module.process, noise, labels), module.device,
+                            module._trainer)
 
     def weak_side(self, teacher, module) -> nn.Module | None:
         """The guide the teacher is guided by: a guide checkpoint, its own guide, or none (no guidance, or a class
@@ -137,7 +139,8 @@ class CheckpointTeacher(Teacher):
     def guided_model(self, process, y: Tensor | None):
         """The guided teacher as the samplers call it, (x_t, network time) -> its prediction."""
         if self.loaded is None:
-            raise RuntimeError("the teacher is read when fit starts (bind); a student samples without it")
+            raise UserError("a student's loss needs its teacher, which is read when `fit` starts: compute it in `fit` "
+                            "(sample and evaluate need no teacher)")
         interval = None if self.guidance_interval is None else tuple(self.guidance_interval)
         return guided(self.loaded.net, y, self.guidance_scale, guide=self.loaded.guide, interval=interval,
                       schedule=process, guide_condition=self.guide_condition)
@@ -156,10 +159,11 @@ class CheckpointTeacher(Teacher):
         return sample(self.guided_model(process, y), process, noise, sampler="ddim", steps=self.steps, eta=0.0,
                       prediction=self.loaded.prediction, clip_x0=self.loaded.clip_x0)
 
-    def endpoints(self, process, noise: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def endpoints(self, process, noise: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.store is None:
             return super().endpoints(process, noise, y)
-        return self.store.pick(len(noise), noise.device)
+        return self.store.pick(len(noise), noise.device, generator)
 
     def record(self) -> dict:
         return {"fingerprint": None if self.loaded is None else self.loaded.fingerprint, "ckpt_path": self.ckpt_path,

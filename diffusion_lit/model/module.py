@@ -123,13 +123,7 @@ class DiffusionModule(LoadsClearly, LightningModule):
     def on_fit_start(self) -> None:
         self.latent.on_fit_start(self, self.trainer.datamodule)
         if self.teacher is not None:
-            self.teacher.bind(self)
-            recorded, found = (self.teacher_record or {}).get("fingerprint"), self.teacher.record()["fingerprint"]
-            if recorded not in (None, found):
-                raise UserError(f"this run learnt from a teacher of fingerprint {recorded} "
-                                f"({self.teacher_record.get('ckpt_path')}, {self.teacher_record.get('guidance')}), and "
-                                f"model.teacher is {found}: resume with the teacher and guidance it started with, or "
-                                "start a new run")
+            self.teacher.bind(self, self.teacher_record)
 
     def sampler_kwargs(self, clip_x0: bool = True, ema: bool = True) -> dict:
         """What every sampler call on this model takes beside the solver's settings: the prediction, x0 clipping

@@ -171,7 +171,8 @@ class MeanFlow(Objective):
         round(flow_matching_share n) samples, (0, 1) on the last round(endpoint_share n)."""
         r, t = torch.sigmoid(self.t_mean + self.t_std * torch.randn(2, n, device=device, generator=generator)).sort(0)[0]
         rows = torch.arange(n, device=device)
-        equal, whole = rows < round(self.flow_matching_share * n), rows >= n - round(self.endpoint_share * n)
+        plain = round(self.flow_matching_share * n)
+        equal, whole = rows < plain, rows >= max(plain, n - round(self.endpoint_share * n))  # never both
         return torch.where(equal, t, torch.where(whole, 0.0, r)), torch.where(whole, 1.0, t)
 
     def loss(self, net: nn.Module, process, x0: Tensor, y: Tensor | None = None,
@@ -183,11 +184,11 @@ class MeanFlow(Objective):
         (`diffusion_lit.model.teacher.Teacher`) gives the velocity in place of eps - x0."""
         r, t = self.draw(x0.shape[0], x0.device, generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return self.loss_at(net, process, x0, eps, r, t, y, null, weak, teacher)
+        return self.loss_at(net, process, x0, eps, r, t, y, null, weak, teacher, generator)
 
     def loss_at(self, net: nn.Module, process, x0: Tensor, eps: Tensor, r: Tensor, t: Tensor,
                 y: Tensor | None = None, null: tuple | None = None, weak: nn.Module | None = None,
-                teacher=None) -> Tensor:
+                teacher=None, generator: torch.Generator | None = None) -> Tensor:
         """The loss at given draws: noise eps [B, ...] and interval ends r <= t [B]. With a `teacher`, the velocity
         v that builds the target, and the jvp's tangent, is the teacher's at z_t: u_tgt = v_T - (t - r) du/dt along
         the teacher's (guided) flow, whose average velocity the student learns (a flow map distilled)."""
@@ -199,7 +200,7 @@ class MeanFlow(Objective):
         whole = (r == 0) & (t == 1) if teacher is not None else torch.zeros_like(t, dtype=torch.bool)
         if whole.any():  # the one-step map: u(z_1, 0, 1) = z_1 - x0 of the teacher's own sample from z_1
             rows = whole.nonzero().flatten()
-            z1, x1, y1 = teacher.endpoints(process, z[rows], None if y is None else y[rows])
+            z1, x1, y1 = teacher.endpoints(process, z[rows], None if y is None else y[rows], generator)
             z, ends = z.index_put((rows,), z1.to(dtype)), z1.to(dtype) - x1.to(dtype)
             y = y if y is None else y.index_put((rows,), y1.to(y.dtype))
         if teacher is not None:  # the other rows' velocity: the teacher's

@@ -73,7 +73,10 @@ def build_module(path: Path, upgraded: dict, autoencoder: str | None = None) -> 
         # What `load_from_checkpoint` does once it has read the file: built from the (upgraded) hyperparameters,
         # the hooks and the state dict loaded.
         _pl_migrate_checkpoint(upgraded, path)  # what load_from_checkpoint does for older Lightning versions' files
-        module = _load_state(cls, upgraded, strict=True)
+        # Building draws initial weights and loading restores the random state the checkpoint saved: neither may move
+        # this process's (a run that reads a guide or a teacher would not resume exactly).
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            module = _load_state(cls, upgraded, strict=True)
     except Exception as err:
         refusal = err if isinstance(err, UserError) else err.__cause__  # a part's own, wrapped by jsonargparse
         if isinstance(refusal, ChannelMismatch):  # the data is the model's, not the user's to choose here
@@ -184,9 +187,7 @@ def load_kin(ckpt: str, module: DiffusionModule, what: str, role: str, advice: s
         raise UserError(f"{what}: {role} was trained on the latents of another autoencoder (its fingerprint "
                         f"{recorded}, this model's {ours}); {advice}")
     # A latent model decodes through this model's autoencoder (checked by its fingerprint), wherever it was recorded.
-    # Loading restores the random state the checkpoint saved: not this process's (a run would not resume exactly).
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        kin = build_module(Path(ckpt), upgraded, getattr(module.latent, "path", None))
+    kin = build_module(Path(ckpt), upgraded, getattr(module.latent, "path", None))
     ours, theirs = model_kind(module), model_kind(kin)
     for key in ours:
         if key not in ignore and ours[key] != theirs[key]:

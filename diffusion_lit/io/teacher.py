@@ -63,10 +63,10 @@ class CheckpointTeacher(Teacher):
                             f"and {couplings}")
         if guidance_scale < 0:
             raise UserError(f"the teacher's guidance_scale must not be negative (1: no guidance), got {guidance_scale}")
-        check_interval(guidance_interval)
         check_guide_condition(guide_condition)
         self.ckpt_path, self.guide_ckpt = absolute(str(ckpt_path)), absolute(guide_ckpt)
-        self.guidance_scale, self.guidance_interval = float(guidance_scale), guidance_interval
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_interval = None if guidance_interval is None else check_interval(guidance_interval)
         self.guide_condition, self.steps = guide_condition, steps
         self.couplings, self.couplings_dir = couplings, absolute(couplings_dir)
         self.loaded: Loaded | None = None  # once bound
@@ -129,7 +129,7 @@ class CheckpointTeacher(Teacher):
             return "unguided"
         own = self.loaded is not None and self.loaded.guide is not None
         weak = self.guide_ckpt or ("its own guide" if own else "the null label")
-        interval = f" on noise levels {tuple(self.guidance_interval)}" if self.guidance_interval else ""
+        interval = f" on noise levels {self.guidance_interval}" if self.guidance_interval else ""
         return f"guided at w {self.guidance_scale:g} by {weak}{interval}"
 
     def weights_fingerprint(self, nets: list[nn.Module]) -> str:
@@ -141,8 +141,7 @@ class CheckpointTeacher(Teacher):
         if self.loaded is None:
             raise UserError("a student's loss needs its teacher, which is read when `fit` starts: compute it in `fit` "
                             "(sample and evaluate need no teacher)")
-        interval = None if self.guidance_interval is None else tuple(self.guidance_interval)
-        return guided(self.loaded.net, y, self.guidance_scale, guide=self.loaded.guide, interval=interval,
+        return guided(self.loaded.net, y, self.guidance_scale, guide=self.loaded.guide, interval=self.guidance_interval,
                       schedule=process, guide_condition=self.guide_condition)
 
     @torch.no_grad()
